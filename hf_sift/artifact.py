@@ -1,0 +1,249 @@
+"""The on-disk layout of a merged SIFT artifact (a folder now, a Hub repo later). See docs/FORMAT.md.
+
+```
+sift_config.json                     format version, base digest, sign seed, S, tuned parameters, T, delta digest
+sift_manifest.json                   one record per task: digest, mask digest, density, element counts, metadata
+sift_delta.safetensors               the int64 sum Q (or sift_delta-0000i-of-0000n.safetensors + index)
+masks/<task_id>.safetensors          one bit-packed mask per task
+```
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save_file
+
+from .atomic import link_or_copy, staged_folder
+from .digest import file_digest
+from .errors import CorruptArtifactError, IncompatibleArtifactError
+from .masks import packed_size
+from .task_id import validate_task_id
+
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "sift_config.json"
+MANIFEST_NAME = "sift_manifest.json"
+DELTA_NAME = "sift_delta.safetensors"
+DELTA_INDEX_NAME = "sift_delta.safetensors.index.json"
+DELTA_PATTERN = "sift_delta{suffix}.safetensors"
+MASKS_DIR = "masks"
+DEFAULT_MAX_SHARD_SIZE = "2GB"
+
+CONFIG_KEYS = (
+    "base_digest",
+    "base_model",
+    "base_revision",
+    "delta_digest",
+    "format",
+    "format_version",
+    "hf_sift_version",
+    "num_tasks",
+    "parameters",
+    "scale_bits",
+    "sign_seed",
+)
+
+
+def mask_filename(task_id: str) -> str:
+    """Path of a task's mask inside the artifact, relative to its root."""
+    return f"{MASKS_DIR}/{validate_task_id(task_id)}.safetensors"
+
+
+def is_artifact_file(relative_path: str) -> bool:
+    """Whether a file belongs to the SIFT artifact (and is rewritten by a save) rather than to the user."""
+    name = relative_path.replace(os.sep, "/")
+    return (
+        name in (CONFIG_NAME, MANIFEST_NAME, DELTA_INDEX_NAME)
+        or (name.startswith("sift_delta") and name.endswith(".safetensors"))
+        or name.startswith(MASKS_DIR + "/")
+    )
+
+
+def _dump_json(data: Any, path: Path) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CorruptArtifactError(f"{path.name} is missing from {path.parent}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorruptArtifactError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise CorruptArtifactError(f"{path} does not hold a JSON object")
+    return data
+
+
+def read_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """Read and check `sift_config.json`; unknown keys are dropped with a warning (forward compatibility)."""
+    path = Path(folder) / CONFIG_NAME
+    config = _read_json(path)
+    if config.get("format") != "hf_sift":
+        raise CorruptArtifactError(f"{path} is not an hf_sift config")
+    version = config.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise IncompatibleArtifactError(
+            f"{path} has format version {version!r}; this hf_sift reads versions up to {FORMAT_VERSION}: upgrade hf_sift"
+        )
+    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    if unknown:
+        warnings.warn(f"ignoring unknown keys in {CONFIG_NAME}: {unknown}", stacklevel=2)
+        for key in unknown:
+            del config[key]
+    missing = sorted(set(CONFIG_KEYS) - set(config))
+    if missing:
+        raise CorruptArtifactError(f"{path} lacks the key(s) {missing}")
+    return config
+
+
+def read_manifest(folder: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """Read `sift_manifest.json`: task id -> record."""
+    tasks = _read_json(Path(folder) / MANIFEST_NAME).get("tasks")
+    if not isinstance(tasks, dict):
+        raise CorruptArtifactError(f"{MANIFEST_NAME} in {folder} has no 'tasks' object")
+    for task_id in tasks:
+        validate_task_id(task_id)
+    return tasks
+
+
+def delta_files(folder: str | os.PathLike) -> dict[str, list[str]]:
+    """Map each file holding part of the sum Q to the tensor names it holds."""
+    folder = Path(folder)
+    index = folder / DELTA_INDEX_NAME
+    if index.exists():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CorruptArtifactError(f"{index} has no 'weight_map'")
+        files: dict[str, list[str]] = {}
+        for name, filename in weight_map.items():
+            if Path(filename).name != filename:
+                raise CorruptArtifactError(f"{index} names a file outside the artifact: {filename!r}")
+            files.setdefault(filename, []).append(name)
+        return files
+    if not (folder / DELTA_NAME).exists():
+        raise CorruptArtifactError(f"{DELTA_NAME} is missing from {folder}")
+    return {DELTA_NAME: []}  # names are read from the file itself
+
+
+def iter_delta(folder: str | os.PathLike, shapes: Mapping[str, tuple[int, ...]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream the tensors of Q one at a time, checking names, dtype and shapes against `shapes`."""
+    folder = Path(folder)
+    seen: set[str] = set()
+    for filename, _ in delta_files(folder).items():
+        try:
+            with safe_open(folder / filename, framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    if name not in shapes:
+                        raise CorruptArtifactError(f"{filename} holds an unexpected tensor {name!r}")
+                    tensor = f.get_tensor(name)
+                    if tensor.dtype != torch.int64 or tuple(tensor.shape) != tuple(shapes[name]):
+                        raise CorruptArtifactError(
+                            f"{filename}: {name!r} is {tensor.dtype} {tuple(tensor.shape)}, "
+                            f"expected int64 {tuple(shapes[name])}"
+                        )
+                    seen.add(name)
+                    yield name, tensor
+        except (SafetensorError, OSError) as err:
+            raise CorruptArtifactError(f"cannot read {folder / filename}: {err}") from None
+    missing = sorted(set(shapes) - seen)
+    if missing:
+        raise CorruptArtifactError(f"the sum lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
+
+
+def load_mask_file(
+    path: str | os.PathLike, expected_digest: str, shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, torch.Tensor]:
+    """Read one task's mask file, check its digest and layout, and return its packed masks."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CorruptArtifactError(f"mask file {path} is missing") from None
+    import hashlib
+
+    if "sha256:" + hashlib.sha256(data).hexdigest() != expected_digest:
+        raise CorruptArtifactError(f"mask file {path} does not match its recorded digest (corrupted or replaced)")
+    try:
+        masks = load_safetensors_bytes(data)
+    except SafetensorError as err:
+        raise CorruptArtifactError(f"cannot read mask file {path}: {err}") from None
+    if set(masks) != set(shapes):
+        raise CorruptArtifactError(f"mask file {path} does not cover the tuned parameters")
+    for name, shape in shapes.items():
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        if masks[name].dtype != torch.uint8 or masks[name].shape != (packed_size(numel),):
+            raise CorruptArtifactError(f"mask file {path}: {name!r} has the wrong packed layout")
+    return masks
+
+
+def save_mask_file(path: Path, masks: Mapping[str, torch.Tensor]) -> str:
+    """Write one task's packed masks and return the file's digest."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {n: t.detach().cpu().contiguous() for n, t in masks.items()},
+        path,
+        # A single metadata key: safetensors writes several keys in a per-process random order, which would
+        # make the bytes of equal artifacts differ.
+        metadata={"format": "hf_sift-mask"},
+    )
+    return file_digest(str(path))
+
+
+def write_artifact(
+    folder: str | os.PathLike,
+    config: Mapping[str, Any],
+    manifest: Mapping[str, Mapping[str, Any]],
+    delta: Mapping[str, torch.Tensor],
+    masks: Mapping[str, Path | Mapping[str, torch.Tensor]],
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+) -> dict[str, str]:
+    """Write a whole artifact atomically into `folder`, keeping the user's other files there.
+
+    `masks` maps every task id to either an existing mask file (hard-linked, not rewritten) or its packed masks.
+    Returns the digest of each mask file written or linked.
+    """
+    folder = Path(folder)
+    mask_digests: dict[str, str] = {}
+    with staged_folder(folder) as stage:
+        if folder.is_dir():
+            for path in folder.rglob("*"):
+                relative = path.relative_to(folder).as_posix()
+                if path.is_file() and not is_artifact_file(relative):
+                    link_or_copy(path, stage / relative)
+        for task_id in sorted(masks):
+            target = stage / mask_filename(task_id)
+            source = masks[task_id]
+            if isinstance(source, Path):
+                link_or_copy(source, target)
+                mask_digests[task_id] = manifest[task_id]["mask_digest"]
+            else:
+                mask_digests[task_id] = save_mask_file(target, source)
+        cpu_delta = {n: t.detach().cpu().contiguous() for n, t in delta.items()}
+        split = split_torch_state_dict_into_shards(
+            cpu_delta, filename_pattern=DELTA_PATTERN, max_shard_size=max_shard_size
+        )
+        for filename, names in split.filename_to_tensors.items():
+            save_file({n: cpu_delta[n] for n in names}, stage / filename, metadata={"format": "hf_sift-delta"})
+        if split.is_sharded:
+            index = {
+                "metadata": {"format": "hf_sift-delta"},
+                "weight_map": dict(sorted(split.tensor_to_filename.items())),
+            }
+            _dump_json(index, stage / DELTA_INDEX_NAME)
+        records = {t: {**manifest[t], "mask_digest": mask_digests[t]} for t in sorted(manifest)}
+        _dump_json({"tasks": records}, stage / MANIFEST_NAME)
+        _dump_json(dict(config), stage / CONFIG_NAME)
+    return mask_digests

@@ -1,0 +1,123 @@
+"""Atomic replacement of a whole folder.
+
+An artifact is several files that must change together. It is written into a fresh sibling folder, then swapped
+into place: on Linux with ``renameat2(RENAME_EXCHANGE)``, a single atomic step, so a crash at any point leaves
+either the old or the new artifact; elsewhere with two renames and a short window in which only the backup exists
+(it is restored on the next save). Files of the old folder that the new one keeps are hard-linked, not copied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _renameat2_exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths; False where the platform cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    ok = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+    return ok
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link `src` to `dst` (same file system), copying when linking is not possible."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+@contextlib.contextmanager
+def staged_folder(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty staging folder; on success it replaces `target` atomically, on error it is deleted.
+
+    Example:
+
+    ```python
+    with staged_folder("out") as stage:
+        (stage / "a.json").write_text("{}")
+    ```
+    """
+    target = Path(target).absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _recover(target)
+    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    try:
+        yield stage
+        for root, _, files in os.walk(stage):
+            for name in files:
+                with open(os.path.join(root, name), "rb+") as f:
+                    os.fsync(f.fileno())
+        _fsync_dir(stage)
+        _swap_into_place(stage, target)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def _backup_path(target: Path) -> Path:
+    return target.parent / f".{target.name}.previous"
+
+
+def _recover(target: Path) -> None:
+    """Finish an interrupted non-atomic swap: restore the backup if the target is missing."""
+    backup = _backup_path(target)
+    if backup.exists():
+        if target.exists():
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.rename(backup, target)
+
+
+def _swap_into_place(stage: Path, target: Path) -> None:
+    if not target.exists():
+        os.rename(stage, target)
+    elif _renameat2_exchange(stage, target):
+        shutil.rmtree(stage)  # `stage` now holds the previous contents
+    else:
+        backup = _backup_path(target)
+        os.rename(target, backup)
+        os.rename(stage, target)
+        shutil.rmtree(backup)
+    _fsync_dir(target.parent)
+
+
+def write_file_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Write one file through `write(tmp_path)`, then rename it over `path`."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

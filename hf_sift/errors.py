@@ -1,0 +1,70 @@
+"""Errors raised by hf_sift.
+
+Every error derives from [`SiftError`]. Errors caused by bad input also derive from `ValueError`, so callers
+that already catch `ValueError` keep working; a replay that does not reproduce the recorded task vector also
+derives from `RuntimeError`.
+"""
+
+from __future__ import annotations
+
+
+class SiftError(Exception):
+    """Base class of every hf_sift error."""
+
+
+class InvalidTaskIdError(SiftError, ValueError):
+    """A task id is empty, too long, or could escape or break a path (`..`, `/`, `\\`, control characters)."""
+
+
+class UnknownTaskError(SiftError, KeyError, ValueError):
+    """A task id is not part of the merge."""
+
+    def __str__(self) -> str:  # KeyError would otherwise print the repr of the message
+        return str(self.args[0]) if self.args else ""
+
+
+class DuplicateTaskError(SiftError, ValueError):
+    """A task id is already part of the merge."""
+
+
+class ParameterMismatchError(SiftError, ValueError):
+    """Parameter names, shapes or dtypes differ between two objects that must share them."""
+
+
+class BaseModelMismatchError(SiftError, ValueError):
+    """The base model (θ0) differs from the one the delta or task vector was built on."""
+
+
+class SignSeedMismatchError(SiftError, ValueError):
+    """Two objects that must share a sign vector were built with different sign seeds or scale bits."""
+
+
+class TaskDigestMismatchError(SiftError, ValueError, RuntimeError):
+    """A task vector does not reproduce the digest recorded for its task; it is never subtracted."""
+
+
+class AccumulatorOverflowError(SiftError, ValueError, OverflowError):
+    """An integer sum would leave the int64 range; hf_sift never wraps."""
+
+
+class CorruptArtifactError(SiftError, ValueError):
+    """A file of a SIFT artifact is missing, truncated, or does not match its recorded digest."""
+
+
+class IncompatibleArtifactError(SiftError, ValueError):
+    """The artifact was written in a format version this release cannot read."""
+
+
+__all__ = [
+    "AccumulatorOverflowError",
+    "BaseModelMismatchError",
+    "CorruptArtifactError",
+    "DuplicateTaskError",
+    "IncompatibleArtifactError",
+    "InvalidTaskIdError",
+    "ParameterMismatchError",
+    "SiftError",
+    "SignSeedMismatchError",
+    "TaskDigestMismatchError",
+    "UnknownTaskError",
+]

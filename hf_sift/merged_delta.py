@@ -1,0 +1,368 @@
+"""The exact merged delta: an int64 sum of task vectors from which tasks can be added and removed exactly."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .artifact import (
+    DEFAULT_MAX_SHARD_SIZE,
+    FORMAT_VERSION,
+    iter_delta,
+    load_mask_file,
+    mask_filename,
+    read_config,
+    read_manifest,
+    write_artifact,
+)
+from .digest import digest_tensors
+from .errors import (
+    BaseModelMismatchError,
+    CorruptArtifactError,
+    DuplicateTaskError,
+    ParameterMismatchError,
+    SignSeedMismatchError,
+    TaskDigestMismatchError,
+    UnknownTaskError,
+)
+from .fixed_point import INT64_MAX, SCALE_BITS, check_no_overflow, max_abs
+from .masks import packed_size, unpack_bits
+from .selection import ParameterSelection, resolve_parameters
+from .task_id import validate_task_id
+from .task_vector import TaskVector, check_same_parameters
+
+
+# Elements served per step in `served_parameter`; a multiple of 8 so mask bytes split cleanly.
+_SERVE_CHUNK = 1 << 18
+
+
+def _dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise CorruptArtifactError(f"unknown dtype {name!r} in the artifact")
+    return dtype
+
+
+class MergedDelta:
+    """The sum Q of the integer task vectors of every merged task, with each task's mask and record.
+
+    Adding and removing tasks is exact in any order: after any sequence of `add` and `remove`, the state (and the
+    saved bytes) equal a fresh merge of the tasks that remain.
+
+    Args:
+        base_state_dict (`Mapping[str, torch.Tensor]`): θ0, the base model's state dict.
+        sign_seed (`int`): Seed of the sign vector shared by every task.
+        parameters (`ParameterSelection` or list of names, *optional*):
+            The tuned parameters P; defaults to every floating-point parameter except input embeddings and the
+            LM head.
+        scale_bits (`int`, *optional*, defaults to 40): The fixed-point scale S.
+        base_model (`str`, *optional*): Name or path of the base model, recorded in `sift_config.json`.
+        base_revision (`str`, *optional*): Revision of the base model, recorded likewise.
+        device (`torch.device`, *optional*, defaults to CPU): Where the sum lives.
+    """
+
+    def __init__(
+        self,
+        base_state_dict: Mapping[str, torch.Tensor],
+        sign_seed: int,
+        parameters: ParameterSelection | Iterable[str] | None = None,
+        *,
+        scale_bits: int = SCALE_BITS,
+        base_model: str | None = None,
+        base_revision: str | None = None,
+        device: torch.device | str = "cpu",
+    ):
+        selection, names = resolve_parameters(base_state_dict, parameters)
+        self.sign_seed = sign_seed
+        self.scale_bits = scale_bits
+        self.selection = selection
+        self.base_model = base_model
+        self.base_revision = base_revision
+        self.shapes = {n: tuple(base_state_dict[n].shape) for n in names}
+        self.dtypes = {n: base_state_dict[n].dtype for n in names}
+        self.base_digest = digest_tensors(base_state_dict, names)
+        self._sum = {n: torch.zeros(self.shapes[n], dtype=torch.int64, device=device) for n in names}
+        self._bounds = dict.fromkeys(names, 0)
+        self._records: dict[str, dict[str, Any]] = {}
+        self._masks: dict[str, Path | dict[str, torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------ inspection
+
+    @property
+    def task_ids(self) -> list[str]:
+        """Sorted ids of the merged tasks."""
+        return sorted(self._records)
+
+    @property
+    def num_tasks(self) -> int:
+        """T, the number of merged tasks."""
+        return len(self._records)
+
+    @property
+    def names(self) -> list[str]:
+        """Sorted names of the tuned parameters."""
+        return sorted(self.shapes)
+
+    @property
+    def sum(self) -> dict[str, torch.Tensor]:
+        """The int64 sum Q per tuned parameter (do not modify in place)."""
+        return self._sum
+
+    @property
+    def digest(self) -> str:
+        """sha256 over the canonical serialisation of Q."""
+        return digest_tensors(self._sum)
+
+    def record(self, task_id: str) -> dict[str, Any]:
+        """The manifest record of a task: digest, mask digest, density, element counts, metadata."""
+        return dict(self._records[self._known(task_id)])
+
+    def __contains__(self, task_id: object) -> bool:
+        return isinstance(task_id, str) and task_id in self._records
+
+    def __repr__(self) -> str:
+        return (
+            f"MergedDelta(num_tasks={self.num_tasks}, parameters={len(self.shapes)}, "
+            f"elements={sum(t.numel() for t in self._sum.values())}, sign_seed={self.sign_seed})"
+        )
+
+    def _known(self, task_id: str) -> str:
+        task_id = validate_task_id(task_id)
+        if task_id not in self._records:
+            shown = ", ".join(repr(t) for t in self.task_ids[:5])
+            more = f", ... ({self.num_tasks} in all)" if self.num_tasks > 5 else ""
+            raise UnknownTaskError(f"unknown task {task_id!r}; merged tasks: {shown or 'none'}{more}")
+        return task_id
+
+    # ------------------------------------------------------------------ add / remove
+
+    def _check_compatible(self, task_vector: TaskVector) -> None:
+        if task_vector.sign_seed != self.sign_seed or task_vector.scale_bits != self.scale_bits:
+            raise SignSeedMismatchError(
+                f"task vector has sign_seed={task_vector.sign_seed}, scale_bits={task_vector.scale_bits}; "
+                f"the merge has sign_seed={self.sign_seed}, scale_bits={self.scale_bits}"
+            )
+        if set(task_vector.q) != set(self.shapes):
+            extra = sorted(set(task_vector.q) - set(self.shapes))[:3]
+            missing = sorted(set(self.shapes) - set(task_vector.q))[:3]
+            raise ParameterMismatchError(f"task vector parameters differ: extra {extra}, missing {missing}")
+        check_same_parameters(self.shapes, task_vector.q, "the task vector")
+        if task_vector.base_digest is not None and task_vector.base_digest != self.base_digest:
+            raise BaseModelMismatchError(
+                f"task vector was computed on a base with digest {task_vector.base_digest}, "
+                f"the merge's base has {self.base_digest}"
+            )
+
+    def _apply(self, task_vector: TaskVector, sign: int) -> None:
+        # `_bounds` holds upper bounds of max|Q| per tensor: while bound + max|q| fits in int64 no element can
+        # overflow and the exact (slower) check is skipped. Every tensor is checked before any is touched, so a
+        # refused update leaves the sum unchanged.
+        exact = [n for n in self.names if self._bounds[n] + task_vector.max_abs[n] > INT64_MAX]
+        for name in exact:
+            check_no_overflow(self._sum[name], task_vector.q[name].to(self._sum[name].device), name, sign)
+        for name in self.names:
+            q = task_vector.q[name].to(self._sum[name].device)
+            if sign > 0:
+                self._sum[name].add_(q)
+            else:
+                self._sum[name].sub_(q)
+            if name in exact:
+                self._bounds[name] = max_abs(self._sum[name])
+            else:
+                self._bounds[name] += task_vector.max_abs[name]
+
+    def add(self, task_id: str, task_vector: TaskVector) -> None:
+        """Merge a task: Q += q_t, and keep its mask and record.
+
+        Raises:
+            [`~hf_sift.errors.DuplicateTaskError`], [`~hf_sift.errors.InvalidTaskIdError`],
+            [`~hf_sift.errors.ParameterMismatchError`], [`~hf_sift.errors.BaseModelMismatchError`],
+            [`~hf_sift.errors.SignSeedMismatchError`] or [`~hf_sift.errors.AccumulatorOverflowError`]; the merge
+            is unchanged after any of them.
+        """
+        task_id = validate_task_id(task_id)
+        if task_id in self._records:
+            raise DuplicateTaskError(f"task {task_id!r} is already merged; remove it first to replace it")
+        self._check_compatible(task_vector)
+        self._apply(task_vector, +1)
+        self._records[task_id] = {
+            "digest": task_vector.digest,
+            "mask_density": task_vector.density,
+            "num_elements": task_vector.num_elements,
+            "num_selected": task_vector.num_selected,
+            "metadata": task_vector.metadata,
+        }
+        self._masks[task_id] = {n: m.detach().cpu() for n, m in task_vector.packed_masks.items()}
+
+    def remove(self, task_id: str, task_vector: TaskVector) -> None:
+        """Unmerge a task exactly: Q -= q_t, after checking `task_vector` reproduces the recorded digest.
+
+        Raises:
+            [`~hf_sift.errors.UnknownTaskError`], or [`~hf_sift.errors.TaskDigestMismatchError`] when the task
+            vector (e.g. a replay of its training) differs from the one merged: it is then never subtracted.
+        """
+        task_id = self._known(task_id)
+        self._check_compatible(task_vector)
+        recorded = self._records[task_id]["digest"]
+        if task_vector.digest != recorded:
+            raise TaskDigestMismatchError(
+                f"the task vector given for {task_id!r} has digest {task_vector.digest}, but {recorded} was "
+                "merged; the replay did not reproduce the training, so nothing was subtracted"
+            )
+        self._apply(task_vector, -1)
+        del self._records[task_id]
+        del self._masks[task_id]
+
+    # ------------------------------------------------------------------ serving
+
+    def load_mask(self, task_id: str) -> dict[str, torch.Tensor]:
+        """The packed mask of one task (read from its own file when the delta was loaded from disk)."""
+        task_id = self._known(task_id)
+        source = self._masks[task_id]
+        if isinstance(source, Path):
+            return load_mask_file(source, self._records[task_id]["mask_digest"], self.shapes)
+        return source
+
+    def default_scale(self) -> float:
+        """1/T, the paper's scale (0 when nothing is merged)."""
+        return 1.0 / self.num_tasks if self.num_tasks else 0.0
+
+    def check_base(self, base_state_dict: Mapping[str, torch.Tensor], verify_digest: bool = True) -> None:
+        """Raise unless `base_state_dict` has the tuned parameters with the recorded shapes, dtypes and digest."""
+        check_same_parameters(self.shapes, base_state_dict, "the base state dict")
+        for name, dtype in self.dtypes.items():
+            if base_state_dict[name].dtype != dtype:
+                raise ParameterMismatchError(
+                    f"base parameter {name!r} is {base_state_dict[name].dtype}, the merge was built on {dtype}"
+                )
+        if verify_digest and digest_tensors(base_state_dict, self.names) != self.base_digest:
+            raise BaseModelMismatchError("the base model's weights differ from the ones this delta was built on")
+
+    def served_parameter(
+        self,
+        name: str,
+        base: torch.Tensor,
+        packed_mask: torch.Tensor | None = None,
+        scale: float | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Served weights of one parameter: ``dtype(float64(θ0) + float64(Q·m) · (scale · 2**-S))``.
+
+        The arithmetic is float64 in that order, and the result is rounded once to `out`'s dtype (default: the
+        base's). It runs in chunks, so the extra memory is a few MiB whatever the parameter's size. `out` may be
+        `base` itself (in-place serving).
+        """
+        factor = (self.default_scale() if scale is None else float(scale)) * 2.0 ** (-self.scale_bits)
+        total = self._sum[name].reshape(-1)
+        base_flat = base.detach().reshape(-1)
+        if out is None:
+            out = torch.empty_like(base)
+        out_flat = out.view(-1)
+        numel = total.numel()
+        for lo in range(0, numel, _SERVE_CHUNK):
+            hi = min(lo + _SERVE_CHUNK, numel)
+            chunk = total[lo:hi].to(device=out.device, dtype=torch.float64)
+            if packed_mask is not None:
+                keep = unpack_bits(packed_mask[lo // 8 : packed_size(hi)], hi - lo).to(out.device)
+                chunk.masked_fill_(~keep, 0.0)
+            chunk.mul_(factor).add_(base_flat[lo:hi])
+            out_flat[lo:hi].copy_(chunk)
+        return out
+
+    def materialize(
+        self,
+        base_state_dict: Mapping[str, torch.Tensor],
+        task: str | None = None,
+        scale: float | None = None,
+        verify_base: bool = True,
+    ) -> dict[str, torch.Tensor]:
+        """The full served state dict for `task` (or the plain merge when `task` is None).
+
+        Tuned parameters become ``θ0 + scale · (Q · 2**-S masked by m_task)`` (see [`served_parameter`]); every
+        other entry of `base_state_dict` is returned as is. `scale` defaults to 1/T.
+        """
+        masks = self.load_mask(task) if task is not None else None
+        self.check_base(base_state_dict, verify_digest=verify_base)
+        served = dict(base_state_dict)
+        for name in self.names:
+            served[name] = self.served_parameter(
+                name, base_state_dict[name], None if masks is None else masks[name], scale
+            )
+        return served
+
+    # ------------------------------------------------------------------ persistence
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "format": "hf_sift",
+            "format_version": FORMAT_VERSION,
+            "hf_sift_version": __version__,
+            "base_model": self.base_model,
+            "base_revision": self.base_revision,
+            "base_digest": self.base_digest,
+            "sign_seed": self.sign_seed,
+            "scale_bits": self.scale_bits,
+            "parameters": {
+                "selection": None if self.selection is None else self.selection.to_dict(),
+                "shapes": {n: list(s) for n, s in sorted(self.shapes.items())},
+                "dtypes": {n: str(d).removeprefix("torch.") for n, d in sorted(self.dtypes.items())},
+            },
+            "num_tasks": self.num_tasks,
+            "delta_digest": self.digest,
+        }
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
+    ) -> None:
+        """Write the artifact to `save_directory` atomically (see docs/FORMAT.md).
+
+        Other files in the folder (a tokenizer, a README) are kept. A crash at any point leaves the previous
+        artifact intact. Masks already on disk are hard-linked rather than rewritten.
+        """
+        save_directory = Path(save_directory).absolute()
+        write_artifact(save_directory, self._config(), self._records, self._sum, self._masks, max_shard_size)
+        for task_id in self._records:
+            self._masks[task_id] = save_directory / mask_filename(task_id)
+        saved = read_manifest(save_directory)
+        for task_id, record in self._records.items():
+            record["mask_digest"] = saved[task_id]["mask_digest"]
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, verify: bool = True) -> MergedDelta:
+        """Load an artifact written by [`save_pretrained`], streaming Q tensor by tensor.
+
+        Masks stay on disk and are read one task at a time by [`load_mask`]. With `verify`, the sum is checked
+        against its recorded digest (missing, truncated or corrupted files raise
+        [`~hf_sift.errors.CorruptArtifactError`]).
+        """
+        directory = Path(directory).absolute()
+        config = read_config(directory)
+        records = read_manifest(directory)
+        self = cls.__new__(cls)
+        params = config["parameters"]
+        try:
+            self.shapes = {n: tuple(int(d) for d in s) for n, s in params["shapes"].items()}
+            self.dtypes = {n: _dtype_from_name(d) for n, d in params["dtypes"].items()}
+            selection = params.get("selection")
+            self.selection = None if selection is None else ParameterSelection.from_dict(selection)
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
+            raise CorruptArtifactError(f"malformed 'parameters' in the config of {directory}: {err}") from None
+        self.sign_seed = config["sign_seed"]
+        self.scale_bits = config["scale_bits"]
+        self.base_model = config["base_model"]
+        self.base_revision = config["base_revision"]
+        self.base_digest = config["base_digest"]
+        self._sum = dict(iter_delta(directory, self.shapes))
+        self._bounds = {n: max_abs(t) for n, t in self._sum.items()}
+        self._records = {t: dict(r) for t, r in records.items()}
+        self._masks = {t: directory / mask_filename(t) for t in records}
+        if config["num_tasks"] != len(records):
+            raise CorruptArtifactError(f"config says {config['num_tasks']} tasks, the manifest lists {len(records)}")
+        if verify and self.digest != config["delta_digest"]:
+            raise CorruptArtifactError(f"the sum in {directory} does not match its recorded digest")
+        return self

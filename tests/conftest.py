@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny models built from configs (offline, seconds)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def tiny_llama_config(**overrides) -> LlamaConfig:
+    kwargs = dict(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_state() -> dict[str, torch.Tensor]:
+    """θ0 of a tiny Llama (fixed seed); tests must not modify it in place."""
+    torch.manual_seed(0)
+    return {k: v.clone() for k, v in LlamaForCausalLM(tiny_llama_config()).state_dict().items()}
+
+
+@pytest.fixture
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_llama_config())
+
+
+def perturbed(base: dict[str, torch.Tensor], seed: int, scale: float = 0.01) -> dict[str, torch.Tensor]:
+    """A fake fine-tune of `base`: every entry moved by seeded noise."""
+    gen = torch.Generator().manual_seed(seed)
+    return {k: v + scale * torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in base.items()}

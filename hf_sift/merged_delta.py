@@ -38,7 +38,7 @@ from .task_vector import TaskVector, check_same_parameters
 
 
 # Elements served per step in `served_parameter`; a multiple of 8 so mask bytes split cleanly.
-_SERVE_CHUNK = 1 << 18
+_SERVE_CHUNK = 1 << 19
 
 
 def _dtype_from_name(name: str) -> torch.dtype:
@@ -268,8 +268,9 @@ class MergedDelta:
             hi = min(lo + _SERVE_CHUNK, numel)
             chunk = total[lo:hi].to(device=out.device, dtype=torch.float64)
             if packed_mask is not None:
+                # Multiplying by the 0/1 mask is exact and several times faster than masked_fill on CPU.
                 keep = unpack_bits(packed_mask[lo // 8 : packed_size(hi)], hi - lo).to(out.device)
-                chunk.masked_fill_(~keep, 0.0)
+                chunk.mul_(keep.view(torch.uint8).to(torch.float64))
             chunk.mul_(factor).add_(base_flat[lo:hi])
             out_flat[lo:hi].copy_(chunk)
         return out

@@ -35,6 +35,9 @@ def tiny_llama() -> LlamaForCausalLM:
 
 
 def perturbed(base: dict[str, torch.Tensor], seed: int, scale: float = 0.01) -> dict[str, torch.Tensor]:
-    """A fake fine-tune of `base`: every entry moved by seeded noise."""
+    """A fake fine-tune of `base`: every floating-point entry moved by seeded noise."""
     gen = torch.Generator().manual_seed(seed)
-    return {k: v + scale * torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in base.items()}
+    return {
+        k: v + scale * torch.randn(v.shape, generator=gen, dtype=v.dtype) if v.is_floating_point() else v.clone()
+        for k, v in base.items()
+    }

@@ -75,4 +75,4 @@ class Dare(MergeMethod):
                 merged = dare_linear(deltas, weights, p.density)
             else:
                 merged = dare_ties(deltas, weights, p.density, majority_sign_method=p.majority_sign_method)
-        return TensorMerge(merged * p.scaling)
+        return TensorMerge(merged if p.scaling == 1.0 else merged * p.scaling)

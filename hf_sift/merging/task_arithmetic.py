@@ -45,4 +45,5 @@ class TaskArithmetic(MergeMethod):
         from peft.utils.merge_utils import task_arithmetic
 
         weights = check_weights(self.params.weights, len(deltas)).to(deltas[0].dtype)
-        return TensorMerge(task_arithmetic(deltas, weights) * self.params.scaling)
+        merged = task_arithmetic(deltas, weights)
+        return TensorMerge(merged if self.params.scaling == 1.0 else merged * self.params.scaling)

@@ -53,4 +53,4 @@ class Ties(MergeMethod):
         weights = check_weights(self.params.weights, len(deltas)).to(deltas[0].dtype)
         p = self.params
         merged = ties(deltas, weights, p.density, majority_sign_method=p.majority_sign_method)
-        return TensorMerge(merged * p.scaling)
+        return TensorMerge(merged if p.scaling == 1.0 else merged * p.scaling)

@@ -4,6 +4,8 @@ __version__ = "0.1.0"
 
 from .errors import SiftError  # noqa: E402
 from .merged_delta import MergedDelta  # noqa: E402
+from .merging import merge_checkpoints  # noqa: E402
+from .merging.negmerge_driver import negmerge_unlearn  # noqa: E402
 from .selection import ParameterSelection  # noqa: E402
 from .sign_vector import SignVector  # noqa: E402
 from .task_vector import TaskVector  # noqa: E402
@@ -16,4 +18,6 @@ __all__ = [
     "SignVector",
     "TaskVector",
     "__version__",
+    "merge_checkpoints",
+    "negmerge_unlearn",
 ]

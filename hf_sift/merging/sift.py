@@ -1,0 +1,60 @@
+"""SIFT-Masks as a merge method: the exact integer sum of task vectors with each task's sign mask.
+
+Per tensor this computes what [`~hf_sift.MergedDelta`] holds: ``Q = Σ_t round(τ_t 2**S)`` in int64 (overflow is
+raised, never wrapped) and ``m_t = 1{v ∘ τ_t > 0}`` for the seeded sign vector v. The written checkpoint is the
+plain merge ``θ0 + scale · Q 2**-S`` (scale defaults to 1/T), rounded once from float64 exactly as
+`MergedDelta.served_parameter` does, and the masks are bit-packed next to it. Because Q is an integer sum, one task
+is removed exactly by re-training it alone (cost 1): use `MergedDelta` for that workflow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..fixed_point import SCALE_BITS, check_no_overflow, quantize
+from ..masks import agreement_mask
+from ..sign_vector import SignVector
+from .registry import REMOVAL_COST_ONE, MergeMethod, MergeParams, TensorMerge, register_method
+
+
+@dataclass(frozen=True)
+class SiftParams(MergeParams):
+    """Parameters of the SIFT-Masks merge.
+
+    Args:
+        sign_seed (`int`, *optional*, defaults to 0): Seed of the sign vector v.
+        scale_bits (`int`, *optional*, defaults to 40): The fixed-point scale S.
+        scaling (`float`, *optional*): Scale of the plain merge; 1/T when omitted.
+    """
+
+    sign_seed: int = 0
+    scale_bits: int = SCALE_BITS
+    scaling: float | None = None
+
+
+@register_method
+class SiftMasks(MergeMethod):
+    """Exact integer sum with per-task SIFT masks; supports exact removal at the cost of one task."""
+
+    name = "sift"
+    params_class = SiftParams
+    supports_exact_removal = True
+    removal_cost = REMOVAL_COST_ONE
+    localizes = True
+
+    def merge_tensor(self, name: str, base: torch.Tensor, tuned: Sequence[torch.Tensor]) -> TensorMerge:
+        p = self.params
+        positive = SignVector(p.sign_seed).positive(name, tuple(base.shape), base.device)
+        total = torch.zeros(base.shape, dtype=torch.int64)
+        masks = []
+        for tensor in tuned:
+            q = quantize(base, tensor, p.scale_bits, name)
+            check_no_overflow(total, q, name)
+            total += q
+            masks.append(agreement_mask(q, positive))
+        scale = 1.0 / len(tuned) if p.scaling is None else float(p.scaling)
+        served = total.to(torch.float64).mul_(scale * 2.0 ** (-p.scale_bits)).add_(base.to(torch.float64))
+        return TensorMerge(served.to(base.dtype), masks)

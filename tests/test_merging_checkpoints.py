@@ -1,0 +1,191 @@
+"""Streaming merges of checkpoints on disk: readers, writer, output folder, masks, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_llama_config
+from safetensors.torch import load_file, save_file
+from transformers import LlamaForCausalLM
+
+from hf_sift.cli import main
+from hf_sift.errors import ParameterMismatchError
+from hf_sift.masks import packed_size
+from hf_sift.merging import (
+    CheckpointReader,
+    NegMergeAccumulator,
+    StreamingCheckpointWriter,
+    create_method,
+    load_task_masks,
+    merge_checkpoints,
+    negated_state_dict,
+    task_state_dict,
+)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A tied tiny Llama base and three fake fine-tunes (one of them sharded)."""
+    root = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True))
+    model.save_pretrained(root / "base")
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    states = []
+    for i in range(3):
+        gen = torch.Generator().manual_seed(100 + i)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                param.copy_(base_state[name] + 0.01 * torch.randn(param.shape, generator=gen))
+        model.save_pretrained(root / f"ft{i}", max_shard_size="20KB" if i == 1 else "1GB")
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+    return root, base_state, states
+
+
+def folder_state(folder) -> dict[str, torch.Tensor]:
+    reader = CheckpointReader(folder)
+    return {n: reader.get(n) for n in reader.names()}
+
+
+def test_reader_handles_shards_and_tied_weights(checkpoints):
+    root, _, states = checkpoints
+    sharded = CheckpointReader(root / "ft1")
+    assert (root / "ft1" / "model.safetensors.index.json").exists()
+    assert "lm_head.weight" not in sharded.names()  # tied: dropped by save_pretrained
+    assert torch.equal(sharded.get("lm_head.weight"), states[1]["model.embed_tokens.weight"])
+    for name in sharded.names():
+        assert torch.equal(sharded.get(name), states[1][name])
+
+
+def test_streaming_writer_round_trips(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "a": torch.randn(7, 5, generator=gen),
+        "b": torch.randn(3, generator=gen).to(torch.bfloat16),
+        "c": torch.arange(10, dtype=torch.int64),
+        "d": torch.zeros(0),
+    }
+    writer = StreamingCheckpointWriter(tmp_path, {n: (tuple(t.shape), t.dtype) for n, t in tensors.items()}, 100)
+    assert writer.split.is_sharded
+    with pytest.raises(ParameterMismatchError):
+        writer.write("zzz", tensors["a"])
+    for name in writer.order:
+        writer.write(name, tensors[name])
+    writer.close()
+    loaded = folder_state(tmp_path)
+    assert set(loaded) == set(tensors)
+    for name, tensor in tensors.items():
+        assert torch.equal(loaded[name], tensor) and loaded[name].dtype == tensor.dtype
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(tensors)
+
+
+@pytest.mark.parametrize("method_name", ["task_arithmetic", "ties", "dare", "magmax", "soup", "negmerge", "sift"])
+def test_checkpoint_merge_equals_in_memory_merge(checkpoints, tmp_path, method_name):
+    root, base_state, states = checkpoints
+    method = create_method(method_name)
+    out = merge_checkpoints(
+        method, root / "base", [root / f"ft{i}" for i in range(3)], tmp_path / "out", max_shard_size="30KB"
+    )
+    merged = folder_state(out.output_dir)
+    base_file = load_file(root / "base" / "model.safetensors")
+    assert set(merged) == set(base_file)  # same tensors as the base (tied lm_head stays dropped)
+    reference = create_method(method_name)
+    reference.begin(["ft0", "ft1", "ft2"])
+    for name in merged:
+        expected = reference.merge_tensor(name, base_state[name], [s[name] for s in states]).tensor
+        assert torch.equal(merged[name], expected), name
+    # a valid transformers folder
+    model = LlamaForCausalLM.from_pretrained(out.output_dir)
+    assert torch.equal(model.lm_head.weight, merged["model.embed_tokens.weight"])
+    card = (out.output_dir / "README.md").read_text()
+    assert card.startswith("---\n") and f"- {method_name}\n" in card and "## Parameters" in card
+    config = json.loads((out.output_dir / "merging_config.json").read_text())
+    assert config["method"] == method_name and config["parameters"] == method.params.to_dict()
+    assert (out.output_dir / "generation_config.json").exists()
+
+
+def test_checkpoint_negmerge_equals_streaming_accumulator(checkpoints, tmp_path):
+    root, base_state, states = checkpoints
+    out = merge_checkpoints(
+        "negmerge", root / "base", [root / f"ft{i}" for i in range(3)], tmp_path / "neg", params={"scaling": 0.7}
+    )
+    accumulator = NegMergeAccumulator(base_state)
+    for state in states:
+        accumulator.add(state)
+    expected = negated_state_dict(base_state, accumulator.task_vector(), 0.7)
+    for name, tensor in folder_state(out.output_dir).items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+@pytest.mark.parametrize("method_name", ["tall_masks", "emr", "sift"])
+def test_masks_round_trip_through_bit_packing(checkpoints, tmp_path, method_name):
+    root, base_state, states = checkpoints
+    out = merge_checkpoints(
+        method_name, root / "base", [root / f"ft{i}" for i in range(3)], tmp_path / "loc", task_ids=["x", "y", "z"]
+    )
+    reference = create_method(method_name)
+    reference.begin(["x", "y", "z"])
+    expected = {
+        n: reference.merge_tensor(n, base_state[n], [s[n] for s in states]).masks for n in folder_state(out.output_dir)
+    }
+    for i, task in enumerate(["x", "y", "z"]):
+        packed = load_file(out.output_dir / "masks" / f"{task}.safetensors")
+        masks = load_task_masks(out.output_dir, task)
+        assert set(masks) == set(expected)
+        for name, mask in masks.items():
+            assert packed[name].dtype == torch.uint8 and packed[name].numel() == packed_size(mask.numel())
+            assert torch.equal(mask, expected[name][i]), (task, name)
+    config = json.loads((out.output_dir / "merging_config.json").read_text())
+    if method_name == "emr":
+        assert config["rescalers"] == reference.summary()["rescalers"]
+        served = task_state_dict(out.output_dir, root / "base", "y")
+        name = "model.layers.1.self_attn.q_proj.weight"
+        merged = folder_state(out.output_dir)[name]
+        mask = load_task_masks(out.output_dir, "y")[name]
+        want = base_state[name] + (merged - base_state[name]) * mask * config["rescalers"]["y"]
+        assert torch.equal(served[name], want)
+
+
+def test_selection_copies_excluded_tensors(checkpoints, tmp_path):
+    from hf_sift.selection import ParameterSelection
+
+    root, base_state, _ = checkpoints
+    selection = ParameterSelection(include=("mlp",), exclude=())
+    out = merge_checkpoints(
+        "soup", root / "base", [root / "ft0", root / "ft2"], tmp_path / "sel", parameters=selection
+    )
+    merged = folder_state(out.output_dir)
+    for name, tensor in merged.items():
+        assert torch.equal(tensor, base_state[name]) == ("mlp" not in name), name
+
+
+def test_failed_merge_leaves_output_as_it_was(checkpoints, tmp_path):
+    root, base_state, _ = checkpoints
+    out = merge_checkpoints("soup", root / "base", [root / "ft0"], tmp_path / "keep")
+    before = {p.name: p.read_bytes() for p in out.output_dir.iterdir() if p.is_file()}
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    state = load_file(root / "ft0" / "model.safetensors")
+    state["model.norm.weight"] = torch.ones(3)
+    save_file(state, bad / "model.safetensors")
+    with pytest.raises(ParameterMismatchError):
+        merge_checkpoints("soup", root / "base", [root / "ft0", bad], tmp_path / "keep")
+    assert {p.name: p.read_bytes() for p in out.output_dir.iterdir() if p.is_file()} == before
+
+
+def test_cli_merge(checkpoints, tmp_path):
+    root, _, _ = checkpoints
+    models = [str(root / f"ft{i}") for i in range(3)]
+    code = main(["merge", "--method", "ties", "--base", str(root / "base"), *models, "-o", str(tmp_path / "cli"),
+                 "--param", "density=0.5", "--param", "weights=1,1,2"])  # fmt: skip
+    assert code == 0
+    api = merge_checkpoints(
+        "ties", root / "base", models, tmp_path / "api", params={"density": 0.5, "weights": (1.0, 1.0, 2.0)}
+    )
+    cli_state, api_state = folder_state(tmp_path / "cli"), folder_state(api.output_dir)
+    assert all(torch.equal(cli_state[n], api_state[n]) for n in api_state)
+    config = json.loads((tmp_path / "cli" / "merging_config.json").read_text())
+    assert config["parameters"]["density"] == 0.5 and config["removal_cost"] == "all remaining"

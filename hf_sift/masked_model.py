@@ -50,6 +50,16 @@ def _is_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
 
 
+def _may_overflow(dtype: torch.dtype, delta: MergedDelta, scale: float) -> bool:
+    """Whether serving into `dtype` can turn finite weights into inf, so the result must be checked.
+
+    A served weight is θ0 plus an update below ``2**(63 - S) * |scale|`` in magnitude (Q is int64). Dtypes with
+    the range of float32 (float32, bfloat16, float64) cannot overflow unless θ0 itself is within that bound of
+    their largest value; narrower ones (float16, float8) are checked after every write.
+    """
+    return torch.finfo(dtype).max < 1e38 or 2.0 ** (63 - delta.scale_bits) * abs(scale) > 1e37
+
+
 class MergedMaskedModel(torch.nn.Module):
     """A transformers model whose tuned weights are the merged SIFT delta restricted to one task's mask.
 
@@ -250,7 +260,8 @@ class MergedMaskedModel(torch.nn.Module):
             else:  # computed on the CPU so that the bits do not depend on the device
                 out = torch.empty(target.shape, dtype=target.dtype)
                 target.copy_(delta.served_parameter(name, base.cpu(), mask, scale, out=out))
-            if not _is_finite(target) and (base_weights is None or _is_finite(base)):
+            check = _may_overflow(target.dtype, delta, scale)
+            if check and not _is_finite(target) and (base_weights is None or _is_finite(base)):
                 raise ServingDtypeError(
                     f"{target.dtype} cannot hold the served weights of {name!r} (they overflow to inf); "
                     "use a wider dtype"

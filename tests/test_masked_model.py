@@ -29,6 +29,7 @@ from hf_sift.errors import (
     CorruptArtifactError,
     DeltaNotKeptError,
     MissingBaseModelError,
+    ParameterMismatchError,
     ServingDtypeError,
     UnknownTaskError,
 )
@@ -255,6 +256,14 @@ def test_base_mismatch_raises_unless_overridden(llama, tmp_path):
     with pytest.warns(UserWarning, match="differ"):
         model = MergedMaskedModel.from_pretrained(artifact, task="t1", base_model=other_base, allow_base_mismatch=True)
     assert_serves(model, delta.materialize(other, "t1", verify_base=False))
+
+
+def test_base_of_another_architecture(llama, tmp_path):
+    artifact, *_ = llama
+    other = AutoModelForCausalLM.from_config(CONFIGS["gpt2"]())
+    other.save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ParameterMismatchError):
+        MergedMaskedModel.from_pretrained(artifact, task="t1", base_model=tmp_path / "gpt2", allow_base_mismatch=True)
 
 
 def test_missing_base_model_name(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import warnings
 from collections.abc import Mapping
@@ -341,8 +342,6 @@ class MergedMaskedModel(torch.nn.Module):
                 self.set_task(previous)
 
     def _export(self, folder: Path, task: str | None, **kwargs: Any) -> None:
-        import json
-
         with staged_folder(folder) as stage:
             self.model.save_pretrained(stage, **kwargs)
             for path in sorted(self._artifact.folder.iterdir()):

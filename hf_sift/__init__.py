@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from .errors import SiftError  # noqa: E402
+from .masked_model import MergedMaskedModel  # noqa: E402
 from .merged_delta import MergedDelta  # noqa: E402
 from .merging import merge_checkpoints  # noqa: E402
 from .merging.negmerge_driver import negmerge_unlearn  # noqa: E402
@@ -13,6 +14,7 @@ from .task_vector import TaskVector  # noqa: E402
 
 __all__ = [
     "MergedDelta",
+    "MergedMaskedModel",
     "ParameterSelection",
     "SiftError",
     "SignVector",

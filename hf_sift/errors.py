@@ -55,14 +55,29 @@ class IncompatibleArtifactError(SiftError, ValueError):
     """The artifact was written in a format version this release cannot read."""
 
 
+class MissingBaseModelError(SiftError, ValueError):
+    """The artifact does not name its base model and none was given."""
+
+
+class ServingDtypeError(SiftError, ValueError):
+    """The requested dtype cannot hold the served weights (it is not floating point, or they overflow it)."""
+
+
+class DeltaNotKeptError(SiftError, RuntimeError):
+    """A served model loaded with `keep_delta=False` dropped the sum, so it cannot switch task."""
+
+
 __all__ = [
     "AccumulatorOverflowError",
     "BaseModelMismatchError",
     "CorruptArtifactError",
+    "DeltaNotKeptError",
     "DuplicateTaskError",
     "IncompatibleArtifactError",
     "InvalidTaskIdError",
+    "MissingBaseModelError",
     "ParameterMismatchError",
+    "ServingDtypeError",
     "SiftError",
     "SignSeedMismatchError",
     "TaskDigestMismatchError",

@@ -1,0 +1,118 @@
+"""Turn a local folder or a Hub repo id into local files, downloading only what serving one task needs.
+
+A merged artifact holds one mask per task, so a repo with many tasks is mostly masks. Serving one task needs the
+config, the manifest, the sum and that task's mask (plus the tokenizer files that live next to them), and nothing
+else is downloaded. Further masks are fetched one at a time when a served model switches task.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import hf_hub_download, snapshot_download
+from huggingface_hub.errors import EntryNotFoundError
+
+from ..artifact import CONFIG_NAME, DELTA_INDEX_NAME, MANIFEST_NAME, mask_filename
+
+
+# Files a tokenizer (and text-generation defaults) may be saved as; they travel with the artifact when present.
+TOKENIZER_PATTERNS: tuple[str, ...] = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "spiece.model",
+    "*.tiktoken",
+    "chat_template.*",
+    "generation_config.json",
+)
+
+# The keyword arguments of `snapshot_download` / `hf_hub_download` a caller may pass through.
+HUB_KWARGS: frozenset[str] = frozenset(
+    {"cache_dir", "token", "local_files_only", "force_download", "endpoint", "etag_timeout", "headers", "repo_type"}
+)
+
+
+def artifact_allow_patterns(task: str | None = None, include_tokenizer: bool = True) -> list[str]:
+    """The `allow_patterns` that fetch the files needed to serve `task` (no mask at all when `task` is None)."""
+    patterns = [CONFIG_NAME, MANIFEST_NAME, "sift_delta*.safetensors", DELTA_INDEX_NAME]
+    if task is not None:
+        patterns.append(mask_filename(task))
+    if include_tokenizer:
+        patterns.extend(TOKENIZER_PATTERNS)
+    return patterns
+
+
+def _check_hub_kwargs(hub_kwargs: dict[str, Any]) -> None:
+    unknown = sorted(set(hub_kwargs) - HUB_KWARGS)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {unknown}; Hub options are {sorted(HUB_KWARGS)}")
+
+
+@dataclass
+class ResolvedArtifact:
+    """Where an artifact's files are on this machine, and how to fetch more of them.
+
+    Args:
+        folder (`Path`): Local folder holding the artifact (a snapshot folder of the Hub cache for a repo id).
+        repo_id (`str`, *optional*): The Hub repo id, or `None` for a local folder.
+        revision (`str`, *optional*): The commit the files were downloaded from (so later masks match them).
+        hub_kwargs (`dict`): Options passed to `huggingface_hub` for later downloads.
+    """
+
+    folder: Path
+    repo_id: str | None = None
+    revision: str | None = None
+    hub_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def ensure_mask(self, task_id: str) -> Path:
+        """Local path of `task_id`'s mask file, downloading it from the same commit when it is not there yet.
+
+        A mask that the repo lacks is left missing; reading it then raises
+        [`~hf_sift.errors.CorruptArtifactError`].
+        """
+        relative = mask_filename(task_id)
+        path = self.folder / relative
+        if self.repo_id is None or path.exists():
+            return path
+        try:
+            return Path(hf_hub_download(self.repo_id, relative, revision=self.revision, **self.hub_kwargs))
+        except EntryNotFoundError:  # the repo lacks it: reading it reports the missing file
+            return path
+
+
+def resolve_artifact(
+    path_or_repo_id: str | os.PathLike,
+    task: str | None = None,
+    revision: str | None = None,
+    include_tokenizer: bool = True,
+    **hub_kwargs: Any,
+) -> ResolvedArtifact:
+    """Resolve a local artifact folder or a Hub repo id to local files.
+
+    Args:
+        path_or_repo_id (`str` or `os.PathLike`): A local folder, or the id of a Hub repo holding an artifact.
+        task (`str`, *optional*): The task whose mask to fetch; `None` fetches no mask.
+        revision (`str`, *optional*): Branch, tag or commit of the Hub repo (ignored for a local folder).
+        include_tokenizer (`bool`, *optional*, defaults to `True`): Also fetch the tokenizer files, if any.
+        hub_kwargs: `cache_dir`, `token`, `local_files_only`, `force_download`, `endpoint`, `etag_timeout`,
+            `headers` or `repo_type`, passed to `huggingface_hub.snapshot_download`.
+    """
+    _check_hub_kwargs(hub_kwargs)
+    local = Path(path_or_repo_id)
+    if local.is_dir():
+        return ResolvedArtifact(folder=local.absolute())
+    folder = Path(
+        snapshot_download(
+            str(path_or_repo_id),
+            revision=revision,
+            allow_patterns=artifact_allow_patterns(task, include_tokenizer),
+            **hub_kwargs,
+        )
+    )
+    # A snapshot folder is named after the commit it holds: later masks come from that same commit.
+    return ResolvedArtifact(folder=folder, repo_id=str(path_or_repo_id), revision=folder.name, hub_kwargs=hub_kwargs)

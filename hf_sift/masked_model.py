@@ -1,0 +1,382 @@
+"""Serve a merged SIFT artifact as a regular transformers model, one task's mask at a time."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel
+
+from . import __version__
+from .artifact import read_config
+from .atomic import link_or_copy, staged_folder
+from .errors import (
+    BaseModelMismatchError,
+    DeltaNotKeptError,
+    MissingBaseModelError,
+    ServingDtypeError,
+)
+from .hub.download import TOKENIZER_PATTERNS, ResolvedArtifact, resolve_artifact
+from .merged_delta import MergedDelta
+
+
+EXPORT_RECORD_NAME = "sift_export.json"
+
+# Hub options that also apply to loading the base model with transformers.
+_BASE_HUB_KWARGS = ("cache_dir", "token", "local_files_only", "force_download")
+
+# Files of a transformers checkpoint that an export replaces rather than keeps.
+_CHECKPOINT_PATTERNS = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*", "config.json")
+
+_CURRENT = object()  # `save_pretrained(task=...)` default: the task being served
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """`None`/"auto" keep the dtype the merge was built on; anything else must be a floating-point dtype."""
+    if dtype is None or dtype == "auto":
+        return None
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ServingDtypeError(f"cannot serve weights in {dtype!r}: a floating-point dtype is needed")
+    return resolved
+
+
+def _is_finite(tensor: torch.Tensor) -> bool:
+    return bool(torch.isfinite(tensor).all())
+
+
+def _may_overflow(dtype: torch.dtype, delta: MergedDelta, scale: float) -> bool:
+    """Whether serving into `dtype` can turn finite weights into inf, so the result must be checked.
+
+    A served weight is θ0 plus an update below ``2**(63 - S) * |scale|`` in magnitude (Q is int64). Dtypes with
+    the range of float32 (float32, bfloat16, float64) cannot overflow unless θ0 itself is within that bound of
+    their largest value; narrower ones (float16, float8) are checked after every write.
+    """
+    return torch.finfo(dtype).max < 1e38 or 2.0 ** (63 - delta.scale_bits) * abs(scale) > 1e37
+
+
+class MergedMaskedModel(torch.nn.Module):
+    """A transformers model whose tuned weights are the merged SIFT delta restricted to one task's mask.
+
+    Build it with [`MergedMaskedModel.from_pretrained`]. It wraps the model (available as `.model`) and forwards
+    everything else to it: calling it runs the model's forward, and `generate`, `config`, `device`,
+    `generation_config`... are the model's. [`set_task`] switches the served task in place.
+
+    Served weights are exactly those of [`MergedDelta.materialize`]: for each tuned parameter
+    ``dtype(float64(θ0) + float64(Q · m_task) · scale · 2**-S)``, with the plain merge (no mask) when the task is
+    `None`; every other parameter is the base model's.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        delta: MergedDelta | None,
+        base_weights: dict[str, torch.Tensor] | None,
+        artifact: ResolvedArtifact,
+        task: str | None,
+        scale: float,
+        task_ids: list[str],
+        provenance: dict[str, Any],
+    ):
+        super().__init__()
+        self.model = model
+        self.training = model.training  # mirror the wrapped model (transformers loads in eval mode)
+        # Plain attributes, not buffers: θ0 and Q stay on the CPU whatever `to()` does, and out of `state_dict`.
+        self._delta = delta
+        self._base_weights = base_weights
+        self._artifact = artifact
+        self._task = task
+        self._scale = scale
+        self._task_ids = task_ids
+        self._provenance = provenance
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | os.PathLike,
+        task: str | None = None,
+        revision: str | None = None,
+        dtype: torch.dtype | str | None = None,
+        device_map: str | dict[str, Any] | torch.device | None = None,
+        base_model: str | os.PathLike | None = None,
+        *,
+        keep_delta: bool = True,
+        scale: float | None = None,
+        allow_base_mismatch: bool = False,
+        verify: bool = True,
+        model_class: type | None = None,
+        **hub_kwargs: Any,
+    ) -> MergedMaskedModel:
+        """Load the base model and serve `task` from a merged SIFT artifact (a local folder or a Hub repo id).
+
+        Only the config, the manifest, the sum and the requested task's mask are read (and downloaded from the
+        Hub). Nothing is returned unless every step succeeds.
+
+        Args:
+            path_or_repo_id (`str` or `os.PathLike`): A folder written by [`MergedDelta.save_pretrained`] or a Hub
+                repo holding one.
+            task (`str`, *optional*): The task to serve; `None` serves the plain merge (no mask).
+            revision (`str`, *optional*): Branch, tag or commit of the artifact's Hub repo.
+            dtype (`torch.dtype` or `str`, *optional*): Dtype of the served model; defaults to the one the merge
+                was built on. Served weights are rounded once from float64 to it.
+            device_map (`str`, `dict` or `torch.device`, *optional*): Passed to transformers' `from_pretrained`.
+            base_model (`str` or `os.PathLike`, *optional*): Base model name or path; defaults to the one recorded
+                in `sift_config.json`. Its weights must match the recorded digest.
+            keep_delta (`bool`, *optional*, defaults to `True`): Keep the sum Q and a CPU copy of θ0 over the tuned
+                parameters so that [`set_task`] can switch tasks (about 3x the memory of the tuned parameters on top
+                of the model). With `False` both are dropped once the task is served: the model then takes the
+                memory of the plain model, and cannot switch task.
+            scale (`float`, *optional*): Scale of the merged update; defaults to 1/T.
+            allow_base_mismatch (`bool`, *optional*, defaults to `False`): Serve on a base whose weights differ
+                from the recorded digest, with a warning (shapes and dtypes must still match).
+            verify (`bool`, *optional*, defaults to `True`): Check the sum against its recorded digest.
+            model_class (`type`, *optional*): The transformers auto class; defaults to `AutoModelForSeq2SeqLM` for
+                encoder-decoder configs and `AutoModelForCausalLM` otherwise.
+            hub_kwargs: `cache_dir`, `token`, `local_files_only`, `force_download`, ... for `huggingface_hub`
+                (and, where they apply, for loading the base model).
+
+        Raises:
+            [`~hf_sift.errors.UnknownTaskError`], [`~hf_sift.errors.BaseModelMismatchError`],
+            [`~hf_sift.errors.MissingBaseModelError`], [`~hf_sift.errors.CorruptArtifactError`],
+            [`~hf_sift.errors.ParameterMismatchError`] or [`~hf_sift.errors.ServingDtypeError`].
+        """
+        target_dtype = _resolve_dtype(dtype)
+        artifact = resolve_artifact(path_or_repo_id, task, revision, **hub_kwargs)
+        delta = MergedDelta.from_pretrained(artifact.folder, verify=verify)
+        masks = cls._read_mask(delta, artifact, task)
+        scale = delta.default_scale() if scale is None else float(scale)
+
+        if base_model is None and delta.base_model is None:
+            raise MissingBaseModelError(
+                f"{artifact.folder} does not name its base model: pass base_model= (a name or a folder)"
+            )
+        base_name = str(base_model) if base_model is not None else delta.base_model
+        base_revision = None if base_model is not None else delta.base_revision
+        base_kwargs = {k: hub_kwargs[k] for k in _BASE_HUB_KWARGS if k in hub_kwargs}
+        if model_class is None:
+            config = AutoConfig.from_pretrained(base_name, revision=base_revision, **base_kwargs)
+            model_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        recorded = set(delta.dtypes.values())
+        base_dtype = recorded.pop() if len(recorded) == 1 else "auto"
+
+        def load(load_dtype: Any, load_device_map: Any) -> PreTrainedModel:
+            return model_class.from_pretrained(
+                base_name, revision=base_revision, dtype=load_dtype, device_map=load_device_map, **base_kwargs
+            )
+
+        # θ0 is read in the dtype the merge was built on; a model in another dtype is loaded by transformers
+        # (which knows which modules to keep in float32) and its tuned weights are then rounded once from float64.
+        model = load(base_dtype if target_dtype is None else target_dtype, device_map)
+        reference = model if target_dtype is None or target_dtype == base_dtype else load(base_dtype, None)
+        base_state = reference.state_dict()
+        cls._check_base(delta, base_state, allow_base_mismatch)
+        if reference is not model:
+            cls._check_cast(model.state_dict(), base_state, set(delta.names))
+
+        if keep_delta:
+            base_weights = {n: base_state[n].detach().to("cpu", copy=reference is model) for n in delta.names}
+        elif reference is not model:
+            base_weights = {n: base_state[n] for n in delta.names}
+        else:
+            base_weights = None  # served in place over θ0, which is then gone
+        del reference, base_state
+        cls._serve(model, delta, base_weights, masks, scale)
+
+        provenance = {
+            "base_digest": delta.base_digest,
+            "base_model": base_name,
+            "delta_digest": read_config(artifact.folder)["delta_digest"],
+            "hf_sift_version": __version__,
+            "scale": scale,
+        }
+        if not keep_delta:
+            task_ids, delta, base_weights = delta.task_ids, None, None
+        else:
+            task_ids = delta.task_ids
+        return cls(model, delta, base_weights, artifact, task, scale, task_ids, provenance)
+
+    @staticmethod
+    def _read_mask(delta: MergedDelta, artifact: ResolvedArtifact, task: str | None) -> dict[str, torch.Tensor] | None:
+        if task is None:
+            return None
+        delta.record(task)  # an unknown task raises here, before anything is downloaded
+        artifact.ensure_mask(task)
+        return delta.load_mask(task)
+
+    @staticmethod
+    def _check_base(delta: MergedDelta, base_state: Mapping[str, torch.Tensor], allow_mismatch: bool) -> None:
+        delta.check_base(base_state, verify_digest=False)  # names, shapes, dtypes: always required
+        try:
+            delta.check_base(base_state, verify_digest=True)
+        except BaseModelMismatchError as err:
+            if not allow_mismatch:
+                raise BaseModelMismatchError(
+                    f"{err}; pass allow_base_mismatch=True to serve on it anyway (the served weights are then "
+                    "not the merge's)"
+                ) from None
+            warnings.warn(f"{err}; serving anyway because allow_base_mismatch=True", stacklevel=3)
+
+    @staticmethod
+    def _check_cast(
+        state: Mapping[str, torch.Tensor], base_state: Mapping[str, torch.Tensor], tuned: set[str]
+    ) -> None:
+        """Raise if casting the base to the served dtype turned finite untuned weights into inf."""
+        for name, tensor in state.items():
+            if name in tuned or not tensor.is_floating_point() or _is_finite(tensor):
+                continue
+            if name in base_state and _is_finite(base_state[name]):
+                raise ServingDtypeError(
+                    f"{tensor.dtype} cannot hold the weights of {name!r} (they overflow to inf); use a wider dtype"
+                )
+
+    @staticmethod
+    def _serve(
+        model: PreTrainedModel,
+        delta: MergedDelta,
+        base_weights: Mapping[str, torch.Tensor] | None,
+        masks: Mapping[str, torch.Tensor] | None,
+        scale: float,
+    ) -> None:
+        """Write the served weights into `model`, one parameter at a time (in place over θ0 without `base_weights`)."""
+        state = model.state_dict()
+        served: set[tuple[torch.device, int]] = set()
+        for name in delta.names:
+            target = state[name]
+            key = (target.device, target.data_ptr())
+            if key in served:  # tied weights share one storage: serve it once
+                continue
+            served.add(key)
+            base = target if base_weights is None else base_weights[name]
+            mask = None if masks is None else masks[name]
+            if target.device.type == "cpu" and base.device.type == "cpu":
+                delta.served_parameter(name, base, mask, scale, out=target)
+            else:  # computed on the CPU so that the bits do not depend on the device
+                out = torch.empty(target.shape, dtype=target.dtype)
+                target.copy_(delta.served_parameter(name, base.cpu(), mask, scale, out=out))
+            check = _may_overflow(target.dtype, delta, scale)
+            if check and not _is_finite(target) and (base_weights is None or _is_finite(base)):
+                raise ServingDtypeError(
+                    f"{target.dtype} cannot hold the served weights of {name!r} (they overflow to inf); "
+                    "use a wider dtype"
+                )
+
+    # ------------------------------------------------------------------ tasks
+
+    @property
+    def tasks(self) -> list[str]:
+        """Sorted ids of the tasks this artifact can serve."""
+        return list(self._task_ids)
+
+    @property
+    def task(self) -> str | None:
+        """The task being served (`None`: the plain merge)."""
+        return self._task
+
+    @property
+    def scale(self) -> float:
+        """Scale of the merged update (1/T unless given)."""
+        return self._scale
+
+    @property
+    def delta(self) -> MergedDelta | None:
+        """The merged delta, or `None` when loaded with `keep_delta=False`."""
+        return self._delta
+
+    def set_task(self, task: str | None) -> None:
+        """Serve `task` (or the plain merge for `None`) in place: one pass over the tuned parameters.
+
+        The base model and the sum are not reloaded; only the new task's mask is read. On any error the model
+        keeps serving the previous task.
+
+        Raises:
+            [`~hf_sift.errors.UnknownTaskError`], [`~hf_sift.errors.CorruptArtifactError`],
+            [`~hf_sift.errors.ServingDtypeError`], or [`~hf_sift.errors.DeltaNotKeptError`] when the model was
+            loaded with `keep_delta=False`.
+        """
+        if self._delta is None:
+            raise DeltaNotKeptError(
+                "this model was loaded with keep_delta=False, which drops the sum after serving one task; "
+                "load it again with the new task (or with keep_delta=True to switch in place)"
+            )
+        masks = self._read_mask(self._delta, self._artifact, task)
+        previous = self._task
+        try:
+            self._serve(self.model, self._delta, self._base_weights, masks, self._scale)
+        except BaseException:
+            old_masks = self._read_mask(self._delta, self._artifact, previous)
+            self._serve(self.model, self._delta, self._base_weights, old_masks, self._scale)
+            raise
+        self._task = task
+
+    # ------------------------------------------------------------------ export
+
+    def save_pretrained(self, save_directory: str | os.PathLike, task: Any = _CURRENT, **kwargs: Any) -> None:
+        """Export a plain transformers checkpoint of one task, which `AutoModelForCausalLM.from_pretrained` loads.
+
+        The folder is written atomically; the artifact's tokenizer files are copied along, and `sift_export.json`
+        records which task, merge and base the weights come from.
+
+        Args:
+            save_directory (`str` or `os.PathLike`): Where to write the checkpoint.
+            task (`str`, *optional*): The task to export; defaults to the one being served (`None`: plain merge).
+                Another task is switched in for the export and switched back afterwards.
+            kwargs: Passed to the model's `save_pretrained` (e.g. `max_shard_size`).
+        """
+        if task is _CURRENT:
+            task = self._task
+        previous = self._task
+        if task != previous:
+            self.set_task(task)
+        try:
+            self._export(Path(save_directory), task, **kwargs)
+        finally:
+            if task != previous:
+                self.set_task(previous)
+
+    def _export(self, folder: Path, task: str | None, **kwargs: Any) -> None:
+        with staged_folder(folder) as stage:
+            self.model.save_pretrained(stage, **kwargs)
+            for path in sorted(self._artifact.folder.iterdir()):
+                if any(fnmatch.fnmatch(path.name, p) for p in TOKENIZER_PATTERNS) and not (stage / path.name).exists():
+                    link_or_copy(path.resolve(), stage / path.name)
+            record = {**self._provenance, "task": task}
+            (stage / EXPORT_RECORD_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+            if folder.is_dir():  # keep the user's other files, not a previous checkpoint's weights
+                for path in folder.rglob("*"):
+                    relative = path.relative_to(folder)
+                    keep = not any(fnmatch.fnmatch(relative.as_posix(), p) for p in _CHECKPOINT_PATTERNS)
+                    if path.is_file() and keep and not (stage / relative).exists():
+                        link_or_copy(path, stage / relative)
+
+    # ------------------------------------------------------------------ the wrapped model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def to(self, *args: Any, **kwargs: Any) -> MergedMaskedModel:
+        """Move or cast the served model (θ0 and the sum stay on the CPU); returns `self`."""
+        self.model.to(*args, **kwargs)
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        """Forward missing attributes (`generate`, `config`, `device`, ...) to the wrapped model."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":  # not initialised yet: do not recurse
+                raise
+            return getattr(self.model, name)
+
+    def __repr__(self) -> str:
+        return (
+            f"MergedMaskedModel(task={self._task!r}, tasks={len(self._task_ids)}, scale={self._scale}, "
+            f"keep_delta={self._delta is not None}, model={type(self.model).__name__})"
+        )

@@ -1,0 +1,400 @@
+"""MergedMaskedModel: served weights, task switching, export, errors (tiny models, offline)."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import perturbed, tiny_llama_config
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    GemmaConfig,
+    GPT2Config,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    T5Config,
+)
+
+from hf_sift import MergedDelta, MergedMaskedModel, TaskVector
+from hf_sift.artifact import CONFIG_NAME, DELTA_NAME, mask_filename
+from hf_sift.errors import (
+    BaseModelMismatchError,
+    CorruptArtifactError,
+    DeltaNotKeptError,
+    MissingBaseModelError,
+    ParameterMismatchError,
+    ServingDtypeError,
+    UnknownTaskError,
+)
+from hf_sift.hub import download
+from hf_sift.masked_model import EXPORT_RECORD_NAME
+
+
+SMALL = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
+CONFIGS = {
+    "llama": lambda: tiny_llama_config(),
+    "gpt2": lambda: GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=64),
+    "qwen2": lambda: Qwen2Config(**SMALL, num_key_value_heads=1, max_position_embeddings=64),
+    "gemma": lambda: GemmaConfig(**SMALL, num_key_value_heads=1, head_dim=8, max_position_embeddings=64),
+    "mistral": lambda: MistralConfig(**SMALL, num_key_value_heads=1, max_position_embeddings=64),
+    "t5": lambda: T5Config(
+        vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2, decoder_start_token_id=0
+    ),
+}
+IDS = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+TASKS = [f"t{i}" for i in range(7)]
+
+
+def build_artifact(
+    folder: Path, arch: str = "llama", tasks: list[str] = TASKS, seed: int = 0, record_base: bool = True, edit=None
+) -> tuple[Path, Path, MergedDelta, dict[str, torch.Tensor]]:
+    """Save a tiny base model and a merge of fake fine-tunes of it; returns (artifact, base, delta, θ0)."""
+    torch.manual_seed(seed)
+    config = CONFIGS[arch]()
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    model = auto.from_config(config)
+    if edit is not None:
+        edit(model)
+    base_dir = folder / f"base-{arch}-{seed}"
+    model.save_pretrained(base_dir)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    delta = MergedDelta(base, sign_seed=7, base_model=str(base_dir) if record_base else None)
+    for i, task in enumerate(tasks):
+        delta.add(task, TaskVector.from_state_dicts(base, perturbed(base, 100 + i), 7))
+    artifact = folder / f"artifact-{arch}-{seed}"
+    delta.save_pretrained(artifact)
+    return artifact, base_dir, delta, base
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, 64)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    artifact, base_dir, delta, base = build_artifact(tmp_path_factory.mktemp("llama"))
+    tiny_tokenizer().save_pretrained(artifact)
+    return artifact, base_dir, delta, base
+
+
+def assert_serves(model: MergedMaskedModel, expected: dict[str, torch.Tensor]) -> None:
+    state = model.model.state_dict()
+    assert set(state) == set(expected)
+    for name, tensor in expected.items():
+        assert state[name].dtype == tensor.dtype, name
+        assert torch.equal(state[name], tensor), name
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        if model.config.is_encoder_decoder:
+            return model(input_ids=ids, decoder_input_ids=ids[:, :3]).logits
+        return model(ids).logits
+
+
+# ---------------------------------------------------------------------- served weights
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_served_weights_equal_materialize(tmp_path, arch):
+    artifact, _, delta, base = build_artifact(tmp_path, arch)
+    model = MergedMaskedModel.from_pretrained(artifact, task="t1")
+    assert model.task == "t1" and model.tasks == TASKS
+    expected = delta.materialize(base, "t1")
+    assert_serves(model, expected)
+    assert any(not torch.equal(expected[n], base[n]) for n in delta.names)
+    # It behaves as the plain transformers model holding those weights.
+    plain = type(model.model)(model.config)
+    plain.load_state_dict(expected)
+    plain.eval()
+    assert torch.equal(logits(model), logits(plain))
+    generated = model.generate(IDS, max_new_tokens=3, do_sample=False)
+    assert torch.equal(generated, plain.generate(IDS, max_new_tokens=3, do_sample=False))
+
+
+def test_plain_merge_when_task_is_none(llama):
+    artifact, _, delta, base = llama
+    model = MergedMaskedModel.from_pretrained(artifact)
+    assert model.task is None
+    assert_serves(model, delta.materialize(base, None))
+
+
+def test_set_task_equals_fresh_load(llama):
+    artifact, _, delta, base = llama
+    model = MergedMaskedModel.from_pretrained(artifact, task="t0")
+    model.set_task("t3")
+    model.set_task("t5")
+    assert model.task == "t5"
+    fresh = MergedMaskedModel.from_pretrained(artifact, task="t5")
+    assert_serves(model, fresh.model.state_dict())
+    assert_serves(model, delta.materialize(base, "t5"))
+    model.set_task(None)
+    assert model.task is None
+    assert_serves(model, delta.materialize(base, None))
+
+
+def test_scale_is_passed_through(llama):
+    artifact, _, delta, base = llama
+    model = MergedMaskedModel.from_pretrained(artifact, task="t2", scale=0.5)
+    assert model.scale == 0.5
+    assert_serves(model, delta.materialize(base, "t2", scale=0.5))
+
+
+def test_keep_delta_false_serves_the_same_and_cannot_switch(llama):
+    artifact, _, delta, base = llama
+    model = MergedMaskedModel.from_pretrained(artifact, task="t4", keep_delta=False)
+    assert model.delta is None and model._base_weights is None
+    assert model.tasks == TASKS
+    assert_serves(model, delta.materialize(base, "t4"))
+    with pytest.raises(DeltaNotKeptError):
+        model.set_task("t1")
+    assert model.task == "t4"
+    assert_serves(model, delta.materialize(base, "t4"))
+
+
+def test_bfloat16_rounds_once_from_float64(llama):
+    artifact, base_dir, delta, base = llama
+    model = MergedMaskedModel.from_pretrained(artifact, task="t1", dtype=torch.bfloat16)
+    vanilla = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16).state_dict()
+    masks = delta.load_mask("t1")
+
+    def expected_for():
+        out = dict(vanilla)
+        for name in delta.names:
+            target = torch.empty(base[name].shape, dtype=torch.bfloat16)
+            out[name] = delta.served_parameter(name, base[name], masks[name], out=target)
+        return out
+
+    assert_serves(model, expected_for())
+    model.set_task("t2")
+    masks = delta.load_mask("t2")
+    assert_serves(model, expected_for())
+
+
+# ---------------------------------------------------------------------- the wrapped model
+
+
+def test_behaves_like_the_wrapped_model(llama):
+    artifact, *_ = llama
+    model = MergedMaskedModel.from_pretrained(artifact, task="t1")
+    assert model.config is model.model.config
+    assert model.device == torch.device("cpu")
+    assert model.generation_config is model.model.generation_config
+    assert model.to("cpu") is model
+    assert model.to(torch.float64) is model and model.dtype == torch.float64
+    assert not model.training
+    tokenizer = AutoTokenizer.from_pretrained(artifact)
+    ids = tokenizer("w1 w2 w3", return_tensors="pt").input_ids
+    assert ids.tolist() == [[1, 2, 3]]
+    assert model.generate(ids, max_new_tokens=2, do_sample=False).shape == (1, 5)
+    assert "t1" in repr(model)
+
+
+def test_export_loads_in_vanilla_transformers(llama, tmp_path):
+    artifact, _, delta, base = llama
+    model = MergedMaskedModel.from_pretrained(artifact, task="t0")
+    out = tmp_path / "export"
+    (out).mkdir()
+    (out / "README.md").write_text("mine")
+    (out / "model.safetensors").write_bytes(b"stale")
+    model.save_pretrained(out, task="t6")
+    assert model.task == "t0"
+    assert_serves(model, delta.materialize(base, "t0"))
+    vanilla = AutoModelForCausalLM.from_pretrained(out)
+    assert_serves(vanilla_as_served(vanilla), delta.materialize(base, "t6"))
+    model.set_task("t6")
+    assert torch.equal(logits(vanilla), logits(model))
+    assert (out / "README.md").read_text() == "mine"
+    assert AutoTokenizer.from_pretrained(out)("w4").input_ids == [4]
+    record = json.loads((out / EXPORT_RECORD_NAME).read_text())
+    assert record["task"] == "t6" and record["base_digest"] == delta.base_digest
+
+
+class vanilla_as_served:  # noqa: N801 - adapter so assert_serves reads a plain model
+    def __init__(self, model):
+        self.model = model
+
+
+def test_export_of_encoder_decoder(tmp_path):
+    artifact, _, delta, base = build_artifact(tmp_path, "t5", tasks=["a", "b"])
+    model = MergedMaskedModel.from_pretrained(artifact, task="b")
+    model.save_pretrained(tmp_path / "export")
+    vanilla = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "export")
+    assert torch.equal(logits(vanilla), logits(model))
+
+
+# ---------------------------------------------------------------------- errors
+
+
+def test_unknown_task_lists_some_and_the_count(llama):
+    artifact, *_ = llama
+    with pytest.raises(UnknownTaskError, match=r"'nope'.*'t0'.*7 in all"):
+        MergedMaskedModel.from_pretrained(artifact, task="nope")
+    model = MergedMaskedModel.from_pretrained(artifact, task="t1")
+    with pytest.raises(UnknownTaskError):
+        model.set_task("nope")
+    assert model.task == "t1"
+
+
+def test_base_mismatch_raises_unless_overridden(llama, tmp_path):
+    artifact, _, delta, base = llama
+    _, other_base, _, other = build_artifact(tmp_path, "llama", tasks=["x"], seed=1)
+    with pytest.raises(BaseModelMismatchError, match="allow_base_mismatch"):
+        MergedMaskedModel.from_pretrained(artifact, task="t1", base_model=other_base)
+    with pytest.warns(UserWarning, match="differ"):
+        model = MergedMaskedModel.from_pretrained(artifact, task="t1", base_model=other_base, allow_base_mismatch=True)
+    assert_serves(model, delta.materialize(other, "t1", verify_base=False))
+
+
+def test_base_of_another_architecture(llama, tmp_path):
+    artifact, *_ = llama
+    other = AutoModelForCausalLM.from_config(CONFIGS["gpt2"]())
+    other.save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ParameterMismatchError):
+        MergedMaskedModel.from_pretrained(artifact, task="t1", base_model=tmp_path / "gpt2", allow_base_mismatch=True)
+
+
+def test_missing_base_model_name(tmp_path):
+    artifact, base_dir, delta, base = build_artifact(tmp_path, tasks=["a", "b"], record_base=False)
+    with pytest.raises(MissingBaseModelError, match="base_model="):
+        MergedMaskedModel.from_pretrained(artifact, task="a")
+    model = MergedMaskedModel.from_pretrained(artifact, task="a", base_model=base_dir)
+    assert_serves(model, delta.materialize(base, "a"))
+
+
+def corrupt(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["no_config", "no_sum", "sum_flipped", "no_mask", "mask_flipped"])
+def test_missing_or_corrupted_files(llama, tmp_path, damage):
+    source, *_ = llama
+    artifact = tmp_path / "artifact"
+    shutil.copytree(source, artifact)
+    target = {
+        "no_config": CONFIG_NAME,
+        "no_sum": DELTA_NAME,
+        "sum_flipped": DELTA_NAME,
+        "no_mask": mask_filename("t1"),
+        "mask_flipped": mask_filename("t1"),
+    }[damage]
+    if damage.startswith("no_"):
+        (artifact / target).unlink()
+    else:
+        corrupt(artifact / target)
+    with pytest.raises(CorruptArtifactError):
+        MergedMaskedModel.from_pretrained(artifact, task="t1")
+
+
+def test_set_task_to_a_corrupted_mask_keeps_the_previous_task(llama, tmp_path):
+    source, _, delta, base = llama
+    artifact = tmp_path / "artifact"
+    shutil.copytree(source, artifact)
+    model = MergedMaskedModel.from_pretrained(artifact, task="t0")
+    corrupt(artifact / mask_filename("t2"))
+    with pytest.raises(CorruptArtifactError):
+        model.set_task("t2")
+    assert model.task == "t0"
+    assert_serves(model, delta.materialize(base, "t0"))
+
+
+def test_dtype_that_cannot_hold_the_weights(tmp_path):
+    def enlarge(model):  # fits float32, overflows float16 (max 65504)
+        with torch.no_grad():
+            model.model.layers[0].mlp.up_proj.weight.mul_(1e6)
+
+    artifact, *_ = build_artifact(tmp_path, tasks=["a", "b"], edit=enlarge)
+    with pytest.raises(ServingDtypeError, match="up_proj"):
+        MergedMaskedModel.from_pretrained(artifact, task="a", dtype=torch.float16)
+    with pytest.raises(ServingDtypeError, match="floating-point"):
+        MergedMaskedModel.from_pretrained(artifact, task="a", dtype=torch.int8)
+    assert MergedMaskedModel.from_pretrained(artifact, task="a", dtype="bfloat16").dtype == torch.bfloat16
+
+
+def test_switch_that_overflows_restores_the_previous_task(tmp_path):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_llama_config())
+    name = "model.layers.0.mlp.up_proj.weight"
+    with torch.no_grad():
+        model.get_parameter(name).fill_(65000.0)  # representable in float16 (max 65504)
+    model.save_pretrained(tmp_path / "base")
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    delta = MergedDelta(base, sign_seed=7, base_model=str(tmp_path / "base"))
+    calm = perturbed(base, 1)
+    calm[name] = base[name].clone()  # no update there: masked out, θ0 is served
+    hot = perturbed(base, 2)
+    hot[name] = base[name] + 2000.0  # served as 65000 + 1000 on the masked half: inf in float16
+    delta.add("calm", TaskVector.from_state_dicts(base, calm, 7))
+    delta.add("hot", TaskVector.from_state_dicts(base, hot, 7))
+    delta.save_pretrained(tmp_path / "artifact")
+
+    with pytest.raises(ServingDtypeError, match="up_proj"):
+        MergedMaskedModel.from_pretrained(tmp_path / "artifact", task="hot", dtype=torch.float16)
+    served = MergedMaskedModel.from_pretrained(tmp_path / "artifact", task="calm", dtype=torch.float16)
+    before = {k: v.clone() for k, v in served.model.state_dict().items()}
+    with pytest.raises(ServingDtypeError, match="up_proj"):
+        served.set_task("hot")
+    assert served.task == "calm"
+    for key, tensor in served.model.state_dict().items():
+        assert torch.equal(tensor, before[key]), key
+
+
+# ---------------------------------------------------------------------- Hub resolution
+
+
+def test_allow_patterns_name_only_the_needed_files():
+    patterns = download.artifact_allow_patterns("t3")
+    assert mask_filename("t3") in patterns
+    assert not any(fnmatch.fnmatch(mask_filename("t4"), p) for p in patterns)
+    assert not any(p.startswith("masks/") for p in download.artifact_allow_patterns(None))
+    assert fnmatch.fnmatch("sift_delta-00001-of-00002.safetensors", "sift_delta*.safetensors")
+
+
+def test_repo_id_downloads_only_config_sum_and_one_mask(llama, tmp_path, monkeypatch):
+    """A fake Hub: snapshot/file downloads copy from the artifact folder into a commit-named snapshot folder."""
+    source, _, delta, base = llama
+    snapshot = tmp_path / "snapshots" / ("a" * 40)
+    fetched: list[str] = []
+
+    def fetch(relative: str) -> Path:
+        fetched.append(relative)
+        (snapshot / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source / relative, snapshot / relative)
+        return snapshot / relative
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None, **kwargs):
+        assert repo_id == "org/merged" and revision == "main"
+        for path in sorted(source.rglob("*")):
+            relative = path.relative_to(source).as_posix()
+            if path.is_file() and any(fnmatch.fnmatch(relative, p) for p in allow_patterns):
+                fetch(relative)
+        return str(snapshot)
+
+    def fake_hf_hub_download(repo_id, filename, revision=None, **kwargs):
+        assert revision == snapshot.name
+        return str(fetch(filename))
+
+    monkeypatch.setattr(download, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(download, "hf_hub_download", fake_hf_hub_download)
+    model = MergedMaskedModel.from_pretrained("org/merged", task="t1", revision="main")
+    masks = [f for f in fetched if f.startswith("masks/")]
+    assert masks == [mask_filename("t1")]
+    assert {"sift_config.json", "sift_manifest.json", DELTA_NAME, "tokenizer.json"} <= set(fetched)
+    assert_serves(model, delta.materialize(base, "t1"))
+    model.set_task("t2")
+    assert [f for f in fetched if f.startswith("masks/")] == [mask_filename("t1"), mask_filename("t2")]
+    assert_serves(model, delta.materialize(base, "t2"))

@@ -69,8 +69,8 @@ class MergedMaskedModel(torch.nn.Module):
     `generation_config`... are the model's. [`set_task`] switches the served task in place.
 
     Served weights are exactly those of [`MergedDelta.materialize`]: for each tuned parameter
-    ``dtype(float64(θ0) + float64(Q · m_task) · scale · 2**-S)``, with the plain merge (no mask) when the task is
-    `None`; every other parameter is the base model's.
+    ``dtype(float64(θ0) + float64(Q) · scale · 2**-S)`` where the task's mask is 1 and θ0 where it is 0, with the
+    plain merge (no mask) when the task is `None`; every other parameter is the base model's.
     """
 
     def __init__(
@@ -83,6 +83,7 @@ class MergedMaskedModel(torch.nn.Module):
         scale: float,
         task_ids: list[str],
         provenance: dict[str, Any],
+        plain: dict[str, torch.Tensor] | None = None,
     ):
         super().__init__()
         self.model = model
@@ -90,6 +91,7 @@ class MergedMaskedModel(torch.nn.Module):
         # Plain attributes, not buffers: θ0 and Q stay on the CPU whatever `to()` does, and out of `state_dict`.
         self._delta = delta
         self._base_weights = base_weights
+        self._plain = plain
         self._artifact = artifact
         self._task = task
         self._scale = scale
@@ -130,9 +132,9 @@ class MergedMaskedModel(torch.nn.Module):
             device_map (`str`, `dict` or `torch.device`, *optional*): Passed to transformers' `from_pretrained`.
             base_model (`str` or `os.PathLike`, *optional*): Base model name or path; defaults to the one recorded
                 in `sift_config.json`. Its weights must match the recorded digest.
-            keep_delta (`bool`, *optional*, defaults to `True`): Keep the sum Q and a CPU copy of θ0 over the tuned
-                parameters so that [`set_task`] can switch tasks (about 3x the memory of the tuned parameters on top
-                of the model). With `False` both are dropped once the task is served: the model then takes the
+            keep_delta (`bool`, *optional*, defaults to `True`): Keep the sum Q, a CPU copy of θ0 and the plain-merge
+                weights over the tuned parameters so that [`set_task`] can switch tasks with one bitwise select per
+                parameter (16 bytes per tuned element on top of the model for fp32). With `False` both are dropped once the task is served: the model then takes the
                 memory of the plain model, and cannot switch task.
             scale (`float`, *optional*): Scale of the merged update; defaults to 1/T.
             allow_base_mismatch (`bool`, *optional*, defaults to `False`): Serve on a base whose weights differ
@@ -188,7 +190,8 @@ class MergedMaskedModel(torch.nn.Module):
         else:
             base_weights = None  # served in place over θ0, which is then gone
         del reference, base_state
-        cls._serve(model, delta, base_weights, masks, scale)
+        plain = cls._plain_weights(model, delta, base_weights, scale) if keep_delta else None
+        cls._serve(model, delta, base_weights, masks, scale, plain)
 
         provenance = {
             "base_digest": delta.base_digest,
@@ -201,7 +204,7 @@ class MergedMaskedModel(torch.nn.Module):
             task_ids, delta, base_weights = delta.task_ids, None, None
         else:
             task_ids = delta.task_ids
-        return cls(model, delta, base_weights, artifact, task, scale, task_ids, provenance)
+        return cls(model, delta, base_weights, artifact, task, scale, task_ids, provenance, plain)
 
     @staticmethod
     def _read_mask(delta: MergedDelta, artifact: ResolvedArtifact, task: str | None) -> dict[str, torch.Tensor] | None:
@@ -238,14 +241,32 @@ class MergedMaskedModel(torch.nn.Module):
                 )
 
     @staticmethod
+    def _plain_weights(
+        model: PreTrainedModel, delta: MergedDelta, base_weights: Mapping[str, torch.Tensor], scale: float
+    ) -> dict[str, torch.Tensor]:
+        """The plain-merge weights of the tuned parameters in the served dtype, on the CPU (kept for switching)."""
+        state = model.state_dict()
+        return {
+            name: delta.served_parameter(
+                name, base_weights[name], None, scale, out=torch.empty(state[name].shape, dtype=state[name].dtype)
+            )
+            for name in delta.names
+        }
+
+    @staticmethod
     def _serve(
         model: PreTrainedModel,
         delta: MergedDelta,
         base_weights: Mapping[str, torch.Tensor] | None,
         masks: Mapping[str, torch.Tensor] | None,
         scale: float,
+        plain: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
-        """Write the served weights into `model`, one parameter at a time (in place over θ0 without `base_weights`)."""
+        """Write the served weights into `model`, one parameter at a time (in place over θ0 without `base_weights`).
+
+        With `plain` (the plain-merge weights kept by `keep_delta=True`), each parameter is a bitwise select between
+        them and θ0 by the task's mask: Q is not read again.
+        """
         state = model.state_dict()
         served: set[tuple[torch.device, int]] = set()
         for name in delta.names:
@@ -256,11 +277,12 @@ class MergedMaskedModel(torch.nn.Module):
             served.add(key)
             base = target if base_weights is None else base_weights[name]
             mask = None if masks is None else masks[name]
+            merged = None if plain is None else plain[name]
             if target.device.type == "cpu" and base.device.type == "cpu":
-                delta.served_parameter(name, base, mask, scale, out=target)
+                delta.served_parameter(name, base, mask, scale, out=target, plain=merged)
             else:  # computed on the CPU so that the bits do not depend on the device
                 out = torch.empty(target.shape, dtype=target.dtype)
-                target.copy_(delta.served_parameter(name, base.cpu(), mask, scale, out=out))
+                target.copy_(delta.served_parameter(name, base.cpu(), mask, scale, out=out, plain=merged))
             check = _may_overflow(target.dtype, delta, scale)
             if check and not _is_finite(target) and (base_weights is None or _is_finite(base)):
                 raise ServingDtypeError(
@@ -309,10 +331,10 @@ class MergedMaskedModel(torch.nn.Module):
         masks = self._read_mask(self._delta, self._artifact, task)
         previous = self._task
         try:
-            self._serve(self.model, self._delta, self._base_weights, masks, self._scale)
+            self._serve(self.model, self._delta, self._base_weights, masks, self._scale, self._plain)
         except BaseException:
             old_masks = self._read_mask(self._delta, self._artifact, previous)
-            self._serve(self.model, self._delta, self._base_weights, old_masks, self._scale)
+            self._serve(self.model, self._delta, self._base_weights, old_masks, self._scale, self._plain)
             raise
         self._task = task
 

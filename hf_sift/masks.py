@@ -43,6 +43,22 @@ def unpack_bits(packed: torch.Tensor, numel: int, shape: tuple[int, ...] | torch
     return flat.view(tuple(shape)) if shape is not None else flat
 
 
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def select_bits_(out: torch.Tensor, keep: torch.Tensor, drop: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """``out = where(bits, keep, drop)`` bit for bit, for flat tensors of one dtype (`bits`: 0/1 uint8).
+
+    Written with integer bit operations on views of the values, which on CPU are several times faster than
+    `torch.where` with a boolean condition. `out` may alias `keep` or `drop`.
+    """
+    int_dtype = _INT_OF_SIZE[out.element_size()]
+    k, d = keep.view(int_dtype), drop.view(int_dtype)
+    difference = torch.bitwise_xor(k, d)
+    difference &= bits.to(int_dtype).neg_()  # 0 -> all zeros, 1 -> all ones
+    return torch.bitwise_xor(d, difference, out=out.view(int_dtype)).view(out.dtype)
+
+
 def agreement_mask(delta: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
     """``1{v * delta > 0}`` given ``positive = (v > 0)``: the entries that moved in the direction of v."""
     return torch.where(positive, delta > 0, delta < 0)

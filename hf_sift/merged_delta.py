@@ -31,14 +31,14 @@ from .errors import (
     UnknownTaskError,
 )
 from .fixed_point import INT64_MAX, SCALE_BITS, check_no_overflow, max_abs
-from .masks import packed_size, unpack_bits
+from .masks import packed_size, select_bits_, unpack_bits
 from .selection import ParameterSelection, resolve_parameters
 from .task_id import validate_task_id
 from .task_vector import TaskVector, check_same_parameters
 
 
 # Elements served per step in `served_parameter`; a multiple of 8 so mask bytes split cleanly.
-_SERVE_CHUNK = 1 << 19
+_SERVE_CHUNK = 1 << 18
 
 
 def _dtype_from_name(name: str) -> torch.dtype:
@@ -250,12 +250,18 @@ class MergedDelta:
         packed_mask: torch.Tensor | None = None,
         scale: float | None = None,
         out: torch.Tensor | None = None,
+        plain: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Served weights of one parameter: ``dtype(float64(θ0) + float64(Q·m) · (scale · 2**-S))``.
+        """Served weights of one parameter (see docs/FORMAT.md).
 
-        The arithmetic is float64 in that order, and the result is rounded once to `out`'s dtype (default: the
-        base's). It runs in chunks, so the extra memory is a few MiB whatever the parameter's size. `out` may be
-        `base` itself (in-place serving).
+        Where the mask is 1 (everywhere for the plain merge): ``dtype(float64(θ0) + float64(Q) · (scale · 2**-S))``,
+        evaluated in float64 in that order and rounded once to `out`'s dtype (default: the base's); where it is 0:
+        θ0 (cast to that dtype), bit for bit. The work runs in chunks, so the extra memory is a few MiB whatever
+        the parameter's size; `out` may be `base` itself (in-place serving).
+
+        `plain` may hold the plain-merge weights of this parameter computed earlier (same dtype as `out`); the
+        masked result is then a bitwise select between `plain` and θ0, without touching Q: this is how a
+        [`~hf_sift.MergedMaskedModel`] switches tasks in one cheap pass.
         """
         factor = (self.default_scale() if scale is None else float(scale)) * 2.0 ** (-self.scale_bits)
         total = self._sum[name].reshape(-1)
@@ -263,16 +269,23 @@ class MergedDelta:
         if out is None:
             out = torch.empty_like(base)
         out_flat = out.view(-1)
-        numel = total.numel()
-        for lo in range(0, numel, _SERVE_CHUNK):
-            hi = min(lo + _SERVE_CHUNK, numel)
-            chunk = total[lo:hi].to(device=out.device, dtype=torch.float64)
-            if packed_mask is not None:
-                # Multiplying by the 0/1 mask is exact and several times faster than masked_fill on CPU.
-                keep = unpack_bits(packed_mask[lo // 8 : packed_size(hi)], hi - lo).to(out.device)
-                chunk.mul_(keep.view(torch.uint8).to(torch.float64))
-            chunk.mul_(factor).add_(base_flat[lo:hi])
-            out_flat[lo:hi].copy_(chunk)
+        plain_flat = None if plain is None else plain.reshape(-1)
+        for lo in range(0, out_flat.numel(), _SERVE_CHUNK):
+            hi = min(lo + _SERVE_CHUNK, out_flat.numel())
+            if plain_flat is not None:
+                merged = plain_flat[lo:hi]
+            else:
+                chunk = total[lo:hi].to(device=out.device, dtype=torch.float64)
+                chunk.mul_(factor).add_(base_flat[lo:hi])
+                if packed_mask is None:
+                    out_flat[lo:hi].copy_(chunk)
+                    continue
+                merged = chunk.to(out.dtype)
+            if packed_mask is None:
+                out_flat[lo:hi].copy_(merged)
+                continue
+            keep = unpack_bits(packed_mask[lo // 8 : packed_size(hi)], hi - lo).to(out.device)
+            select_bits_(out_flat[lo:hi], merged, base_flat[lo:hi].to(out.dtype), keep.view(torch.uint8))
         return out
 
     def materialize(

@@ -109,6 +109,23 @@ def test_served_weights_formula():
     assert torch.equal(custom[name], expected)
 
 
+def test_masked_out_entries_keep_the_exact_bits_of_theta0():
+    base = {"w": torch.tensor([-0.0, 0.0, -0.0, 1.5])}
+    tuned = {"w": torch.tensor([1.0, -1.0, -0.0, 1.5])}
+    delta = MergedDelta(base, sign_seed=0)
+    delta.add("a", TaskVector.from_state_dicts(base, tuned, 0))
+    served = delta.materialize(base, task="a")["w"]
+    mask = unpack_bits(delta.load_mask("a")["w"], 4)
+    for i in range(4):
+        expected = torch.tensor(base["w"][i].item() + delta.sum["w"][i].item() * 2.0**-SCALE_BITS)
+        if not mask[i]:
+            expected = base["w"][i]
+        assert torch.equal(served[i].view(torch.int32), expected.float().view(torch.int32)), i
+    assert served[2].view(torch.int32) == torch.tensor(-0.0).view(torch.int32)  # not +0.0
+    plain = delta.materialize(base)["w"]
+    assert torch.equal(delta.served_parameter("w", base["w"], delta.load_mask("a")["w"], plain=plain), served)
+
+
 def test_merged_update_approximates_float_average():
     # The integer form is exact up to 2**-41 per element; the served plain merge is the float mean of updates.
     delta = merge(["task-0", "task-1"])

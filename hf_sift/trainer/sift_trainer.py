@@ -126,10 +126,7 @@ class SIFTTrainer(Trainer):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(adapter_seed)
                 model = get_peft_model(model, peft_config)
-        if sign_constraint is not None:
-            names = sign_constraint.names
-        else:
-            names = select_tuned_names(model, args.selection())
+        names = sign_constraint.names if sign_constraint is not None else select_tuned_names(model, args.selection())
         freeze_all_but(model, names)
         super().__init__(model, args, *trainer_args, **kwargs)
         self._sift_names = names

@@ -57,7 +57,9 @@ def tofu_dataset(tokenizer, num_authors: int, seq_len: int) -> Dataset:
     rows = [json.loads(line) for line in TOFU.read_text().splitlines()[: 20 * num_authors]]
     texts = [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in rows]
     enc = tokenizer(texts, max_length=seq_len, truncation=True, padding="max_length")
-    labels = [[t if m else -100 for t, m in zip(ids, mask)] for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
+    labels = [
+        [t if m else -100 for t, m in zip(ids, mask)] for ids, mask in zip(enc["input_ids"], enc["attention_mask"])
+    ]
     return Dataset.from_dict(
         {
             "input_ids": enc["input_ids"],
@@ -92,7 +94,9 @@ def compare_steps(model, base_state, data, args_kwargs, rounds: int) -> tuple[li
             model.load_state_dict(base_state)
             timer = StepTimer()
             if kind == "sift":
-                trainer = SIFTTrainer(model=model, args=SIFTConfig(**args_kwargs, task_id="author000"), train_dataset=task)
+                trainer = SIFTTrainer(
+                    model=model, args=SIFTConfig(**args_kwargs, task_id="author000"), train_dataset=task
+                )
                 trainer.add_callback(timer)
                 trainer.train()
                 sift_times += timer.times[1:]  # the first step warms up allocators
@@ -101,7 +105,9 @@ def compare_steps(model, base_state, data, args_kwargs, rounds: int) -> tuple[li
                 # same trainable parameters as SIFT (the default selection freezes embeddings and the tied head)
                 for name, param in model.named_parameters():
                     param.requires_grad_(not ("embed_tokens" in name or "lm_head" in name))
-                trainer = Trainer(model=model, args=TrainingArguments(**args_kwargs), train_dataset=task, callbacks=[timer])
+                trainer = Trainer(
+                    model=model, args=TrainingArguments(**args_kwargs), train_dataset=task, callbacks=[timer]
+                )
                 trainer.train()
                 plain_times += timer.times[1:]
             print(f"  {kind:5s}: steps {', '.join(f'{t:.2f}' for t in timer.times)} s", flush=True)
@@ -190,7 +196,9 @@ def main() -> None:
                 del trainer, constraint
         model.load_state_dict(base_state)
         print(f"train_tasks, {opts.tasks} tasks x {opts.task_steps} steps:", flush=True)
-        result = measure_train_tasks(model, data, common_args(tmp, opts.task_steps, opts.batch_size), Path(tmp) / "merged")
+        result = measure_train_tasks(
+            model, data, common_args(tmp, opts.task_steps, opts.batch_size), Path(tmp) / "merged"
+        )
         for i, (span, steps, over) in enumerate(zip(result["task_s"], result["steps_s"], result["overhead_s"])):
             print(f"  task {i}: {span:.1f} s, steps {steps:.1f} s, overhead {over:.2f} s ({over / span:.2%})")
         print(f"  one-time set-up (θ0 snapshot, base digest): {result['setup_s']:.2f} s")

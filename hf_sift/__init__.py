@@ -7,13 +7,17 @@ from .merged_delta import MergedDelta  # noqa: E402
 from .selection import ParameterSelection  # noqa: E402
 from .sign_vector import SignVector  # noqa: E402
 from .task_vector import TaskVector  # noqa: E402
+from .trainer import SIFTConfig, SIFTTrainer, train_tasks  # noqa: E402
 
 
 __all__ = [
     "MergedDelta",
     "ParameterSelection",
+    "SIFTConfig",
+    "SIFTTrainer",
     "SiftError",
     "SignVector",
     "TaskVector",
     "__version__",
+    "train_tasks",
 ]

@@ -27,9 +27,7 @@ class SignCheck(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         with torch.no_grad():
-            self.minima.append(
-                min(float((self.v[n] * (p - self.theta0[n])).min()) for n, p in self.params.items())
-            )
+            self.minima.append(min(float((self.v[n] * (p - self.theta0[n])).min()) for n, p in self.params.items()))
 
 
 def train_one(tmp_path, task_id="t0", model=None, callbacks_for=None, **overrides):
@@ -136,11 +134,15 @@ def test_resume_gives_the_same_task_vector(tmp_path):
     assert (checkpoint / REFERENCE_NAME).is_file()
     data = task_dataset()
     data = data.select([i for i, t in enumerate(data["task"]) if t == "t0"])
-    resumed = SIFTTrainer(model=tiny_model(), args=sift_args(tmp_path / "cut", task_id="t0", max_steps=6), train_dataset=data)
+    resumed = SIFTTrainer(
+        model=tiny_model(), args=sift_args(tmp_path / "cut", task_id="t0", max_steps=6), train_dataset=data
+    )
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.task_vector().digest == whole.digest
     wrong_seed = SIFTTrainer(
-        model=tiny_model(), args=sift_args(tmp_path / "cut", task_id="t0", max_steps=6, sign_seed=8), train_dataset=data
+        model=tiny_model(),
+        args=sift_args(tmp_path / "cut", task_id="t0", max_steps=6, sign_seed=8),
+        train_dataset=data,
     )
     with pytest.raises(SignSeedMismatchError):
         wrong_seed.train(resume_from_checkpoint=str(checkpoint))
@@ -158,7 +160,9 @@ def test_peft_lora_constrains_the_adapter(tmp_path):
         model = tiny_model()
         base = {k: v.clone() for k, v in model.state_dict().items()}
         data = task_dataset().select(range(0, 24, 3))
-        trainer = SIFTTrainer(model=model, args=sift_args(tmp_path / run, task_id="t0"), train_dataset=data, peft_config=lora)
+        trainer = SIFTTrainer(
+            model=model, args=sift_args(tmp_path / run, task_id="t0"), train_dataset=data, peft_config=lora
+        )
         check = SignCheck(trainer.model, trainer.tuned_parameter_names, 7)
         trainer.add_callback(check)
         trainer.train()

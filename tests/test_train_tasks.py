@@ -33,7 +33,9 @@ def test_each_task_matches_a_lone_run_and_the_model_is_reset(tmp_path):
     total = None
     for task_id in delta.task_ids:
         subset = data.select([i for i, t in enumerate(data["task"]) if t == task_id])
-        alone = SIFTTrainer(model=tiny_model(), args=sift_args(tmp_path / "alone", task_id=task_id), train_dataset=subset)
+        alone = SIFTTrainer(
+            model=tiny_model(), args=sift_args(tmp_path / "alone", task_id=task_id), train_dataset=subset
+        )
         alone.train()
         task_vector = alone.task_vector()
         record = loaded.record(task_id)
@@ -59,7 +61,9 @@ def test_a_crash_loses_only_the_task_in_flight_and_a_restart_ends_with_the_same_
     data = task_dataset()
     train_tasks(tiny_model(), data, "task", sift_args(tmp_path / "runs"), tmp_path / "whole")
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train_tasks(tiny_model(), data, "task", sift_args(tmp_path / "runs"), tmp_path / "cut", callbacks=[CrashOn("t1")])
+        train_tasks(
+            tiny_model(), data, "task", sift_args(tmp_path / "runs"), tmp_path / "cut", callbacks=[CrashOn("t1")]
+        )
     assert MergedDelta.from_pretrained(tmp_path / "cut").task_ids == ["t0"]  # valid after every task
     restarted = train_tasks(tiny_model(), data, "task", sift_args(tmp_path / "runs"), tmp_path / "cut")
     assert restarted.task_ids == ["t0", "t1", "t2"]

@@ -29,6 +29,8 @@ from ..task_vector import TaskVector
 
 
 REFERENCE_NAME = "sift_reference.safetensors"
+# Elements per step when building a task vector: keeps the float64 temporaries in cache.
+_CHUNK = 1 << 20
 
 
 class MissingReferenceError(SiftError, ValueError):
@@ -150,11 +152,25 @@ class SignConstraint:
 
     @torch.no_grad()
     def task_vector(self, metadata: dict[str, Any] | None = None, scale_bits: int = SCALE_BITS) -> TaskVector:
-        """The [`~hf_sift.TaskVector`] of the current parameters relative to θ0 (exact integers, masks, digest)."""
+        """The [`~hf_sift.TaskVector`] of the current parameters relative to θ0 (exact integers, masks, digest).
+
+        Equal to `TaskVector.from_state_dicts(θ0, θ, sign_seed)`, computed in cache-sized chunks straight from the
+        bounds (no full-size float64 temporaries, no regeneration of the sign vector).
+        """
         q, masks = {}, {}
         for name, param in self.params.items():
-            q[name] = quantize(self.theta0(name), param, scale_bits, name)
-            masks[name] = pack_bits(agreement_mask(q[name], self.positive(name)))
+            flat = param.detach().reshape(-1)
+            lower, upper = self.lower[name].reshape(-1), self.upper[name].reshape(-1)
+            out = torch.empty(flat.numel(), dtype=torch.int64, device=flat.device)
+            agree = torch.empty(flat.numel(), dtype=torch.bool, device=flat.device)
+            for lo in range(0, flat.numel(), _CHUNK):
+                hi = min(lo + _CHUNK, flat.numel())
+                low, up = lower[lo:hi], upper[lo:hi]
+                base = torch.where(torch.isneginf(low), up, low)
+                out[lo:hi] = quantize(base, flat[lo:hi], scale_bits, name)
+                agree[lo:hi] = agreement_mask(out[lo:hi], torch.isposinf(up))
+            q[name] = out.view(param.shape)
+            masks[name] = pack_bits(agree)
         return TaskVector(
             q=q,
             packed_masks=masks,

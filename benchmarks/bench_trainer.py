@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from real_model import smollm2_path  # noqa: E402
 
 from hf_sift.trainer import SIFTConfig, SIFTTrainer, train_tasks  # noqa: E402
-from hf_sift.trainer.sign_constraint import SignConstraint, tuned_parameters  # noqa: E402
 
 
 # The module (its name is shadowed by the function in the package namespace).
@@ -86,8 +85,27 @@ def common_args(output_dir: str, steps: int, batch: int) -> dict:
     )
 
 
-def compare_steps(model, base_state, data, args_kwargs, rounds: int) -> tuple[list[float], list[float]]:
-    plain_times, sift_times = [], []
+class ProjectionTimer(TrainerCallback):
+    """Times each projection of a SIFTTrainer (wraps its constraint when training starts)."""
+
+    def __init__(self, trainer: SIFTTrainer):
+        self.trainer = trainer
+        self.times: list[float] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        constraint = self.trainer.sign_constraint
+        project = constraint.project_
+
+        def timed() -> None:
+            start = time.perf_counter()
+            project()
+            self.times.append(time.perf_counter() - start)
+
+        constraint.project_ = timed
+
+
+def compare_steps(model, base_state, data, args_kwargs, rounds: int) -> tuple[list[float], list[float], list[float]]:
+    plain_times, sift_times, projection_times = [], [], []
     task = data.select(range(20))
     for _ in range(rounds):
         for kind in ("plain", "sift"):
@@ -98,8 +116,11 @@ def compare_steps(model, base_state, data, args_kwargs, rounds: int) -> tuple[li
                     model=model, args=SIFTConfig(**args_kwargs, task_id="author000"), train_dataset=task
                 )
                 trainer.add_callback(timer)
+                projections = ProjectionTimer(trainer)
+                trainer.add_callback(projections)
                 trainer.train()
                 sift_times += timer.times[1:]  # the first step warms up allocators
+                projection_times += projections.times[1:]
                 sift_names = set(trainer.tuned_parameter_names)
             else:
                 # same trainable parameters as SIFT (the default selection freezes embeddings and the tied head)
@@ -114,7 +135,7 @@ def compare_steps(model, base_state, data, args_kwargs, rounds: int) -> tuple[li
             del trainer
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == sift_names, "plain and SIFT runs must train the same parameters"
-    return plain_times, sift_times
+    return plain_times, sift_times, projection_times
 
 
 def measure_train_tasks(model, data, args_kwargs, output_dir: Path) -> dict:
@@ -177,23 +198,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if not opts.skip_compare:
             print(f"step time, {opts.rounds} interleaved rounds of {opts.compare_steps} steps each:", flush=True)
-            plain, sift = compare_steps(
+            plain, sift, projection = compare_steps(
                 model, base_state, data, common_args(tmp, opts.compare_steps, opts.batch_size), opts.rounds
             )
-            p, s = statistics.median(plain), statistics.median(sift)
+            p, s, j = statistics.median(plain), statistics.median(sift), statistics.median(projection)
             print(f"plain Trainer median step {p:.3f} s (mean {statistics.mean(plain):.3f}, n={len(plain)})")
             print(f"SIFTTrainer   median step {s:.3f} s (mean {statistics.mean(sift):.3f}, n={len(sift)})")
             print(f"ratio SIFT / plain: median {s / p:.4f}, mean {statistics.mean(sift) / statistics.mean(plain):.4f}")
-            with torch.no_grad():  # the projection alone, on the live parameters
-                model.load_state_dict(base_state)
-                trainer = SIFTTrainer(model=model, args=SIFTConfig(**common_args(tmp, 1, opts.batch_size)))
-                constraint = SignConstraint.snapshot(tuned_parameters(model, trainer.tuned_parameter_names), 0)
-                constraint.project_()
-                start = time.perf_counter()
-                for _ in range(5):
-                    constraint.project_()
-                print(f"projection alone: {(time.perf_counter() - start) / 5 * 1000:.1f} ms per step", flush=True)
-                del trainer, constraint
+            print(f"projection inside the SIFT steps: median {j * 1000:.1f} ms, max {max(projection) * 1000:.1f} ms")
+            print(
+                f"ratio from the projection's own cost: (plain + projection) / plain = {(p + j) / p:.4f}", flush=True
+            )
         model.load_state_dict(base_state)
         print(f"train_tasks, {opts.tasks} tasks x {opts.task_steps} steps:", flush=True)
         result = measure_train_tasks(

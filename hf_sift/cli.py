@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 
 # (command module, providing `register`) in the order they appear in `--help`.
-COMMAND_MODULES: tuple[str, ...] = ("hf_sift.merging.cli",)
+COMMAND_MODULES: tuple[str, ...] = ("hf_sift.trainer.cli", "hf_sift.merging.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -218,6 +218,46 @@ class MergedDelta:
         del self._records[task_id]
         del self._masks[task_id]
 
+    def absorb(
+        self,
+        task_sum: Mapping[str, torch.Tensor],
+        records: Mapping[str, Mapping[str, Any]],
+        masks: Mapping[str, Mapping[str, torch.Tensor]],
+    ) -> None:
+        """Merge tasks whose task vectors were summed elsewhere: Q += `task_sum`, and take their records and masks.
+
+        This joins merges built in parallel over disjoint sets of tasks (e.g. `task_sum` is the all-reduce of the
+        partial sums of several processes). Exact like [`add`]: the result equals adding the tasks one by one.
+
+        Args:
+            task_sum (`Mapping[str, torch.Tensor]`): The int64 sum of the task vectors of the tasks in `records`.
+            records (`Mapping[str, dict]`): Each task's record, as [`record`] returns it.
+            masks (`Mapping[str, dict[str, torch.Tensor]]`): Each task's packed masks.
+
+        Raises:
+            [`~hf_sift.errors.DuplicateTaskError`], [`~hf_sift.errors.ParameterMismatchError`] or
+            [`~hf_sift.errors.AccumulatorOverflowError`]; the merge is unchanged after any of them.
+        """
+        ids = [validate_task_id(t) for t in records]
+        duplicate = sorted(set(ids) & set(self._records))
+        if duplicate:
+            raise DuplicateTaskError(f"task(s) {duplicate[:3]} are already merged")
+        if set(masks) != set(ids):
+            raise ParameterMismatchError("`masks` and `records` must cover the same tasks")
+        for task_id in ids:
+            check_same_parameters({n: (packed_size(t.numel()),) for n, t in self._sum.items()}, masks[task_id], "mask")
+        check_same_parameters(self.shapes, task_sum, "the task sum")
+        for name in self.names:
+            if task_sum[name].dtype != torch.int64:
+                raise ParameterMismatchError(f"the task sum of {name!r} is {task_sum[name].dtype}, not int64")
+            check_no_overflow(self._sum[name], task_sum[name].to(self._sum[name].device), name)
+        for name in self.names:
+            self._sum[name].add_(task_sum[name].to(self._sum[name].device))
+            self._bounds[name] = max_abs(self._sum[name])
+        for task_id in ids:
+            self._records[task_id] = dict(records[task_id])
+            self._masks[task_id] = {n: m.detach().cpu() for n, m in masks[task_id].items()}
+
     # ------------------------------------------------------------------ serving
 
     def load_mask(self, task_id: str) -> dict[str, torch.Tensor]:

@@ -1,0 +1,225 @@
+"""SIFTTrainer vs the plain Trainer, and the per-task overhead of train_tasks, on the real SmolLM2-135M-Instruct.
+
+1. Step time (forward + backward + optimizer step, plus the projection for SIFT) of `SIFTTrainer` and of the plain
+   `Trainer` with the same arguments and the same trainable parameters, interleaved round by round in one process.
+2. `train_tasks` on TOFU authors (20 rows each): per task, everything outside the training steps (trainer set-up,
+   data loader, task vector, merge, atomic save of the artifact, reset to θ0) as a fraction of the task's time.
+
+Run: ``PYTHONPATH=. python benchmarks/bench_trainer.py`` (defaults: batch 20 x 80 tokens, 20 steps per task).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+from transformers.utils import logging as hf_logging
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from real_model import smollm2_path  # noqa: E402
+
+from hf_sift.trainer import SIFTConfig, SIFTTrainer, train_tasks  # noqa: E402
+
+
+# The module (its name is shadowed by the function in the package namespace).
+train_tasks_module = sys.modules["hf_sift.trainer.train_tasks"]
+
+
+TOFU = Path("/work/shared/data/tofu/full.json")
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of each optimizer step, from `on_step_begin` to `on_step_end`."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter() - self._start)
+
+
+def tofu_dataset(tokenizer, num_authors: int, seq_len: int) -> Dataset:
+    rows = [json.loads(line) for line in TOFU.read_text().splitlines()[: 20 * num_authors]]
+    texts = [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in rows]
+    enc = tokenizer(texts, max_length=seq_len, truncation=True, padding="max_length")
+    labels = [
+        [t if m else -100 for t, m in zip(ids, mask)] for ids, mask in zip(enc["input_ids"], enc["attention_mask"])
+    ]
+    return Dataset.from_dict(
+        {
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "labels": labels,
+            "task": [f"author{i // 20:03d}" for i in range(len(rows))],
+        }
+    )
+
+
+def common_args(output_dir: str, steps: int, batch: int) -> dict:
+    return dict(
+        output_dir=output_dir,
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        learning_rate=1e-5,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=10_000,
+        use_cpu=True,
+        disable_tqdm=True,
+        full_determinism=True,
+        seed=0,
+    )
+
+
+class ProjectionTimer(TrainerCallback):
+    """Times each projection of a SIFTTrainer (wraps its constraint when training starts)."""
+
+    def __init__(self, trainer: SIFTTrainer):
+        self.trainer = trainer
+        self.times: list[float] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        constraint = self.trainer.sign_constraint
+        project = constraint.project_
+
+        def timed() -> None:
+            start = time.perf_counter()
+            project()
+            self.times.append(time.perf_counter() - start)
+
+        constraint.project_ = timed
+
+
+def compare_steps(model, base_state, data, args_kwargs, rounds: int) -> tuple[list[float], list[float], list[float]]:
+    plain_times, sift_times, projection_times = [], [], []
+    task = data.select(range(20))
+    for _ in range(rounds):
+        for kind in ("plain", "sift"):
+            model.load_state_dict(base_state)
+            timer = StepTimer()
+            if kind == "sift":
+                trainer = SIFTTrainer(
+                    model=model, args=SIFTConfig(**args_kwargs, task_id="author000"), train_dataset=task
+                )
+                trainer.add_callback(timer)
+                projections = ProjectionTimer(trainer)
+                trainer.add_callback(projections)
+                trainer.train()
+                sift_times += timer.times[1:]  # the first step warms up allocators
+                projection_times += projections.times[1:]
+                sift_names = set(trainer.tuned_parameter_names)
+            else:
+                # same trainable parameters as SIFT (the default selection freezes embeddings and the tied head)
+                for name, param in model.named_parameters():
+                    param.requires_grad_(not ("embed_tokens" in name or "lm_head" in name))
+                trainer = Trainer(
+                    model=model, args=TrainingArguments(**args_kwargs), train_dataset=task, callbacks=[timer]
+                )
+                trainer.train()
+                plain_times += timer.times[1:]
+            print(f"  {kind:5s}: steps {', '.join(f'{t:.2f}' for t in timer.times)} s", flush=True)
+            del trainer
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == sift_names, "plain and SIFT runs must train the same parameters"
+    return plain_times, sift_times, projection_times
+
+
+def measure_train_tasks(model, data, args_kwargs, output_dir: Path) -> dict:
+    inits: list[float] = []
+    timers: list[StepTimer] = []
+
+    class TimedSIFTTrainer(SIFTTrainer):
+        def __init__(self, *args, **kwargs):
+            inits.append(time.perf_counter())
+            timers.append(StepTimer())
+            kwargs["callbacks"] = [timers[-1]]
+            super().__init__(*args, **kwargs)
+
+    train_tasks_module.SIFTTrainer = TimedSIFTTrainer
+    try:
+        entered = time.perf_counter()
+        delta = train_tasks(model, data, "task", SIFTConfig(**args_kwargs), output_dir)
+        ended = time.perf_counter()
+    finally:
+        train_tasks_module.SIFTTrainer = SIFTTrainer
+    spans = [b - a for a, b in zip(inits, inits[1:] + [ended])]
+    steps = [sum(t.times) for t in timers]
+    overheads = [s - t for s, t in zip(spans, steps)]
+    return {
+        "tasks": delta.num_tasks,
+        "setup_s": inits[0] - entered,
+        "task_s": spans,
+        "steps_s": steps,
+        "overhead_s": overheads,
+        "overhead_fraction": [o / s for o, s in zip(overheads, spans)],
+        "artifact_bytes": sum(p.stat().st_size for p in output_dir.rglob("*") if p.is_file()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=20)
+    parser.add_argument("--seq-len", type=int, default=80)
+    parser.add_argument("--compare-steps", type=int, default=4, help="steps per run in the interleaved comparison")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--task-steps", type=int, default=20)
+    parser.add_argument("--tasks", type=int, default=2)
+    parser.add_argument("--skip-compare", action="store_true")
+    opts = parser.parse_args()
+    hf_logging.set_verbosity_error()
+    logging.getLogger("hf_sift").setLevel(logging.WARNING)
+
+    path = smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    data = tofu_dataset(tokenizer, opts.tasks, opts.seq_len)
+    print(
+        f"SmolLM2-135M-Instruct, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+        f"batch {opts.batch_size} x {opts.seq_len} tokens, torch threads {torch.get_num_threads()}",
+        flush=True,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        if not opts.skip_compare:
+            print(f"step time, {opts.rounds} interleaved rounds of {opts.compare_steps} steps each:", flush=True)
+            plain, sift, projection = compare_steps(
+                model, base_state, data, common_args(tmp, opts.compare_steps, opts.batch_size), opts.rounds
+            )
+            p, s, j = statistics.median(plain), statistics.median(sift), statistics.median(projection)
+            print(f"plain Trainer median step {p:.3f} s (mean {statistics.mean(plain):.3f}, n={len(plain)})")
+            print(f"SIFTTrainer   median step {s:.3f} s (mean {statistics.mean(sift):.3f}, n={len(sift)})")
+            print(f"ratio SIFT / plain: median {s / p:.4f}, mean {statistics.mean(sift) / statistics.mean(plain):.4f}")
+            print(f"projection inside the SIFT steps: median {j * 1000:.1f} ms, max {max(projection) * 1000:.1f} ms")
+            print(
+                f"ratio from the projection's own cost: (plain + projection) / plain = {(p + j) / p:.4f}", flush=True
+            )
+        model.load_state_dict(base_state)
+        print(f"train_tasks, {opts.tasks} tasks x {opts.task_steps} steps:", flush=True)
+        result = measure_train_tasks(
+            model, data, common_args(tmp, opts.task_steps, opts.batch_size), Path(tmp) / "merged"
+        )
+        for i, (span, steps, over) in enumerate(zip(result["task_s"], result["steps_s"], result["overhead_s"])):
+            print(f"  task {i}: {span:.1f} s, steps {steps:.1f} s, overhead {over:.2f} s ({over / span:.2%})")
+        print(f"  one-time set-up (θ0 snapshot, base digest): {result['setup_s']:.2f} s")
+        print(f"  artifact on disk: {result['artifact_bytes'] / 1e6:.0f} MB")
+        print(f"per-task overhead: mean {statistics.mean(result['overhead_fraction']):.2%} of the task's time")
+
+
+if __name__ == "__main__":
+    main()

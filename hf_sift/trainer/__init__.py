@@ -1,0 +1,9 @@
+"""Sign-fixed finetuning on the Hugging Face Trainer, for one task or hundreds."""
+
+from .sift_config import SIFTConfig
+from .sift_trainer import SIFTTrainer
+from .sign_constraint import SignConstraint
+from .train_tasks import train_tasks
+
+
+__all__ = ["SIFTConfig", "SIFTTrainer", "SignConstraint", "train_tasks"]

@@ -1,0 +1,208 @@
+"""SIFTTrainer: the Hugging Face Trainer with the SIFT sign constraint (sign-fixed finetuning)."""
+
+from __future__ import annotations
+
+import platform
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from .. import __version__
+from ..errors import ParameterMismatchError, SiftError
+from ..selection import ParameterSelection
+from ..task_vector import TaskVector
+from .projection_callback import SIFTProjectionCallback
+from .sift_config import SIFTConfig
+from .sign_constraint import SignConstraint, load_reference, tuned_parameters
+
+
+# Arguments that change what a task's training computes, recorded with each task vector.
+RECORDED_ARGUMENTS = (
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "bf16",
+    "data_seed",
+    "fp16",
+    "full_determinism",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "lr_scheduler_type",
+    "max_grad_norm",
+    "max_steps",
+    "num_train_epochs",
+    "optim",
+    "per_device_train_batch_size",
+    "seed",
+    "warmup_steps",
+    "weight_decay",
+)
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries a replay must hold fixed."""
+    import accelerate
+    import datasets
+    import safetensors
+    import transformers
+
+    versions = {
+        "accelerate": accelerate.__version__,
+        "datasets": datasets.__version__,
+        "hf_sift": __version__,
+        "python": platform.python_version(),
+        "safetensors": safetensors.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    try:
+        import peft
+
+        versions["peft"] = peft.__version__
+    except ImportError:  # pragma: no cover - peft is a dependency
+        pass
+    return versions
+
+
+def select_tuned_names(model: torch.nn.Module, selection: ParameterSelection) -> list[str]:
+    """Names of the trainable floating-point parameters of `model` that `selection` picks (sorted)."""
+    candidates = {n: p for n, p in model.named_parameters() if p.requires_grad and p.is_floating_point()}
+    names = selection.resolve(candidates)
+    if not names:
+        raise ParameterMismatchError("the parameter selection matches no trainable floating-point parameter")
+    return names
+
+
+def freeze_all_but(model: torch.nn.Module, names: list[str]) -> None:
+    """Set `requires_grad=False` on every parameter of `model` not in `names`."""
+    keep = set(names)
+    for name, param in model.named_parameters():
+        if name not in keep:
+            param.requires_grad_(False)
+
+
+class SIFTTrainer(Trainer):
+    """[`~transformers.Trainer`] that finetunes under the SIFT sign constraint.
+
+    When training starts it snapshots θ0, the tuned parameters (an exact copy, in each parameter's dtype and on its
+    device); after every optimizer step it projects them in place so that ``v * (θ - θ0) >= 0`` element-wise,
+    where v is the random sign vector of `args.sign_seed`. Parameters outside the selection are frozen and stay
+    byte-identical. After `train()`, [`task_vector`] returns the exact [`~hf_sift.TaskVector`].
+
+    Args:
+        model (`PreTrainedModel` or `PeftModel`): The model; with a `PeftModel` (or `peft_config`) the constraint
+            applies to the trainable adapter parameters.
+        args (`SIFTConfig` or `TrainingArguments`, *optional*): Plain `TrainingArguments` are upgraded to a
+            [`SIFTConfig`] with the default SIFT fields.
+        peft_config (`peft.PeftConfig`, *optional*): Wrap `model` with this adapter first, its initialisation seeded
+            with `args.seed` (not the per-task seed), so every task of a merge starts from the same adapter.
+        sign_constraint (`SignConstraint`, *optional*): A constraint built beforehand (by [`train_tasks`], which
+            shares one θ0 between many tasks); by default it is snapshotted when training starts.
+        *trainer_args, **kwargs: Everything else [`~transformers.Trainer`] accepts.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module | None = None,
+        args: TrainingArguments | None = None,
+        *trainer_args: Any,
+        peft_config: Any = None,
+        sign_constraint: SignConstraint | None = None,
+        **kwargs: Any,
+    ):
+        if model is None:
+            raise ValueError("SIFTTrainer needs a `model` (model_init is not supported)")
+        args = SIFTConfig.from_training_arguments(
+            args if args is not None else SIFTConfig(output_dir="trainer_output")
+        )
+        adapter_seed = args.seed
+        if args.task_id is not None:
+            args = args.for_task(args.task_id, seed=args.task_seed, data_seed=args.task_data_seed)
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(adapter_seed)
+                model = get_peft_model(model, peft_config)
+        names = sign_constraint.names if sign_constraint is not None else select_tuned_names(model, args.selection())
+        freeze_all_but(model, names)
+        super().__init__(model, args, *trainer_args, **kwargs)
+        self._sift_names = names
+        self._sift_constraint = sign_constraint
+        self._sift_resume_reference: dict[str, torch.Tensor] | None = None
+        self.add_callback(SIFTProjectionCallback(lambda: self._sift_constraint, self._start_constraint))
+
+    # ------------------------------------------------------------------ training
+
+    @property
+    def tuned_parameter_names(self) -> list[str]:
+        """Sorted names of the tuned parameters P."""
+        return list(self._sift_names)
+
+    @property
+    def sign_constraint(self) -> SignConstraint | None:
+        """The constraint (θ0 and the bounds); None before training starts."""
+        return self._sift_constraint
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        """Like [`~transformers.Trainer.train`]; a resumed run restores θ0 and checks the sign seed."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        if resume_from_checkpoint:
+            self._sift_resume_reference = load_reference(resume_from_checkpoint, self.args.sign_seed)
+        return super().train(resume_from_checkpoint or None, *args, **kwargs)
+
+    def _start_constraint(self) -> None:
+        """Called when training starts: set θ0 (snapshot, checkpoint reference, or the shared constraint)."""
+        model = self.accelerator.unwrap_model(self.model)
+        if self._sift_resume_reference is not None:
+            params = tuned_parameters(model, self._sift_names)
+            self._sift_constraint = SignConstraint.from_reference(
+                params, self._sift_resume_reference, self.args.sign_seed
+            )
+            self._sift_resume_reference = None
+        elif self._sift_constraint is None:
+            self._sift_constraint = SignConstraint.snapshot(
+                tuned_parameters(model, self._sift_names), self.args.sign_seed
+            )
+        else:
+            self._sift_constraint.rebind(model)
+        if self._sift_constraint.sign_seed != self.args.sign_seed:
+            raise SiftError(
+                f"the constraint uses sign_seed={self._sift_constraint.sign_seed}, the arguments {self.args.sign_seed}"
+            )
+
+    # ------------------------------------------------------------------ result
+
+    def task_metadata(self) -> dict[str, Any]:
+        """The record kept with the task vector: task id, seeds, hyper-parameters, data fingerprint, versions."""
+        args = self.args
+        values = args.to_dict()
+        metadata: dict[str, Any] = {
+            "task_id": args.task_id,
+            "sign_seed": args.sign_seed,
+            "hyperparameters": {k: values[k] for k in RECORDED_ARGUMENTS if k in values},
+            "global_step": self.state.global_step,
+            "device_type": self.args.device.type,
+            "versions": library_versions(),
+        }
+        if self.args.device.type == "cpu":  # CPU kernels may split reductions by thread
+            metadata["num_threads"] = torch.get_num_threads()
+        fingerprint = getattr(self.train_dataset, "_fingerprint", None)
+        if fingerprint is not None:
+            metadata["data_fingerprint"] = fingerprint
+        return metadata
+
+    def task_vector(self, metadata: dict[str, Any] | None = None) -> TaskVector:
+        """The task vector of the training so far: exact integer form, mask and digest.
+
+        Args:
+            metadata (`dict`, *optional*): Extra JSON-serialisable entries, added to [`task_metadata`].
+        """
+        if self._sift_constraint is None:
+            raise SiftError("call train() before task_vector(): θ0 is taken when training starts")
+        return self._sift_constraint.task_vector({**self.task_metadata(), **(metadata or {})})

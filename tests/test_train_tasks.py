@@ -1,0 +1,115 @@
+"""train_tasks: one SIFT run per task, the artifact after every task, restart, and sharding over processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from trainer_fixtures import sift_args, task_dataset, tiny_model
+from transformers import TrainerCallback
+
+from hf_sift import MergedDelta
+from hf_sift.trainer import SIFTTrainer, train_tasks
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_each_task_matches_a_lone_run_and_the_model_is_reset(tmp_path):
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = task_dataset()
+    delta = train_tasks(model, data, "task", sift_args(tmp_path / "runs"), tmp_path / "merged")
+    assert delta.task_ids == ["t0", "t1", "t2"]
+    for name, tensor in model.state_dict().items():  # back at θ0, in place
+        assert torch.equal(tensor, before[name]), name
+    loaded = MergedDelta.from_pretrained(tmp_path / "merged")
+    assert loaded.digest == delta.digest and loaded.task_ids == delta.task_ids
+    total = None
+    for task_id in delta.task_ids:
+        subset = data.select([i for i, t in enumerate(data["task"]) if t == task_id])
+        alone = SIFTTrainer(
+            model=tiny_model(), args=sift_args(tmp_path / "alone", task_id=task_id), train_dataset=subset
+        )
+        alone.train()
+        task_vector = alone.task_vector()
+        record = loaded.record(task_id)
+        assert record["digest"] == task_vector.digest
+        assert record["metadata"]["data_fingerprint"] == subset._fingerprint
+        assert record["metadata"]["task_id"] == task_id and "train_loss" in record["metadata"]
+        mask = loaded.load_mask(task_id)
+        assert all(torch.equal(mask[n], task_vector.packed_masks[n]) for n in task_vector.q)
+        total = dict(task_vector.q) if total is None else {n: total[n] + q for n, q in task_vector.q.items()}
+    assert all(torch.equal(loaded.sum[n], total[n]) for n in total)
+
+
+class CrashOn(TrainerCallback):
+    def __init__(self, task_id: str):
+        self.task_id = task_id
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if args.task_id == self.task_id and state.global_step == 2:
+            raise RuntimeError("simulated crash")
+
+
+def test_a_crash_loses_only_the_task_in_flight_and_a_restart_ends_with_the_same_bytes(tmp_path):
+    data = task_dataset()
+    train_tasks(tiny_model(), data, "task", sift_args(tmp_path / "runs"), tmp_path / "whole")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_tasks(
+            tiny_model(), data, "task", sift_args(tmp_path / "runs"), tmp_path / "cut", callbacks=[CrashOn("t1")]
+        )
+    assert MergedDelta.from_pretrained(tmp_path / "cut").task_ids == ["t0"]  # valid after every task
+    restarted = train_tasks(tiny_model(), data, "task", sift_args(tmp_path / "runs"), tmp_path / "cut")
+    assert restarted.task_ids == ["t0", "t1", "t2"]
+    assert folder_bytes(tmp_path / "cut") == folder_bytes(tmp_path / "whole")
+    with pytest.raises(ValueError):  # another sign seed cannot continue this artifact
+        train_tasks(tiny_model(), data, "task", sift_args(tmp_path / "runs", sign_seed=8), tmp_path / "cut")
+
+
+def test_peft_tasks_share_the_adapter_initialisation(tmp_path):
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    data = task_dataset(num_tasks=2)
+    delta = train_tasks(tiny_model(), data, "task", sift_args(tmp_path / "runs"), tmp_path / "m", peft_config=lora)
+    assert delta.names and all("lora_" in n for n in delta.names)
+    again = train_tasks(tiny_model(), data, "task", sift_args(tmp_path / "runs"), tmp_path / "m2", peft_config=lora)
+    assert again.base_digest == delta.base_digest and again.digest == delta.digest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world_size: int, port: int, runs: str, output: str) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    try:
+        result = train_tasks(tiny_model(), task_dataset(num_tasks=3), "task", sift_args(runs), output)
+        assert (result is not None) == (rank == 0)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def test_two_processes_give_the_same_bytes_as_one(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # CPU kernels must see the same thread count in both layouts
+    try:
+        train_tasks(tiny_model(), task_dataset(num_tasks=3), "task", sift_args(tmp_path / "runs"), tmp_path / "one")
+    finally:
+        torch.set_num_threads(threads)
+    mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path / "runs2"), str(tmp_path / "two")), nprocs=2, join=True)
+    assert folder_bytes(tmp_path / "two") == folder_bytes(tmp_path / "one")
+    assert not [p for p in tmp_path.iterdir() if ".rank" in p.name]  # partial artifacts are cleaned up

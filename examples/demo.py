@@ -1,66 +1,74 @@
-"""End-to-end SIFT-Masks on a tiny Llama built from a config (runs in seconds, offline).
+"""SIFT-Masks end to end on a tiny Llama built from a config (offline, about a minute on a laptop CPU).
 
-1. Fix a sign vector v, finetune a few toy tasks from the same θ0, projecting onto agreement with v after every
-   optimizer step (done by hand here; `hf_sift.SIFTTrainer` does it for you).
-2. Merge the exact integer task vectors, save the artifact, serve one task through its mask.
-3. Unlearn one task by subtracting its (replayed) task vector and check that the result is byte-for-byte a
-   fresh merge of the remaining tasks. A replay that does not match is refused.
+1. `train_tasks` finetunes four toy tasks from the same θ0 under one sign vector and merges their exact
+   integer task vectors into an artifact (sum + one 1-bit mask per task).
+2. `MergedMaskedModel` serves one task through its mask.
+3. Unlearning: the forgotten task's training is replayed, its digest checked against the recorded one, and its
+   task vector subtracted. The result is byte for byte a fresh merge of the remaining tasks; a replay that does
+   not match is refused.
 
-    python examples/demo.py [--tasks 4] [--steps 20] [--output-dir outputs/demo]
+    python examples/demo.py [--tasks 4] [--steps 16] [--output-dir outputs/demo]
 """
 
 from __future__ import annotations
 
 import argparse
-import filecmp
+import logging
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.utils import logging as hf_logging
 
-from hf_sift import MergedDelta, ParameterSelection, SignVector, TaskVector
+from hf_sift import MergedDelta, MergedMaskedModel, SIFTConfig, TaskVector, train_tasks
 from hf_sift.errors import TaskDigestMismatchError
 
 
-def toy_task(task: int, vocab: int, steps: int) -> list[torch.Tensor]:
-    """Batches of a task-specific pattern: each task counts upwards with its own stride."""
-    gen = torch.Generator().manual_seed(1000 + task)
-    batches = []
-    for _ in range(steps):
-        start = torch.randint(0, vocab, (8, 1), generator=gen)
-        batches.append((start + (task + 1) * torch.arange(16)) % vocab)
-    return batches
+def toy_dataset(tasks: int, rows: int, vocab: int) -> Dataset:
+    """Each task counts upwards modulo the vocabulary with its own stride."""
+    gen = torch.Generator().manual_seed(0)
+    data = {"task": [], "input_ids": [], "labels": []}
+    for task in range(tasks):
+        for _ in range(rows):
+            start = int(torch.randint(0, vocab, (1,), generator=gen))
+            ids = [(start + (task + 1) * i) % vocab for i in range(16)]
+            data["task"].append(f"task-{task}")
+            data["input_ids"].append(ids)
+            data["labels"].append(ids)
+    return Dataset.from_dict(data)
 
 
-def finetune(model: LlamaForCausalLM, theta0: dict, positive: dict, batches: list[torch.Tensor]) -> dict:
-    """Train from θ0 with the SIFT projection after every step; return the tuned state dict."""
-    model.load_state_dict(theta0)
-    params = dict(model.named_parameters())
-    optimizer = torch.optim.AdamW([params[n] for n in positive], lr=3e-3)
-    for batch in batches:
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        with torch.no_grad():  # θ <- θ0 + v * max(v * (θ - θ0), 0), written as a select
-            for name, pos in positive.items():
-                p, p0 = params[name], theta0[name]
-                p.copy_(torch.where(torch.where(pos, p > p0, p < p0), p, p0))
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+def replayed_task_vector(model, dataset, task_id: str, args: SIFTConfig, folder: Path) -> TaskVector:
+    """Replay one task's training exactly as it was merged, and return its task vector."""
+    replay = train_tasks(model, dataset, task_column="task", args=args, output_dir=folder, tasks=[task_id])
+    return TaskVector(
+        q=dict(replay.sum),
+        packed_masks=replay.load_mask(task_id),
+        sign_seed=replay.sign_seed,
+        scale_bits=replay.scale_bits,
+        base_digest=replay.base_digest,
+    )
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--sign-seed", type=int, default=0)
     parser.add_argument("--output-dir", default=None, help="where to keep the artifacts (default: a temp folder)")
     args = parser.parse_args()
-    torch.manual_seed(0)
-    torch.use_deterministic_algorithms(True)
+    hf_logging.set_verbosity_error()
+    logging.getLogger("hf_sift").setLevel(logging.WARNING)
 
+    out = Path(args.output_dir) if args.output_dir else Path(tempfile.mkdtemp(prefix="hf_sift_demo_"))
+    torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=128,
         hidden_size=32,
@@ -70,62 +78,56 @@ def main() -> None:
         num_key_value_heads=2,
         max_position_embeddings=64,
     )
-    model = LlamaForCausalLM(config)
-    theta0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    selection = ParameterSelection()
-    signs = SignVector(args.sign_seed)
-    positive = {n: signs.positive(n, theta0[n].shape) for n in selection.resolve(theta0)}
-    print(
-        f"tiny Llama: {sum(t.numel() for t in model.parameters()):,} parameters, "
-        f"{sum(p.numel() for p in positive.values()):,} tuned"
+    LlamaForCausalLM(config).save_pretrained(out / "base")  # the "Hub model" every task starts from
+    model = LlamaForCausalLM.from_pretrained(out / "base")
+    dataset = toy_dataset(args.tasks, rows=16, vocab=config.vocab_size)
+    sift_args = SIFTConfig(
+        output_dir=str(out / "runs"),
+        sign_seed=args.sign_seed,
+        max_steps=args.steps,
+        per_device_train_batch_size=8,
+        learning_rate=2e-2,
+        logging_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
     )
 
-    tasks = {f"task-{t}": toy_task(t, config.vocab_size, args.steps) for t in range(args.tasks)}
-    task_vectors = {}
-    delta = MergedDelta(theta0, sign_seed=args.sign_seed, base_model="tiny-llama (random init, seed 0)")
-    for task_id, batches in tasks.items():
-        tuned = finetune(model, theta0, positive, batches)
-        tv = TaskVector.from_state_dicts(theta0, tuned, args.sign_seed, base_digest=delta.base_digest)
-        delta.add(task_id, tv)
-        task_vectors[task_id] = tv
-        print(f"  {task_id}: digest {tv.digest[:23]}…  mask density {tv.density:.3f}")
+    print(f"1. training {args.tasks} tasks x {args.steps} steps with the SIFT projection")
+    delta = train_tasks(model, dataset, task_column="task", args=sift_args, output_dir=out / "merged")
+    for task_id in delta.task_ids:
+        record = delta.record(task_id)
+        print(f"   {task_id}: digest {record['digest'][:23]}…  mask density {record['mask_density']:.3f}")
 
-    out = Path(args.output_dir) if args.output_dir else Path(tempfile.mkdtemp(prefix="hf_sift_demo_"))
-    delta.save_pretrained(out / "merged")
-    print(f"merged {delta.num_tasks} tasks into {out / 'merged'} (delta digest {delta.digest[:23]}…)")
-
-    served = MergedDelta.from_pretrained(out / "merged").materialize(theta0, task="task-1")
-    model.load_state_dict(served)
-    batch = tasks["task-1"][0]
-    print(f"served task-1: loss {model(input_ids=batch, labels=batch).loss.item():.3f} on its own data")
+    print("2. serving task-1 from the merged artifact")
+    served = MergedMaskedModel.from_pretrained(out / "merged", task="task-1", base_model=out / "base")
+    batch = torch.tensor(dataset.filter(lambda r: r["task"] == "task-1")["input_ids"][:8])
+    served.set_task("task-1")
+    loss_task = served(input_ids=batch, labels=batch).loss.item()
+    served.set_task(None)
+    loss_plain = served(input_ids=batch, labels=batch).loss.item()
+    print(f"   loss on task-1's data: masked {loss_task:.3f}, plain merge {loss_plain:.3f}")
 
     forget = "task-2"
-    replay = TaskVector.from_state_dicts(theta0, finetune(model, theta0, positive, tasks[forget]), args.sign_seed)
-    bad = TaskVector.from_state_dicts(theta0, finetune(model, theta0, positive, tasks[forget][:-1]), args.sign_seed)
+    print(f"3. unlearning {forget}")
     unlearned = MergedDelta.from_pretrained(out / "merged")
+    wrong = replayed_task_vector(model, dataset, "task-3", sift_args, out / "replay-wrong")
     try:
-        unlearned.remove(forget, bad)
+        unlearned.remove(forget, wrong)
     except TaskDigestMismatchError as err:
-        print(f"a replay that differs is refused: {str(err)[:90]}…")
-    unlearned.remove(forget, replay)
+        print(f"   a replay that does not match is refused: {str(err)[:80]}…")
+    unlearned.remove(forget, replayed_task_vector(model, dataset, forget, sift_args, out / "replay"))
     unlearned.save_pretrained(out / "merged")
 
-    fresh = MergedDelta(theta0, sign_seed=args.sign_seed, base_model="tiny-llama (random init, seed 0)")
-    for task_id, tv in task_vectors.items():
-        if task_id != forget:
-            fresh.add(task_id, tv)
-    fresh.save_pretrained(out / "fresh")
-    files = sorted(p.relative_to(out / "fresh").as_posix() for p in (out / "fresh").rglob("*") if p.is_file())
-    _, mismatch, errors = filecmp.cmpfiles(out / "merged", out / "fresh", files, shallow=False)
-    same_files = (
-        sorted(p.relative_to(out / "merged").as_posix() for p in (out / "merged").rglob("*") if p.is_file()) == files
-    )
-    print(f"unlearned {forget}: digest {unlearned.digest[:23]}… fresh merge {fresh.digest[:23]}…")
-    print(f"byte-for-byte equal to a fresh merge of the others: {same_files and not mismatch and not errors}")
-    if not (same_files and not mismatch and not errors and unlearned.digest == fresh.digest):
-        raise SystemExit("exactness check failed")
+    survivors = [t for t in delta.task_ids if t != forget]
+    fresh = train_tasks(model, dataset, task_column="task", args=sift_args, output_dir=out / "fresh", tasks=survivors)
+    equal = folder_bytes(out / "merged") == folder_bytes(out / "fresh") and unlearned.digest == fresh.digest
+    print(f"   unlearned digest {unlearned.digest[:23]}…, fresh merge of the others {fresh.digest[:23]}…")
+    print(f"   artifact byte-for-byte equal to a fresh merge of the remaining tasks: {equal}")
     if not args.output_dir:
         shutil.rmtree(out)
+    if not equal:
+        raise SystemExit("exactness check failed")
 
 
 if __name__ == "__main__":

@@ -107,8 +107,9 @@ class ProjectionTimer(TrainerCallback):
 def compare_steps(model, base_state, data, args_kwargs, rounds: int) -> tuple[list[float], list[float], list[float]]:
     plain_times, sift_times, projection_times = [], [], []
     task = data.select(range(20))
-    for _ in range(rounds):
-        for kind in ("plain", "sift"):
+    for round_index in range(rounds):
+        # alternate which runs first, so that warm-up or ordering effects do not favour one side
+        for kind in ("plain", "sift") if round_index % 2 == 0 else ("sift", "plain"):
             model.load_state_dict(base_state)
             timer = StepTimer()
             if kind == "sift":
@@ -179,6 +180,7 @@ def main() -> None:
     parser.add_argument("--task-steps", type=int, default=20)
     parser.add_argument("--tasks", type=int, default=2)
     parser.add_argument("--skip-compare", action="store_true")
+    parser.add_argument("--skip-tasks", action="store_true")
     opts = parser.parse_args()
     hf_logging.set_verbosity_error()
     logging.getLogger("hf_sift").setLevel(logging.WARNING)
@@ -209,6 +211,8 @@ def main() -> None:
             print(
                 f"ratio from the projection's own cost: (plain + projection) / plain = {(p + j) / p:.4f}", flush=True
             )
+        if opts.skip_tasks:
+            return
         model.load_state_dict(base_state)
         print(f"train_tasks, {opts.tasks} tasks x {opts.task_steps} steps:", flush=True)
         result = measure_train_tasks(

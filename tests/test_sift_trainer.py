@@ -209,3 +209,41 @@ def test_task_seed_depends_on_the_task(tmp_path):
         sift_args(tmp_path, task_id="../x")
     with pytest.raises(ValueError):
         sift_args(tmp_path, include_parameters=["("])
+
+
+def _ddp_rank(rank: int, world_size: int, port: int, folder: str) -> None:
+    import os
+
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    try:
+        model = tiny_model()
+        data = task_dataset().select(range(16))
+        args = sift_args(folder, per_device_train_batch_size=2, max_steps=3)
+        trainer = SIFTTrainer(model=model, args=args, train_dataset=data)
+        assert trainer.args.world_size == world_size
+        check = SignCheck(model, trainer.tuned_parameter_names, 7)
+        trainer.add_callback(check)
+        trainer.train()
+        assert len(check.minima) == 3 and min(check.minima) >= 0.0
+        with open(f"{folder}/digest-{rank}", "w") as f:
+            f.write(trainer.task_vector().digest)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def test_data_parallel_training_keeps_the_constraint_and_ranks_agree(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    digests = {(tmp_path / f"digest-{r}").read_text() for r in range(2)}
+    assert len(digests) == 1

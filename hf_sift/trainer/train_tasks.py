@@ -155,12 +155,13 @@ def train_tasks(
     if layout.is_distributed:
         group = cpu_process_group(layout)
         # Rank 0's view of the finished tasks decides the sharding (output_dir may not be shared between nodes).
-        shared = [pending]
+        shared = [final.task_ids]
         torch.distributed.broadcast_object_list(shared, src=0, group=group)
-        pending = shared[0]
+        finished = set(shared[0])
+        pending = [t for t in groups if t not in finished]
         partial_dir = _partial_dir(output_dir, layout)
         partial = _load_or(partial_dir, copy.deepcopy(fresh))
-        if any(t in final for t in partial.task_ids):  # already folded into the final artifact by a previous run
+        if finished & set(partial.task_ids):  # already folded into the final artifact by a previous run
             shutil.rmtree(partial_dir)
             partial = copy.deepcopy(fresh)
         target_dir, delta = partial_dir, partial

@@ -45,9 +45,10 @@ def check_no_overflow(acc: torch.Tensor, q: torch.Tensor, name: str, sign: int =
         if (q == INT64_MIN).any():
             raise AccumulatorOverflowError(f"integer sum of {name!r} would overflow int64")
         q = -q
-    # acc + q overflows iff q > 0 and acc > MAX - q, or q < 0 and acc < MIN - q. Both right-hand sides are
-    # computed for every element; the discarded branch may wrap, the selected one never does.
-    over = torch.where(q > 0, acc > INT64_MAX - q, acc < INT64_MIN - q)
+    # The sum is kept within ±(2**63 - 1) (symmetric, so that -Q always exists). acc + q leaves it iff q > 0 and
+    # acc > MAX - q, or q < 0 and acc < -MAX - q. Both right-hand sides are computed for every element; the
+    # discarded branch may wrap, the selected one never does.
+    over = torch.where(q > 0, acc > INT64_MAX - q, acc < -INT64_MAX - q)
     if over.any():
         raise AccumulatorOverflowError(
             f"integer sum of {name!r} would overflow int64 at {int(over.sum())} element(s); hf_sift never wraps"

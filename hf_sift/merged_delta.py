@@ -294,10 +294,10 @@ class MergedDelta:
     ) -> torch.Tensor:
         """Served weights of one parameter (see docs/FORMAT.md).
 
-        Where the mask is 1 (everywhere for the plain merge): ``dtype(float64(θ0) + float64(Q) · (scale · 2**-S))``,
-        evaluated in float64 in that order and rounded once to `out`'s dtype (default: the base's); where it is 0:
-        θ0 (cast to that dtype), bit for bit. The work runs in chunks, so the extra memory is a few MiB whatever
-        the parameter's size; `out` may be `base` itself (in-place serving).
+        Wherever ``Q · m`` is 0 (the mask is 0, or nothing moved): θ0 cast to `out`'s dtype, bit for bit. Elsewhere:
+        ``dtype(float64(θ0) + float64(Q) · (scale · 2**-S))``, evaluated in float64 in that order and rounded once to
+        `out`'s dtype (default: the base's). The work runs in chunks with reused buffers, so the extra memory is a
+        few MiB whatever the parameter's size; `out` may be `base` itself (in-place serving).
 
         `plain` may hold the plain-merge weights of this parameter computed earlier (same dtype as `out`); the
         masked result is then a bitwise select between `plain` and θ0, without touching Q: this is how a
@@ -309,23 +309,40 @@ class MergedDelta:
         if out is None:
             out = torch.empty_like(base)
         out_flat = out.view(-1)
-        plain_flat = None if plain is None else plain.reshape(-1)
-        for lo in range(0, out_flat.numel(), _SERVE_CHUNK):
-            hi = min(lo + _SERVE_CHUNK, out_flat.numel())
-            if plain_flat is not None:
-                merged = plain_flat[lo:hi]
-            else:
-                chunk = total[lo:hi].to(device=out.device, dtype=torch.float64)
-                chunk.mul_(factor).add_(base_flat[lo:hi])
-                if packed_mask is None:
-                    out_flat[lo:hi].copy_(chunk)
-                    continue
-                merged = chunk.to(out.dtype)
-            if packed_mask is None:
-                out_flat[lo:hi].copy_(merged)
+        numel = out_flat.numel()
+        if factor == 0.0 or numel == 0:
+            return out.copy_(base)
+        # The masked term is computed as float64(±Q·m) · (∓factor) with the sign chosen so that a zero term is
+        # -0.0: θ0 + (-0.0) is θ0 bit for bit (θ0 + 0.0 would turn -0.0 into +0.0). Q·m is masked as an integer
+        # (exact), and ±Q never overflows since the sum stays within ±(2**63 - 1).
+        negate = factor > 0
+        size = min(_SERVE_CHUNK, numel)
+        work = torch.empty(size, dtype=torch.int64, device=out.device)
+        wide = torch.empty(size, dtype=torch.float64, device=out.device)
+        bits = torch.empty(size, dtype=torch.int64, device=out.device) if packed_mask is not None else None
+        for lo in range(0, numel, _SERVE_CHUNK):
+            hi = min(lo + _SERVE_CHUNK, numel)
+            keep = None
+            if packed_mask is not None:
+                keep = unpack_bits(packed_mask[lo // 8 : packed_size(hi)], hi - lo).to(out.device).view(torch.uint8)
+            if plain is not None:
+                merged = plain.reshape(-1)[lo:hi]
+                if keep is None:
+                    out_flat[lo:hi].copy_(merged)
+                else:
+                    select_bits_(out_flat[lo:hi], merged, base_flat[lo:hi].to(out.dtype), keep)
                 continue
-            keep = unpack_bits(packed_mask[lo // 8 : packed_size(hi)], hi - lo).to(out.device)
-            select_bits_(out_flat[lo:hi], merged, base_flat[lo:hi].to(out.dtype), keep.view(torch.uint8))
+            q = work[: hi - lo]
+            q.copy_(total[lo:hi])
+            if negate:
+                q.neg_()
+            if keep is not None:
+                m = bits[: hi - lo]
+                m.copy_(keep).neg_()  # 1 -> all ones, 0 -> 0
+                q.bitwise_and_(m)
+            w = wide[: hi - lo]
+            w.copy_(q).mul_(-factor if negate else factor).add_(base_flat[lo:hi])
+            out_flat[lo:hi].copy_(w)
         return out
 
     def materialize(

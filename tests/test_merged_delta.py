@@ -124,6 +124,10 @@ def test_masked_out_entries_keep_the_exact_bits_of_theta0():
     assert served[2].view(torch.int32) == torch.tensor(-0.0).view(torch.int32)  # not +0.0
     plain = delta.materialize(base)["w"]
     assert torch.equal(delta.served_parameter("w", base["w"], delta.load_mask("a")["w"], plain=plain), served)
+    # Where nothing moved (Q = 0), the plain merge keeps θ0's bits too.
+    assert plain[2].view(torch.int32) == torch.tensor(-0.0).view(torch.int32)
+    negative = delta.materialize(base, task="a", scale=-1.0)["w"]
+    assert negative[2].view(torch.int32) == torch.tensor(-0.0).view(torch.int32)
 
 
 def test_merged_update_approximates_float_average():

@@ -13,11 +13,17 @@ import sys
 from collections.abc import Sequence
 
 
-# (command module, providing `register`) in the order they appear in `--help`.
-COMMAND_MODULES: tuple[str, ...] = ("hf_sift.trainer.cli", "hf_sift.merging.cli")
+# Command name -> module providing `register`, in the order they appear in `--help`.
+COMMANDS: dict[str, str] = {
+    "train": "hf_sift.trainer.cli",
+    "merge": "hf_sift.merging.cli",
+    "negmerge": "hf_sift.merging.cli",
+}
+COMMAND_MODULES: tuple[str, ...] = tuple(dict.fromkeys(COMMANDS.values()))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `hf-sift` parser; with a known `command`, only that command's module is imported."""
     from . import __version__
 
     parser = argparse.ArgumentParser(
@@ -25,13 +31,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"hf_sift {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in COMMAND_MODULES:
+    modules = (COMMANDS[command],) if command in COMMANDS else COMMAND_MODULES
+    for module in modules:
         importlib.import_module(module).register(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()

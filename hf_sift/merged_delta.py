@@ -316,10 +316,11 @@ class MergedDelta:
         # -0.0: θ0 + (-0.0) is θ0 bit for bit (θ0 + 0.0 would turn -0.0 into +0.0). Q·m is masked as an integer
         # (exact), and ±Q never overflows since the sum stays within ±(2**63 - 1).
         negate = factor > 0
-        size = min(_SERVE_CHUNK, numel)
-        work = torch.empty(size, dtype=torch.int64, device=out.device)
-        wide = torch.empty(size, dtype=torch.float64, device=out.device)
-        bits = torch.empty(size, dtype=torch.int64, device=out.device) if packed_mask is not None else None
+        if plain is None:  # reusable chunk buffers, only needed when Q is read
+            size = min(_SERVE_CHUNK, numel)
+            work = torch.empty(size, dtype=torch.int64, device=out.device)
+            wide = torch.empty(size, dtype=torch.float64, device=out.device)
+            bits = torch.empty(size, dtype=torch.int64, device=out.device) if packed_mask is not None else None
         for lo in range(0, numel, _SERVE_CHUNK):
             hi = min(lo + _SERVE_CHUNK, numel)
             keep = None

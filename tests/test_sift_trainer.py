@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from trainer_fixtures import sift_args, task_dataset, tiny_model
+from trainer_fixtures import free_port, set_distributed_env, sift_args, task_dataset, tiny_model
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from hf_sift import SignVector, TaskVector
@@ -212,13 +212,7 @@ def test_task_seed_depends_on_the_task(tmp_path):
 
 
 def _ddp_rank(rank: int, world_size: int, port: int, folder: str) -> None:
-    import os
-
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )  # fmt: skip
-    torch.set_num_threads(1)
+    set_distributed_env(rank, world_size, port)
     try:
         model = tiny_model()
         data = task_dataset().select(range(16))
@@ -237,13 +231,8 @@ def _ddp_rank(rank: int, world_size: int, port: int, folder: str) -> None:
 
 
 def test_data_parallel_training_keeps_the_constraint_and_ranks_agree(tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     digests = {(tmp_path / f"digest-{r}").read_text() for r in range(2)}
     assert len(digests) == 1

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from trainer_fixtures import sift_args, task_dataset, tiny_model
+from trainer_fixtures import free_port, set_distributed_env, sift_args, task_dataset, tiny_model
 from transformers import TrainerCallback
 
 from hf_sift import MergedDelta
@@ -83,18 +81,8 @@ def test_peft_tasks_share_the_adapter_initialisation(tmp_path):
     assert again.base_digest == delta.base_digest and again.digest == delta.digest
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_main(rank: int, world_size: int, port: int, runs: str, output: str) -> None:
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )  # fmt: skip
-    torch.set_num_threads(1)
+    set_distributed_env(rank, world_size, port)
     try:
         result = train_tasks(tiny_model(), task_dataset(num_tasks=3), "task", sift_args(runs), output)
         assert (result is not None) == (rank == 0)
@@ -110,6 +98,6 @@ def test_two_processes_give_the_same_bytes_as_one(tmp_path):
         train_tasks(tiny_model(), task_dataset(num_tasks=3), "task", sift_args(tmp_path / "runs"), tmp_path / "one")
     finally:
         torch.set_num_threads(threads)
-    mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path / "runs2"), str(tmp_path / "two")), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(2, free_port(), str(tmp_path / "runs2"), str(tmp_path / "two")), nprocs=2, join=True)
     assert folder_bytes(tmp_path / "two") == folder_bytes(tmp_path / "one")
     assert not [p for p in tmp_path.iterdir() if ".rank" in p.name]  # partial artifacts are cleaned up

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import socket
+
 import torch
 from conftest import tiny_llama_config
 from datasets import Dataset
@@ -38,3 +41,19 @@ def sift_args(output_dir, **overrides) -> SIFTConfig:
     )
     kwargs.update(overrides)
     return SIFTConfig(**kwargs)
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for a local process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def set_distributed_env(rank: int, world_size: int, port: int) -> None:
+    """Make this spawned process rank `rank` of a local CPU process group (one torch thread each)."""
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    torch.set_num_threads(1)

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.hf_sift-installed
 
 .PHONY: setup demo test lint format bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml hf_sift/_kernels.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: a bare requirement would pull the CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0

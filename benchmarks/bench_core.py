@@ -10,13 +10,14 @@ run. Target: >= 50% for add, remove and materialise.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
 
 import torch
 
-from hf_sift import MergedDelta, SignVector, TaskVector
+from hf_sift import MergedDelta, SignVector, TaskVector, kernels
 from hf_sift.masks import pack_bits
 
 
@@ -50,7 +51,7 @@ def main() -> None:
     base = {f"layers.{i}.weight": torch.randn(per, generator=gen) * 0.02 for i in range(args.tensors)}
     tuned = {k: v + torch.randn(per, generator=gen) * 1e-3 for k, v in base.items()}
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads")
-    print(f"elements: {n:,} in {args.tensors} tensors")
+    print(f"elements: {n:,} in {args.tensors} tensors; compiled kernels: {kernels.available()}")
 
     # Reference bandwidth: fp32 c = a + b reads 8 and writes 4 bytes per element.
     add_time = reference_add_time(n, args.repeats)
@@ -94,16 +95,25 @@ def main() -> None:
         for name in delta.names:
             delta.served_parameter(name, base[name], mask[name], out=out[name])
 
-    results["materialise (task mask, fp32 out)"] = (timed(materialise, args.repeats), n * (4 + 8 + 4 + 1 / 8))
-    results["materialise (plain merge)"] = (
-        timed(lambda: [delta.served_parameter(k, base[k], None, out=out[k]) for k in delta.names], args.repeats),
-        n * (4 + 8 + 4),
-    )
+    def materialise_plain() -> None:
+        for name in delta.names:
+            delta.served_parameter(name, base[name], None, out=out[name])
 
-    print(f"\n{'operation':38s} {'seconds':>8s} {'GB/s':>7s} {'vs torch.add':>13s}")
+    # The fused kernels (hf_sift/_kernels.c) when built, and the pure-torch path they replace, side by side.
+    paths = [("", "0")] + ([(", torch path", "1")] if kernels.available() else [])
+    for label, disabled in paths:
+        os.environ["HF_SIFT_DISABLE_KERNELS"] = disabled
+        results[f"materialise (task mask, fp32 out{label})"] = (
+            timed(materialise, args.repeats),
+            n * (4 + 8 + 4 + 1 / 8),
+        )
+        results[f"materialise (plain merge{label})"] = (timed(materialise_plain, args.repeats), n * (4 + 8 + 4))
+    os.environ.pop("HF_SIFT_DISABLE_KERNELS")
+
+    print(f"\n{'operation':50s} {'seconds':>8s} {'GB/s':>7s} {'vs torch.add':>13s}")
     for name, (seconds, nbytes) in results.items():
         rate = nbytes / seconds
-        print(f"{name:38s} {seconds:8.3f} {rate / 1e9:7.2f} {rate / bandwidth:12.0%}")
+        print(f"{name:50s} {seconds:8.3f} {rate / 1e9:7.2f} {rate / bandwidth:12.0%}")
     print(f"\n(task vector construction incl. digest: {build_time:.2f} s, not part of add)")
 
 

@@ -7,17 +7,20 @@ import json
 import os
 import warnings
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel
 
-from . import __version__
+from . import __version__, kernels
 from .artifact import read_config
 from .atomic import link_or_copy, staged_folder
+from .digest import digest_tensors
 from .errors import (
     BaseModelMismatchError,
+    CorruptArtifactError,
     DeltaNotKeptError,
     MissingBaseModelError,
     ServingDtypeError,
@@ -152,59 +155,66 @@ class MergedMaskedModel(torch.nn.Module):
         """
         target_dtype = _resolve_dtype(dtype)
         artifact = resolve_artifact(path_or_repo_id, task, revision, **hub_kwargs)
-        delta = MergedDelta.from_pretrained(artifact.folder, verify=verify)
-        masks = cls._read_mask(delta, artifact, task)
-        scale = delta.default_scale() if scale is None else float(scale)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_sift-digest") as pool:
+            delta = MergedDelta.from_pretrained(artifact.folder, verify=False)
+            recorded_digest = read_config(artifact.folder)["delta_digest"]
+            # The sum's digest (a sha256 over ~8 bytes per tuned element) is checked in a background thread while the
+            # base model loads and the weights are served; nothing is returned before it matches.
+            checking = pool.submit(digest_tensors, delta.sum) if verify else None
+            masks = cls._read_mask(delta, artifact, task)
+            scale = delta.default_scale() if scale is None else float(scale)
 
-        if base_model is None and delta.base_model is None:
-            raise MissingBaseModelError(
-                f"{artifact.folder} does not name its base model: pass base_model= (a name or a folder)"
-            )
-        base_name = str(base_model) if base_model is not None else delta.base_model
-        base_revision = None if base_model is not None else delta.base_revision
-        base_kwargs = {k: hub_kwargs[k] for k in _BASE_HUB_KWARGS if k in hub_kwargs}
-        if model_class is None:
-            config = AutoConfig.from_pretrained(base_name, revision=base_revision, **base_kwargs)
-            model_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-        recorded = set(delta.dtypes.values())
-        base_dtype = recorded.pop() if len(recorded) == 1 else "auto"
+            if base_model is None and delta.base_model is None:
+                raise MissingBaseModelError(
+                    f"{artifact.folder} does not name its base model: pass base_model= (a name or a folder)"
+                )
+            base_name = str(base_model) if base_model is not None else delta.base_model
+            base_revision = None if base_model is not None else delta.base_revision
+            base_kwargs = {k: hub_kwargs[k] for k in _BASE_HUB_KWARGS if k in hub_kwargs}
+            if model_class is None:
+                config = AutoConfig.from_pretrained(base_name, revision=base_revision, **base_kwargs)
+                model_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+            recorded = set(delta.dtypes.values())
+            base_dtype = recorded.pop() if len(recorded) == 1 else "auto"
 
-        def load(load_dtype: Any, load_device_map: Any) -> PreTrainedModel:
-            return model_class.from_pretrained(
-                base_name, revision=base_revision, dtype=load_dtype, device_map=load_device_map, **base_kwargs
-            )
+            def load(load_dtype: Any, load_device_map: Any) -> PreTrainedModel:
+                return model_class.from_pretrained(
+                    base_name, revision=base_revision, dtype=load_dtype, device_map=load_device_map, **base_kwargs
+                )
 
-        # θ0 is read in the dtype the merge was built on; a model in another dtype is loaded by transformers
-        # (which knows which modules to keep in float32) and its tuned weights are then rounded once from float64.
-        model = load(base_dtype if target_dtype is None else target_dtype, device_map)
-        reference = model if target_dtype is None or target_dtype == base_dtype else load(base_dtype, None)
-        base_state = reference.state_dict()
-        cls._check_base(delta, base_state, allow_base_mismatch)
-        if reference is not model:
-            cls._check_cast(model.state_dict(), base_state, set(delta.names))
+            # θ0 is read in the dtype the merge was built on; a model in another dtype is loaded by transformers
+            # (which knows which modules to keep in float32) and its tuned weights are then rounded once from float64.
+            model = load(base_dtype if target_dtype is None else target_dtype, device_map)
+            reference = model if target_dtype is None or target_dtype == base_dtype else load(base_dtype, None)
+            base_state = reference.state_dict()
+            cls._check_base(delta, base_state, allow_base_mismatch)
+            if reference is not model:
+                cls._check_cast(model.state_dict(), base_state, set(delta.names))
 
-        if keep_delta:
-            base_weights = {n: base_state[n].detach().to("cpu", copy=reference is model) for n in delta.names}
-        elif reference is not model:
-            base_weights = {n: base_state[n] for n in delta.names}
-        else:
-            base_weights = None  # served in place over θ0, which is then gone
-        del reference, base_state
-        plain = cls._plain_weights(model, delta, base_weights, scale) if keep_delta else None
-        cls._serve(model, delta, base_weights, masks, scale, plain)
+            if keep_delta:
+                base_weights = {n: base_state[n].detach().to("cpu", copy=reference is model) for n in delta.names}
+            elif reference is not model:
+                base_weights = {n: base_state[n] for n in delta.names}
+            else:
+                base_weights = None  # served in place over θ0, which is then gone
+            del reference, base_state
+            plain = cls._plain_weights(model, delta, base_weights, scale) if keep_delta else None
+            cls._serve(model, delta, base_weights, masks, scale, plain)
 
-        provenance = {
-            "base_digest": delta.base_digest,
-            "base_model": base_name,
-            "delta_digest": read_config(artifact.folder)["delta_digest"],
-            "hf_sift_version": __version__,
-            "scale": scale,
-        }
-        if not keep_delta:
-            task_ids, delta, base_weights = delta.task_ids, None, None
-        else:
-            task_ids = delta.task_ids
-        return cls(model, delta, base_weights, artifact, task, scale, task_ids, provenance, plain)
+            provenance = {
+                "base_digest": delta.base_digest,
+                "base_model": base_name,
+                "delta_digest": recorded_digest,
+                "hf_sift_version": __version__,
+                "scale": scale,
+            }
+            if not keep_delta:
+                task_ids, delta, base_weights = delta.task_ids, None, None
+            else:
+                task_ids = delta.task_ids
+            if checking is not None and checking.result() != recorded_digest:
+                raise CorruptArtifactError(f"the sum in {artifact.folder} does not match its recorded digest")
+            return cls(model, delta, base_weights, artifact, task, scale, task_ids, provenance, plain)
 
     @staticmethod
     def _read_mask(delta: MergedDelta, artifact: ResolvedArtifact, task: str | None) -> dict[str, torch.Tensor] | None:
@@ -246,12 +256,13 @@ class MergedMaskedModel(torch.nn.Module):
     ) -> dict[str, torch.Tensor]:
         """The plain-merge weights of the tuned parameters in the served dtype, on the CPU (kept for switching)."""
         state = model.state_dict()
-        return {
-            name: delta.served_parameter(
-                name, base_weights[name], None, scale, out=torch.empty(state[name].shape, dtype=state[name].dtype)
-            )
-            for name in delta.names
-        }
+        with kernels.deferred():
+            return {
+                name: delta.served_parameter(
+                    name, base_weights[name], None, scale, out=torch.empty(state[name].shape, dtype=state[name].dtype)
+                )
+                for name in delta.names
+            }
 
     @staticmethod
     def _serve(
@@ -268,21 +279,28 @@ class MergedMaskedModel(torch.nn.Module):
         them and θ0 by the task's mask: Q is not read again.
         """
         state = model.state_dict()
-        served: set[tuple[torch.device, int]] = set()
-        for name in delta.names:
+        served: dict[tuple[torch.device, int], str] = {}
+        on_device: list[tuple[torch.Tensor, torch.Tensor]] = []
+        with kernels.deferred():  # one batched hand-off to the kernel threads for all parameters
+            for name in delta.names:
+                target = state[name]
+                key = (target.device, target.data_ptr())
+                if key in served:  # tied weights share one storage: serve it once
+                    continue
+                served[key] = name
+                base = target if base_weights is None else base_weights[name]
+                mask = None if masks is None else masks[name]
+                merged = None if plain is None else plain[name]
+                if target.device.type == "cpu" and base.device.type == "cpu":
+                    delta.served_parameter(name, base, mask, scale, out=target, plain=merged)
+                else:  # computed on the CPU so that the bits do not depend on the device
+                    out = torch.empty(target.shape, dtype=target.dtype)
+                    on_device.append((target, delta.served_parameter(name, base.cpu(), mask, scale, out, merged)))
+        for target, out in on_device:
+            target.copy_(out)
+        for name in served.values():
             target = state[name]
-            key = (target.device, target.data_ptr())
-            if key in served:  # tied weights share one storage: serve it once
-                continue
-            served.add(key)
             base = target if base_weights is None else base_weights[name]
-            mask = None if masks is None else masks[name]
-            merged = None if plain is None else plain[name]
-            if target.device.type == "cpu" and base.device.type == "cpu":
-                delta.served_parameter(name, base, mask, scale, out=target, plain=merged)
-            else:  # computed on the CPU so that the bits do not depend on the device
-                out = torch.empty(target.shape, dtype=target.dtype)
-                target.copy_(delta.served_parameter(name, base.cpu(), mask, scale, out=out, plain=merged))
             check = _may_overflow(target.dtype, delta, scale)
             if check and not _is_finite(target) and (base_weights is None or _is_finite(base)):
                 raise ServingDtypeError(
@@ -328,10 +346,16 @@ class MergedMaskedModel(torch.nn.Module):
                 "this model was loaded with keep_delta=False, which drops the sum after serving one task; "
                 "load it again with the new task (or with keep_delta=True to switch in place)"
             )
-        masks = self._read_mask(self._delta, self._artifact, task)
+        if task is not None:
+            self._delta.record(task)  # an unknown task raises here, before anything is downloaded
+            self._artifact.ensure_mask(task)
         previous = self._task
         try:
-            self._serve(self.model, self._delta, self._base_weights, masks, self._scale, self._plain)
+            if task is None:
+                self._serve(self.model, self._delta, self._base_weights, None, self._scale, self._plain)
+            else:  # served from the mapped mask while its digest is checked; a mismatch restores `previous`
+                with self._delta.open_mask(task) as masks:
+                    self._serve(self.model, self._delta, self._base_weights, masks, self._scale, self._plain)
         except BaseException:
             old_masks = self._read_mask(self._delta, self._artifact, previous)
             self._serve(self.model, self._delta, self._base_weights, old_masks, self._scale, self._plain)

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import __version__
+from . import __version__, kernels
 from .artifact import (
     DEFAULT_MAX_SHARD_SIZE,
     FORMAT_VERSION,
     iter_delta,
     load_mask_file,
+    mapped_mask_file,
     mask_filename,
     read_config,
     read_manifest,
@@ -268,6 +270,21 @@ class MergedDelta:
             return load_mask_file(source, self._records[task_id]["mask_digest"], self.shapes)
         return source
 
+    @contextlib.contextmanager
+    def open_mask(self, task_id: str) -> Iterator[dict[str, torch.Tensor]]:
+        """Like [`load_mask`], but mapped from its file while the digest is checked alongside.
+
+        Use the masks inside the block; a digest mismatch raises [`~hf_sift.errors.CorruptArtifactError`] when it
+        exits, and whatever was computed from them must then be discarded.
+        """
+        task_id = self._known(task_id)
+        source = self._masks[task_id]
+        if not isinstance(source, Path):
+            yield source
+            return
+        with mapped_mask_file(source, self._records[task_id]["mask_digest"], self.shapes) as masks:
+            yield masks
+
     def default_scale(self) -> float:
         """1/T, the paper's scale (0 when nothing is merged)."""
         return 1.0 / self.num_tasks if self.num_tasks else 0.0
@@ -316,6 +333,16 @@ class MergedDelta:
         # -0.0: θ0 + (-0.0) is θ0 bit for bit (θ0 + 0.0 would turn -0.0 into +0.0). Q·m is masked as an integer
         # (exact), and ±Q never overflows since the sum stays within ±(2**63 - 1).
         negate = factor > 0
+        # The fused kernels (one pass, threaded) give the same bits as the torch path below, which serves whatever
+        # they do not support (other dtypes, devices or layouts, or a build without a C compiler).
+        if plain is not None and packed_mask is not None:
+            merged = plain.reshape(-1)
+            if kernels.select_(out_flat, merged, base_flat, packed_mask):
+                return out
+        elif plain is None and kernels.serve_(
+            out_flat, base_flat, total, packed_mask, -factor if negate else factor, negate
+        ):
+            return out
         if plain is None:  # reusable chunk buffers, only needed when Q is read
             size = min(_SERVE_CHUNK, numel)
             work = torch.empty(size, dtype=torch.int64, device=out.device)
@@ -361,10 +388,11 @@ class MergedDelta:
         masks = self.load_mask(task) if task is not None else None
         self.check_base(base_state_dict, verify_digest=verify_base)
         served = dict(base_state_dict)
-        for name in self.names:
-            served[name] = self.served_parameter(
-                name, base_state_dict[name], None if masks is None else masks[name], scale
-            )
+        with kernels.deferred():
+            for name in self.names:
+                served[name] = self.served_parameter(
+                    name, base_state_dict[name], None if masks is None else masks[name], scale
+                )
         return served
 
     # ------------------------------------------------------------------ persistence

@@ -300,12 +300,21 @@ def test_missing_or_corrupted_files(llama, tmp_path, damage):
         MergedMaskedModel.from_pretrained(artifact, task="t1")
 
 
-def test_set_task_to_a_corrupted_mask_keeps_the_previous_task(llama, tmp_path):
+@pytest.mark.parametrize("damage", ["flip", "truncate", "missing", "header"])
+def test_set_task_to_a_corrupted_mask_keeps_the_previous_task(llama, tmp_path, damage):
     source, _, delta, base = llama
     artifact = tmp_path / "artifact"
     shutil.copytree(source, artifact)
     model = MergedMaskedModel.from_pretrained(artifact, task="t0")
-    corrupt(artifact / mask_filename("t2"))
+    path = artifact / mask_filename("t2")
+    if damage == "flip":  # a data byte: found by the digest, after the mapped mask was used
+        corrupt(path)
+    elif damage == "truncate":
+        path.write_bytes(path.read_bytes()[:-3])
+    elif damage == "missing":
+        path.unlink()
+    else:
+        path.write_bytes(b"\xff" * 16 + path.read_bytes()[16:])
     with pytest.raises(CorruptArtifactError):
         model.set_task("t2")
     assert model.task == "t0"

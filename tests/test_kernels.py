@@ -11,7 +11,9 @@ from hf_sift import MergedDelta, TaskVector, kernels
 from hf_sift.masks import pack_bits
 
 
-needs_kernels = pytest.mark.skipif(not kernels.available(), reason="hf_sift._kernels was not built (no C compiler)")
+needs_kernels = pytest.mark.skipif(
+    not kernels.available(), reason="hf_sift._kernels not built (no C compiler) or disabled"
+)
 
 EDGE_FLOATS = [0.0, -0.0, 1.0, -1.5, 1e-40, -1e-45, 3.4e38, -3.4e38, math.inf, -math.inf, math.nan, 0.02, -0.013]
 EDGE_INTS = [0, 1, -1, 2**40, -(2**40), 2**53 + 1, -(2**53) - 1, 2**62, 2**63 - 1, -(2**63) + 1, 123456789]

@@ -51,7 +51,7 @@ static inline double served_value(double base, int64_t q, int64_t keep, int nega
                 out[i] = STORE(served_value(LOAD(base[i]), q[i], -1, negate, factor));                 \
         } else {                                                                                       \
             Py_ssize_t i = start;                                                                      \
-            for (; i < stop && ((i & 7) || i + 8 > stop); i++) {                                       \
+            for (; i < stop && (i & 7); i++) {                                                         \
                 int64_t keep = -(int64_t)((mask[i >> 3] >> (i & 7)) & 1u);                             \
                 out[i] = STORE(served_value(LOAD(base[i]), q[i], keep, negate, factor));               \
             }                                                                                          \

@@ -10,6 +10,7 @@ give identical bits: the kernels implement exactly the arithmetic of docs/FORMAT
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from collections.abc import Iterator
@@ -29,7 +30,6 @@ except ImportError:  # built without a C compiler: the torch paths serve instead
 _KIND = {torch.float32: 0, torch.bfloat16: 1}
 # Below this many elements, one thread: the hand-off would cost more than it saves.
 _PARALLEL_MIN = 1 << 20
-_executor: ThreadPoolExecutor | None = None
 
 
 def available() -> bool:
@@ -97,15 +97,18 @@ def _run_segments(segments: list[tuple[Any, tuple, int, int]]) -> None:
         kernel(*args, lo, hi)
 
 
+@functools.cache
+def _executor(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hf_sift-kernels")
+
+
 def _run_batch(calls: list[tuple[Any, tuple[Any, ...], int]]) -> None:
-    global _executor
     threads = max(1, torch.get_num_threads())
     if threads == 1 or sum(numel for _, _, numel in calls) < _PARALLEL_MIN:
         _run_segments([(kernel, args, 0, numel) for kernel, args, numel in calls])
         return
-    if _executor is None or _executor._max_workers < threads:
-        _executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hf_sift-kernels")
-    for future in [_executor.submit(_run_segments, group) for group in _segments(calls, threads)]:
+    pool = _executor(threads)
+    for future in [pool.submit(_run_segments, group) for group in _segments(calls, threads)]:
         future.result()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import os
@@ -217,12 +218,16 @@ class MergedMaskedModel(torch.nn.Module):
             return cls(model, delta, base_weights, artifact, task, scale, task_ids, provenance, plain)
 
     @staticmethod
+    def _fetch_mask(delta: MergedDelta, artifact: ResolvedArtifact, task: str | None) -> None:
+        """Check that `task` exists (before anything is downloaded), then make sure its mask file is local."""
+        if task is not None:
+            delta.record(task)
+            artifact.ensure_mask(task)
+
+    @staticmethod
     def _read_mask(delta: MergedDelta, artifact: ResolvedArtifact, task: str | None) -> dict[str, torch.Tensor] | None:
-        if task is None:
-            return None
-        delta.record(task)  # an unknown task raises here, before anything is downloaded
-        artifact.ensure_mask(task)
-        return delta.load_mask(task)
+        MergedMaskedModel._fetch_mask(delta, artifact, task)
+        return None if task is None else delta.load_mask(task)
 
     @staticmethod
     def _check_base(delta: MergedDelta, base_state: Mapping[str, torch.Tensor], allow_mismatch: bool) -> None:
@@ -346,16 +351,12 @@ class MergedMaskedModel(torch.nn.Module):
                 "this model was loaded with keep_delta=False, which drops the sum after serving one task; "
                 "load it again with the new task (or with keep_delta=True to switch in place)"
             )
-        if task is not None:
-            self._delta.record(task)  # an unknown task raises here, before anything is downloaded
-            self._artifact.ensure_mask(task)
+        self._fetch_mask(self._delta, self._artifact, task)
         previous = self._task
         try:
-            if task is None:
-                self._serve(self.model, self._delta, self._base_weights, None, self._scale, self._plain)
-            else:  # served from the mapped mask while its digest is checked; a mismatch restores `previous`
-                with self._delta.open_mask(task) as masks:
-                    self._serve(self.model, self._delta, self._base_weights, masks, self._scale, self._plain)
+            # Served from the mapped mask while its digest is checked; a mismatch restores `previous` below.
+            with contextlib.nullcontext() if task is None else self._delta.open_mask(task) as masks:
+                self._serve(self.model, self._delta, self._base_weights, masks, self._scale, self._plain)
         except BaseException:
             old_masks = self._read_mask(self._delta, self._artifact, previous)
             self._serve(self.model, self._delta, self._base_weights, old_masks, self._scale, self._plain)

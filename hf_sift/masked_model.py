@@ -16,6 +16,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel
 
 from . import __version__, kernels
+from .arena import empty_tensors
 from .artifact import read_config
 from .atomic import link_or_copy, staged_folder
 from .digest import digest_tensors
@@ -136,10 +137,12 @@ class MergedMaskedModel(torch.nn.Module):
             device_map (`str`, `dict` or `torch.device`, *optional*): Passed to transformers' `from_pretrained`.
             base_model (`str` or `os.PathLike`, *optional*): Base model name or path; defaults to the one recorded
                 in `sift_config.json`. Its weights must match the recorded digest.
-            keep_delta (`bool`, *optional*, defaults to `True`): Keep the sum Q, a CPU copy of θ0 and the plain-merge
-                weights over the tuned parameters so that [`set_task`] can switch tasks with one bitwise select per
-                parameter (16 bytes per tuned element on top of the model for fp32). With `False` both are dropped once the task is served: the model then takes the
-                memory of the plain model, and cannot switch task.
+            keep_delta (`bool`, *optional*, defaults to `True`): Keep the sum Q, θ0 and the plain-merge weights of
+                the tuned parameters so that [`set_task`] can switch tasks with one bitwise select per parameter
+                (about 12 bytes per tuned element on top of the model for fp32, 8 of them the sum, mapped from the
+                artifact). θ0 stays as loaded: the served weights go to new memory. With `False` the served weights
+                overwrite θ0 and the sum is dropped: the model then takes the memory of the plain model, and cannot
+                switch task.
             scale (`float`, *optional*): Scale of the merged update; defaults to 1/T.
             allow_base_mismatch (`bool`, *optional*, defaults to `False`): Serve on a base whose weights differ
                 from the recorded digest, with a warning (shapes and dtypes must still match).
@@ -156,7 +159,7 @@ class MergedMaskedModel(torch.nn.Module):
         """
         target_dtype = _resolve_dtype(dtype)
         artifact = resolve_artifact(path_or_repo_id, task, revision, **hub_kwargs)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_sift-digest") as pool:
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="hf_sift-digest") as pool:
             delta = MergedDelta.from_pretrained(artifact.folder, verify=False)
             recorded_digest = read_config(artifact.folder)["delta_digest"]
             # The sum's digest (a sha256 over ~8 bytes per tuned element) is checked in a background thread while the
@@ -188,19 +191,20 @@ class MergedMaskedModel(torch.nn.Module):
             model = load(base_dtype if target_dtype is None else target_dtype, device_map)
             reference = model if target_dtype is None or target_dtype == base_dtype else load(base_dtype, None)
             base_state = reference.state_dict()
-            cls._check_base(delta, base_state, allow_base_mismatch)
+            delta.check_base(base_state, verify_digest=False)  # names, shapes, dtypes: checked at once
+            # θ0's digest (a sha256 over the tuned weights) is checked alongside the serving pass, below.
+            base_digest = pool.submit(digest_tensors, base_state, delta.names)
             if reference is not model:
                 cls._check_cast(model.state_dict(), base_state, set(delta.names))
-
-            if keep_delta:
-                base_weights = {n: base_state[n].detach().to("cpu", copy=reference is model) for n in delta.names}
-            elif reference is not model:
-                base_weights = {n: base_state[n] for n in delta.names}
-            else:
-                base_weights = None  # served in place over θ0, which is then gone
+            base_weights = {n: base_state[n].detach().to("cpu") for n in delta.names}
             del reference, base_state
             plain = cls._plain_weights(model, delta, base_weights, scale) if keep_delta else None
-            cls._serve(model, delta, base_weights, masks, scale, plain)
+            # Kept for switching, θ0 is only read: the served weights go to new memory, which the parameters are then
+            # pointed at. Without `keep_delta` they overwrite θ0, whose memory they reuse.
+            if not keep_delta:
+                base_digest.result()  # θ0 is overwritten below: its digest must be taken first
+            cls._serve(model, delta, base_weights, masks, scale, plain, fresh=keep_delta)
+            cls._check_base_digest(delta, base_digest.result(), allow_base_mismatch)
 
             provenance = {
                 "base_digest": delta.base_digest,
@@ -230,17 +234,16 @@ class MergedMaskedModel(torch.nn.Module):
         return None if task is None else delta.load_mask(task)
 
     @staticmethod
-    def _check_base(delta: MergedDelta, base_state: Mapping[str, torch.Tensor], allow_mismatch: bool) -> None:
-        delta.check_base(base_state, verify_digest=False)  # names, shapes, dtypes: always required
-        try:
-            delta.check_base(base_state, verify_digest=True)
-        except BaseModelMismatchError as err:
-            if not allow_mismatch:
-                raise BaseModelMismatchError(
-                    f"{err}; pass allow_base_mismatch=True to serve on it anyway (the served weights are then "
-                    "not the merge's)"
-                ) from None
-            warnings.warn(f"{err}; serving anyway because allow_base_mismatch=True", stacklevel=3)
+    def _check_base_digest(delta: MergedDelta, digest: str, allow_mismatch: bool) -> None:
+        if digest == delta.base_digest:
+            return
+        message = "the base model's weights differ from the ones this delta was built on"
+        if not allow_mismatch:
+            raise BaseModelMismatchError(
+                f"{message}; pass allow_base_mismatch=True to serve on it anyway (the served weights are then "
+                "not the merge's)"
+            )
+        warnings.warn(f"{message}; serving anyway because allow_base_mismatch=True", stacklevel=3)
 
     @staticmethod
     def _check_cast(
@@ -261,57 +264,69 @@ class MergedMaskedModel(torch.nn.Module):
     ) -> dict[str, torch.Tensor]:
         """The plain-merge weights of the tuned parameters in the served dtype, on the CPU (kept for switching)."""
         state = model.state_dict()
+        buffers = empty_tensors([(state[n].shape, state[n].dtype) for n in delta.names])
         with kernels.deferred():
             return {
-                name: delta.served_parameter(
-                    name, base_weights[name], None, scale, out=torch.empty(state[name].shape, dtype=state[name].dtype)
-                )
-                for name in delta.names
+                name: delta.served_parameter(name, base_weights[name], None, scale, out=out)
+                for name, out in zip(delta.names, buffers)
             }
 
     @staticmethod
     def _serve(
         model: PreTrainedModel,
         delta: MergedDelta,
-        base_weights: Mapping[str, torch.Tensor] | None,
+        base_weights: Mapping[str, torch.Tensor],
         masks: Mapping[str, torch.Tensor] | None,
         scale: float,
         plain: Mapping[str, torch.Tensor] | None = None,
+        fresh: bool = False,
     ) -> None:
-        """Write the served weights into `model`, one parameter at a time (in place over θ0 without `base_weights`).
+        """Write the served weights into `model`, one parameter at a time.
 
         With `plain` (the plain-merge weights kept by `keep_delta=True`), each parameter is a bitwise select between
-        them and θ0 by the task's mask: Q is not read again.
+        them and θ0 by the task's mask: Q is not read again. With `fresh`, the weights of CPU parameters go to new
+        memory (see `hf_sift.arena`) that the parameters are then pointed at, leaving their previous storage (θ0, often
+        a map of the checkpoint file) untouched, and new memory filled in huge pages is much faster to write than the
+        copy-on-write pages of such a map; otherwise they are written in place.
         """
-        state = model.state_dict()
-        served: dict[tuple[torch.device, int], str] = {}
+        state = model.state_dict(keep_vars=True)
+        groups: dict[tuple[torch.device, int], list[str]] = {}
+        for name in delta.names:  # tied weights share one storage: serve it once
+            target = state[name]
+            groups.setdefault((target.device, target.data_ptr()), []).append(name)
+        served = [names[0] for names in groups.values()]
+        on_cpu = [n for n in served if state[n].device.type == "cpu"]
+        buffers = empty_tensors([(state[n].shape, state[n].dtype) for n in on_cpu]) if fresh else []
+        outputs = dict(zip(on_cpu, buffers))
+        # A non-finite served weight is an overflow unless θ0 was already non-finite (checked before θ0 may be
+        # overwritten), and only dtypes narrower than float32's range can overflow.
+        checked = [n for n in served if _may_overflow(state[n].dtype, delta, scale) and _is_finite(base_weights[n])]
         on_device: list[tuple[torch.Tensor, torch.Tensor]] = []
         with kernels.deferred():  # one batched hand-off to the kernel threads for all parameters
-            for name in delta.names:
-                target = state[name]
-                key = (target.device, target.data_ptr())
-                if key in served:  # tied weights share one storage: serve it once
-                    continue
-                served[key] = name
-                base = target if base_weights is None else base_weights[name]
+            for name in served:
+                target = state[name].detach()
                 mask = None if masks is None else masks[name]
                 merged = None if plain is None else plain[name]
-                if target.device.type == "cpu" and base.device.type == "cpu":
-                    delta.served_parameter(name, base, mask, scale, out=target, plain=merged)
+                base = base_weights[name]
+                if target.device.type == "cpu":
+                    delta.served_parameter(name, base, mask, scale, out=outputs.get(name, target), plain=merged)
                 else:  # computed on the CPU so that the bits do not depend on the device
                     out = torch.empty(target.shape, dtype=target.dtype)
-                    on_device.append((target, delta.served_parameter(name, base.cpu(), mask, scale, out, merged)))
+                    on_device.append((target, delta.served_parameter(name, base, mask, scale, out, merged)))
         for target, out in on_device:
             target.copy_(out)
-        for name in served.values():
-            target = state[name]
-            base = target if base_weights is None else base_weights[name]
-            check = _may_overflow(target.dtype, delta, scale)
-            if check and not _is_finite(target) and (base_weights is None or _is_finite(base)):
+        for name in checked:
+            served_weights = outputs.get(name, state[name].detach())
+            if not _is_finite(served_weights):
                 raise ServingDtypeError(
-                    f"{target.dtype} cannot hold the served weights of {name!r} (they overflow to inf); "
+                    f"{served_weights.dtype} cannot hold the served weights of {name!r} (they overflow to inf); "
                     "use a wider dtype"
                 )
+        with torch.no_grad():
+            for names in groups.values():
+                if names[0] in outputs:
+                    for name in names:
+                        state[name].data = outputs[names[0]]
 
     # ------------------------------------------------------------------ tasks
 

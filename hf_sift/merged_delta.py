@@ -164,7 +164,7 @@ class MergedDelta:
         # `_bounds` holds upper bounds of max|Q| per tensor: while bound + max|q| fits in int64 no element can
         # overflow and the exact (slower) check is skipped. Every tensor is checked before any is touched, so a
         # refused update leaves the sum unchanged.
-        exact = [n for n in self.names if self._bounds[n] + task_vector.max_abs[n] > INT64_MAX]
+        exact = [n for n in self.names if self._bound(n) + task_vector.max_abs[n] > INT64_MAX]
         for name in exact:
             check_no_overflow(self._sum[name], task_vector.q[name].to(self._sum[name].device), name, sign)
         for name in self.names:
@@ -177,6 +177,12 @@ class MergedDelta:
                 self._bounds[name] = max_abs(self._sum[name])
             else:
                 self._bounds[name] += task_vector.max_abs[name]
+
+    def _bound(self, name: str) -> int:
+        """An upper bound of max|Q| over one tensor (computed on first use after loading)."""
+        if name not in self._bounds:
+            self._bounds[name] = max_abs(self._sum[name])
+        return self._bounds[name]
 
     def add(self, task_id: str, task_vector: TaskVector) -> None:
         """Merge a task: Q += q_t, and keep its mask and record.
@@ -458,7 +464,7 @@ class MergedDelta:
         self.base_revision = config["base_revision"]
         self.base_digest = config["base_digest"]
         self._sum = dict(iter_delta(directory, self.shapes))
-        self._bounds = {n: max_abs(t) for n, t in self._sum.items()}
+        self._bounds = {}  # filled by `_bound` when tasks are added or removed; serving never needs them
         self._records = {t: dict(r) for t, r in records.items()}
         self._masks = {t: directory / mask_filename(t) for t in records}
         if config["num_tasks"] != len(records):

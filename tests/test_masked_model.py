@@ -24,6 +24,7 @@ from transformers import (
 
 from hf_sift import MergedDelta, MergedMaskedModel, TaskVector
 from hf_sift.artifact import CONFIG_NAME, DELTA_NAME, mask_filename
+from hf_sift.digest import digest_tensors
 from hf_sift.errors import (
     BaseModelMismatchError,
     CorruptArtifactError,
@@ -406,4 +407,51 @@ def test_repo_id_downloads_only_config_sum_and_one_mask(llama, tmp_path, monkeyp
     assert_serves(model, delta.materialize(base, "t1"))
     model.set_task("t2")
     assert [f for f in fetched if f.startswith("masks/")] == [mask_filename("t1"), mask_filename("t2")]
+    assert_serves(model, delta.materialize(base, "t2"))
+
+
+# ---------------------------------------------------------------------- huge-page buffers
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_served_weights_in_huge_page_buffers(tmp_path, monkeypatch, arch):
+    """Served weights land in one huge-page allocation (forced here for tiny models): same bits, same behaviour."""
+    from hf_sift import arena
+
+    if not arena.huge_pages_available():
+        pytest.skip("no MADV_HUGEPAGE on this platform")
+    monkeypatch.setattr(arena, "_MIN_BYTES", 0)
+    artifact, base_dir, delta, base = build_artifact(tmp_path, arch)
+    base_bytes = (base_dir / "model.safetensors").read_bytes()
+    model = MergedMaskedModel.from_pretrained(artifact, task="t1")
+    params = dict(model.model.named_parameters())
+    assert len({params[n].untyped_storage().data_ptr() for n in delta.names if n in params}) == 1
+    assert_serves(model, delta.materialize(base, "t1"))
+    for name in delta.names:  # θ0 is only read
+        assert torch.equal(model._base_weights[name], base[name]), name
+    model.set_task("t4")
+    assert_serves(model, delta.materialize(base, "t4"))
+    model.save_pretrained(tmp_path / "export")
+    vanilla = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    assert torch.equal(logits(vanilla), logits(model))
+    dropped = MergedMaskedModel.from_pretrained(artifact, task="t4", keep_delta=False)
+    assert_serves(dropped, delta.materialize(base, "t4"))
+    assert (base_dir / "model.safetensors").read_bytes() == base_bytes
+
+
+@pytest.mark.parametrize("keep_delta", [True, False])
+def test_base_digest_is_taken_before_theta0_is_overwritten(llama, monkeypatch, keep_delta):
+    """θ0's digest runs alongside serving; a slow hash must still see θ0, not served weights (in-place serving)."""
+    import time
+
+    from hf_sift import masked_model
+
+    artifact, _, delta, base = llama
+
+    def slow_digest(tensors, names=None):
+        time.sleep(0.3)
+        return digest_tensors(tensors, names)
+
+    monkeypatch.setattr(masked_model, "digest_tensors", slow_digest)
+    model = MergedMaskedModel.from_pretrained(artifact, task="t2", keep_delta=keep_delta)
     assert_serves(model, delta.materialize(base, "t2"))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import hashlib
 import json
 import os
@@ -40,6 +41,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from benchmarks.real_model import cache_dir, smollm2_path  # noqa: E402
 from hf_sift import MergedDelta, MergedMaskedModel  # noqa: E402
 from hf_sift.artifact import CONFIG_NAME, MANIFEST_NAME, mask_filename, save_mask_file  # noqa: E402
+from hf_sift.digest import digest_tensors  # noqa: E402
 from hf_sift.masks import packed_size, popcount  # noqa: E402
 
 
@@ -90,6 +92,7 @@ def build_synthetic(folder: Path, base_path: Path, num_tasks: int, seed: int = 0
 
 
 def timed(fn) -> tuple[float, object]:
+    gc.collect()  # free what earlier calls left in reference cycles (a model) before the clock starts
     start = time.perf_counter()
     result = fn()
     return time.perf_counter() - start, result
@@ -236,13 +239,15 @@ def main() -> None:
 
     # Warm the page cache and the allocator once; then interleave the measurements.
     plain_load(), sift_load()
-    loads: dict[str, list[float]] = {k: [] for k in ("plain", "plain+fwd", "sift", "sift+fwd", "sift_noverify")}
+    kinds = ("plain", "plain+fwd", "sift", "sift+fwd", "sift_noverify", "sift_keep_delta_false")
+    loads: dict[str, list[float]] = {k: [] for k in kinds}
     for _ in range(args.repeats):
         loads["plain"].append(timed(plain_load)[0])
         loads["sift"].append(timed(sift_load)[0])
         loads["plain+fwd"].append(timed(plain_load_forward)[0])
         loads["sift+fwd"].append(timed(sift_load_forward)[0])
         loads["sift_noverify"].append(timed(lambda: sift_load(verify=False))[0])
+        loads["sift_keep_delta_false"].append(timed(lambda: sift_load(keep_delta=False))[0])
     load = {k: statistics.median(v) for k, v in loads.items()}
     print("load times (s), every repeat:", json.dumps({k: [round(x, 3) for x in v] for k, v in loads.items()}))
 
@@ -255,6 +260,10 @@ def main() -> None:
     def one_pass():
         for n in names:
             torch.add(base_weights[n], step[n], out=params[n])
+
+    # The digests every verified load computes (the sum's with `verify`, θ0's always), alone: a floor for loading.
+    hash_sum = median_time(lambda: digest_tensors(delta.sum), args.repeats)
+    hash_base = median_time(lambda: digest_tensors(base_weights), args.repeats)
 
     switches = iter(tasks[2:] * 10)
     switch_times, plain_times, pass_times, reload_times = [], [], [], []
@@ -298,7 +307,16 @@ def main() -> None:
     print(
         f"  with verify=False:            {load['sift_noverify']:.3f} s  -> {load['sift_noverify'] / load['plain']:.2f}x plain"
     )
+    print(
+        f"  with keep_delta=False:        {load['sift_keep_delta_false']:.3f} s  -> "
+        f"{load['sift_keep_delta_false'] / load['plain']:.2f}x plain"
+    )
     print(f"plain load + 1 forward:         {load['plain+fwd']:.3f} s")
+    print(
+        f"sha256 alone: sum {hash_sum:.3f} s, θ0 {hash_base:.3f} s -> with the base's own load, a verified load "
+        f"cannot go below ~{max(hash_sum, hash_base + load['plain']):.3f} s on two threads "
+        f"({max(hash_sum, hash_base + load['plain']) / load['plain']:.1f}x plain)"
+    )
     low = {k: min(v) for k, v in loads.items()}
     low_switch, low_reload, low_pass = min(switch_times), min(reload_times), min(pass_times)
     print(

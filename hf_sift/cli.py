@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "train": "hf_sift.trainer.cli",
     "merge": "hf_sift.merging.cli",
     "negmerge": "hf_sift.merging.cli",
+    "export": "hf_sift.serving_cli",
 }
 COMMAND_MODULES: tuple[str, ...] = tuple(dict.fromkeys(COMMANDS.values()))
 

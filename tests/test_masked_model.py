@@ -455,3 +455,25 @@ def test_base_digest_is_taken_before_theta0_is_overwritten(llama, monkeypatch, k
     monkeypatch.setattr(masked_model, "digest_tensors", slow_digest)
     model = MergedMaskedModel.from_pretrained(artifact, task="t2", keep_delta=keep_delta)
     assert_serves(model, delta.materialize(base, "t2"))
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def test_cli_export_matches_the_api(llama, tmp_path, capsys):
+    from hf_sift.cli import main
+
+    artifact, _, delta, base = llama
+    assert main(["export", str(artifact), "--task", "t3", "-o", str(tmp_path / "cli")]) == 0
+    assert "t3" in capsys.readouterr().out
+    vanilla = AutoModelForCausalLM.from_pretrained(tmp_path / "cli")
+    assert_serves(vanilla_as_served(vanilla), delta.materialize(base, "t3"))
+    assert json.loads((tmp_path / "cli" / EXPORT_RECORD_NAME).read_text())["task"] == "t3"
+    assert main(["export", str(artifact), "-o", str(tmp_path / "plain"), "--dtype", "bfloat16"]) == 0
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
+    assert plain.dtype == torch.bfloat16
+    api = MergedMaskedModel.from_pretrained(artifact, dtype=torch.bfloat16)
+    assert_serves(vanilla_as_served(plain), api.model.state_dict())
+    with pytest.raises(UnknownTaskError):
+        main(["export", str(artifact), "--task", "nope", "-o", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()

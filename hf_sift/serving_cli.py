@@ -1,0 +1,53 @@
+"""`hf-sift export`: write one task of a merged SIFT artifact as a plain transformers checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    export = subparsers.add_parser(
+        "export",
+        help="export one task of a merged SIFT artifact as a plain transformers checkpoint",
+        description=(
+            "Serve TASK from a merged SIFT artifact (a folder or a Hub repo id) and save it as a checkpoint that "
+            "AutoModelForCausalLM.from_pretrained loads, with the artifact's tokenizer and a sift_export.json record."
+        ),
+    )
+    export.add_argument("artifact", help="artifact folder or Hub repo id")
+    export.add_argument("--task", help="task to export (default: the plain merge, no mask)")
+    export.add_argument("-o", "--output", required=True, help="output folder (written atomically)")
+    export.add_argument("--revision", help="branch, tag or commit of the artifact's Hub repo")
+    export.add_argument("--dtype", help="dtype of the exported weights (default: the one the merge was built on)")
+    export.add_argument("--base-model", help="base model name or folder (default: the one the artifact records)")
+    export.add_argument("--scale", type=float, help="scale of the merged update (default: 1/T)")
+    export.add_argument(
+        "--allow-base-mismatch", action="store_true", help="serve on a base whose weights differ from the recorded"
+    )
+    export.add_argument("--no-verify", action="store_true", help="skip the check of the sum against its digest")
+    export.add_argument("--max-shard-size", default="5GB", help="largest output shard (default: 5GB)")
+    export.add_argument("--cache-dir", help="huggingface_hub cache folder")
+    export.add_argument("--local-files-only", action="store_true", help="do not download anything")
+    export.set_defaults(func=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from .masked_model import MergedMaskedModel
+
+    hub = {k: v for k, v in (("cache_dir", args.cache_dir), ("local_files_only", args.local_files_only)) if v}
+    model = MergedMaskedModel.from_pretrained(
+        args.artifact,
+        task=args.task,
+        revision=args.revision,
+        dtype=args.dtype,
+        base_model=args.base_model,
+        keep_delta=False,
+        scale=args.scale,
+        allow_base_mismatch=args.allow_base_mismatch,
+        verify=not args.no_verify,
+        **hub,
+    )
+    model.save_pretrained(args.output, max_shard_size=args.max_shard_size)
+    served = "the plain merge" if args.task is None else f"task {args.task!r}"
+    print(f"exported {served} of {args.artifact} to {args.output}")
+    return 0

@@ -63,6 +63,11 @@ class ServingDtypeError(SiftError, ValueError):
     """The requested dtype cannot hold the served weights (it is not floating point, or they overflow it)."""
 
 
+class ReservedArgumentError(SiftError, ValueError):
+    """An argument cannot be passed through to another library: hf_sift sets it itself, or it would change the
+    weights hf_sift computes (e.g. a quantization config for the base model it serves on)."""
+
+
 class DeltaNotKeptError(SiftError, RuntimeError):
     """A served model loaded with `keep_delta=False` dropped the sum, so it cannot switch task."""
 
@@ -77,6 +82,7 @@ __all__ = [
     "InvalidTaskIdError",
     "MissingBaseModelError",
     "ParameterMismatchError",
+    "ReservedArgumentError",
     "ServingDtypeError",
     "SiftError",
     "SignSeedMismatchError",

@@ -25,6 +25,7 @@ from .errors import (
     CorruptArtifactError,
     DeltaNotKeptError,
     MissingBaseModelError,
+    ReservedArgumentError,
     ServingDtypeError,
 )
 from .hub.download import TOKENIZER_PATTERNS, ResolvedArtifact, resolve_artifact
@@ -50,6 +51,45 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
         raise ServingDtypeError(f"cannot serve weights in {dtype!r}: a floating-point dtype is needed")
     return resolved
+
+
+# `from_pretrained` arguments of the base model that `MergedMaskedModel.from_pretrained` sets itself or that would
+# change the weights it serves: refused in `model_kwargs`.
+_RESERVED_MODEL_KWARGS = frozenset(
+    {
+        "pretrained_model_name_or_path",
+        "revision",
+        "dtype",
+        "torch_dtype",
+        "device_map",
+        "config",
+        "state_dict",
+        "quantization_config",
+        "load_in_8bit",
+        "load_in_4bit",
+        "trust_remote_code",
+        "gguf_file",
+        "from_tf",
+        "from_flax",
+        "use_safetensors",
+        "weights_only",
+        *_BASE_HUB_KWARGS,
+    }
+)
+
+
+def _check_model_kwargs(model_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    if model_kwargs is None:
+        return {}
+    if not isinstance(model_kwargs, Mapping):
+        raise TypeError(f"model_kwargs must be a dict, not {type(model_kwargs).__name__}")
+    refused = sorted(set(model_kwargs) & _RESERVED_MODEL_KWARGS)
+    if refused:
+        raise ReservedArgumentError(
+            f"model_kwargs cannot set {refused}: MergedMaskedModel.from_pretrained sets them itself (pass them as its "
+            "own arguments where it has them), or they would change the weights it serves"
+        )
+    return dict(model_kwargs)
 
 
 def _is_finite(tensor: torch.Tensor) -> bool:
@@ -120,6 +160,7 @@ class MergedMaskedModel(torch.nn.Module):
         allow_base_mismatch: bool = False,
         verify: bool = True,
         model_class: type | None = None,
+        model_kwargs: dict[str, Any] | None = None,
         **hub_kwargs: Any,
     ) -> MergedMaskedModel:
         """Load the base model and serve `task` from a merged SIFT artifact (a local folder or a Hub repo id).
@@ -137,27 +178,34 @@ class MergedMaskedModel(torch.nn.Module):
             device_map (`str`, `dict` or `torch.device`, *optional*): Passed to transformers' `from_pretrained`.
             base_model (`str` or `os.PathLike`, *optional*): Base model name or path; defaults to the one recorded
                 in `sift_config.json`. Its weights must match the recorded digest.
-            keep_delta (`bool`, *optional*, defaults to `True`): Keep the sum Q, θ0 and the plain-merge weights of
-                the tuned parameters so that [`set_task`] can switch tasks with one bitwise select per parameter
-                (about 12 bytes per tuned element on top of the model for fp32, 8 of them the sum, mapped from the
-                artifact). θ0 stays as loaded: the served weights go to new memory. With `False` the served weights
-                overwrite θ0 and the sum is dropped: the model then takes the memory of the plain model, and cannot
-                switch task.
+            keep_delta (`bool`, *optional*, defaults to `True`): Keep the sum Q and θ0 so that [`set_task`] can
+                switch tasks in place. θ0 stays as loaded and the served weights go to new memory: on top of the plain
+                model, 8 bytes per tuned element for the sum (mapped from the artifact) and the served weights (4 for
+                fp32). The first switch also computes the plain-merge weights (one more pass, 4 more bytes per tuned
+                element for fp32); every switch is then one bitwise select per parameter. With `False` the served
+                weights overwrite θ0 and the sum is dropped: the model then takes the memory of the plain model, and
+                cannot switch task.
             scale (`float`, *optional*): Scale of the merged update; defaults to 1/T.
             allow_base_mismatch (`bool`, *optional*, defaults to `False`): Serve on a base whose weights differ
                 from the recorded digest, with a warning (shapes and dtypes must still match).
             verify (`bool`, *optional*, defaults to `True`): Check the sum against its recorded digest.
             model_class (`type`, *optional*): The transformers auto class; defaults to `AutoModelForSeq2SeqLM` for
                 encoder-decoder configs and `AutoModelForCausalLM` otherwise.
+            model_kwargs (`dict`, *optional*): More keyword arguments for transformers' `from_pretrained` of the base
+                model, e.g. `{"attn_implementation": "sdpa"}`. The ones this method sets itself (`dtype`,
+                `device_map`, `revision`, ...) and anything that changes the weights (`quantization_config`,
+                `trust_remote_code`) are refused.
             hub_kwargs: `cache_dir`, `token`, `local_files_only`, `force_download`, ... for `huggingface_hub`
                 (and, where they apply, for loading the base model).
 
         Raises:
             [`~hf_sift.errors.UnknownTaskError`], [`~hf_sift.errors.BaseModelMismatchError`],
             [`~hf_sift.errors.MissingBaseModelError`], [`~hf_sift.errors.CorruptArtifactError`],
-            [`~hf_sift.errors.ParameterMismatchError`] or [`~hf_sift.errors.ServingDtypeError`].
+            [`~hf_sift.errors.ParameterMismatchError`], [`~hf_sift.errors.ServingDtypeError`] or
+            [`~hf_sift.errors.ReservedArgumentError`].
         """
         target_dtype = _resolve_dtype(dtype)
+        model_kwargs = _check_model_kwargs(model_kwargs)
         artifact = resolve_artifact(path_or_repo_id, task, revision, **hub_kwargs)
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="hf_sift-digest") as pool:
             delta = MergedDelta.from_pretrained(artifact.folder, verify=False)
@@ -183,7 +231,12 @@ class MergedMaskedModel(torch.nn.Module):
 
             def load(load_dtype: Any, load_device_map: Any) -> PreTrainedModel:
                 return model_class.from_pretrained(
-                    base_name, revision=base_revision, dtype=load_dtype, device_map=load_device_map, **base_kwargs
+                    base_name,
+                    revision=base_revision,
+                    dtype=load_dtype,
+                    device_map=load_device_map,
+                    **base_kwargs,
+                    **model_kwargs,
                 )
 
             # θ0 is read in the dtype the merge was built on; a model in another dtype is loaded by transformers
@@ -198,12 +251,12 @@ class MergedMaskedModel(torch.nn.Module):
                 cls._check_cast(model.state_dict(), base_state, set(delta.names))
             base_weights = {n: base_state[n].detach().to("cpu") for n in delta.names}
             del reference, base_state
-            plain = cls._plain_weights(model, delta, base_weights, scale) if keep_delta else None
             # Kept for switching, θ0 is only read: the served weights go to new memory, which the parameters are then
-            # pointed at. Without `keep_delta` they overwrite θ0, whose memory they reuse.
+            # pointed at. Without `keep_delta` they overwrite θ0, whose memory they reuse. Either way they are computed
+            # from Q in one pass; the plain-merge weights that make switches cheap are computed at the first switch.
             if not keep_delta:
                 base_digest.result()  # θ0 is overwritten below: its digest must be taken first
-            cls._serve(model, delta, base_weights, masks, scale, plain, fresh=keep_delta)
+            cls._serve(model, delta, base_weights, masks, scale, fresh=keep_delta)
             cls._check_base_digest(delta, base_digest.result(), allow_base_mismatch)
 
             provenance = {
@@ -219,7 +272,7 @@ class MergedMaskedModel(torch.nn.Module):
                 task_ids = delta.task_ids
             if checking is not None and checking.result() != recorded_digest:
                 raise CorruptArtifactError(f"the sum in {artifact.folder} does not match its recorded digest")
-            return cls(model, delta, base_weights, artifact, task, scale, task_ids, provenance, plain)
+            return cls(model, delta, base_weights, artifact, task, scale, task_ids, provenance)
 
     @staticmethod
     def _fetch_mask(delta: MergedDelta, artifact: ResolvedArtifact, task: str | None) -> None:
@@ -353,8 +406,9 @@ class MergedMaskedModel(torch.nn.Module):
     def set_task(self, task: str | None) -> None:
         """Serve `task` (or the plain merge for `None`) in place: one pass over the tuned parameters.
 
-        The base model and the sum are not reloaded; only the new task's mask is read. On any error the model
-        keeps serving the previous task.
+        The base model and the sum are not reloaded; only the new task's mask is read. The first switch also computes
+        the plain-merge weights (one more pass), from which every switch is a bitwise select with θ0. On any error
+        the model keeps serving the previous task.
 
         Raises:
             [`~hf_sift.errors.UnknownTaskError`], [`~hf_sift.errors.CorruptArtifactError`],
@@ -367,6 +421,9 @@ class MergedMaskedModel(torch.nn.Module):
                 "load it again with the new task (or with keep_delta=True to switch in place)"
             )
         self._fetch_mask(self._delta, self._artifact, task)
+        if not self._plain_is_current():  # first switch, or after `to(dtype)`: one more pass, served weights untouched
+            self._plain = None  # free the stale copy before making the new one
+            self._plain = self._plain_weights(self.model, self._delta, self._base_weights, self._scale)
         previous = self._task
         try:
             # Served from the mapped mask while its digest is checked; a mismatch restores `previous` below.
@@ -377,6 +434,13 @@ class MergedMaskedModel(torch.nn.Module):
             self._serve(self.model, self._delta, self._base_weights, old_masks, self._scale, self._plain)
             raise
         self._task = task
+
+    def _plain_is_current(self) -> bool:
+        """Whether the kept plain-merge weights exist and are in the dtype of the parameters they serve."""
+        if self._plain is None:
+            return False
+        state = self.model.state_dict()
+        return all(self._plain[name].dtype == state[name].dtype for name in self._delta.names)
 
     # ------------------------------------------------------------------ export
 
@@ -424,7 +488,10 @@ class MergedMaskedModel(torch.nn.Module):
         return self.model(*args, **kwargs)
 
     def to(self, *args: Any, **kwargs: Any) -> MergedMaskedModel:
-        """Move or cast the served model (θ0 and the sum stay on the CPU); returns `self`."""
+        """Move or cast the served model (θ0 and the sum stay on the CPU); returns `self`.
+
+        After a cast, [`set_task`] serves in the new dtype, rounded once from float64 as a fresh load in that dtype.
+        """
         self.model.to(*args, **kwargs)
         return self
 

@@ -31,6 +31,7 @@ from hf_sift.errors import (
     DeltaNotKeptError,
     MissingBaseModelError,
     ParameterMismatchError,
+    ReservedArgumentError,
     ServingDtypeError,
     UnknownTaskError,
 )
@@ -201,6 +202,54 @@ def test_behaves_like_the_wrapped_model(llama):
     assert ids.tolist() == [[1, 2, 3]]
     assert model.generate(ids, max_new_tokens=2, do_sample=False).shape == (1, 5)
     assert "t1" in repr(model)
+
+
+def test_set_task_after_a_dtype_change_serves_in_the_new_dtype(llama):
+    """After `to(dtype)`, a switch rounds once from float64 to the new dtype, as a fresh load in that dtype does."""
+    artifact, *_ = llama
+    model = MergedMaskedModel.from_pretrained(artifact, task="t1")
+    model.set_task("t2")  # the plain-merge weights now exist, in float32
+    model.to(torch.float64)
+    model.set_task("t3")
+    assert_serves(
+        model, MergedMaskedModel.from_pretrained(artifact, task="t3", dtype=torch.float64).model.state_dict()
+    )
+    model.to(torch.bfloat16)
+    model.set_task("t4")
+    assert_serves(
+        model, MergedMaskedModel.from_pretrained(artifact, task="t4", dtype=torch.bfloat16).model.state_dict()
+    )
+
+
+@pytest.mark.parametrize("device_map", ["cpu", "auto", {"": "cpu"}])
+def test_device_map_is_passed_to_transformers(llama, monkeypatch, device_map):
+    artifact, _, delta, base = llama
+    seen = []
+    load = AutoModelForCausalLM.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.append(kwargs.get("device_map"))
+        return load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(spy))
+    model = MergedMaskedModel.from_pretrained(artifact, task="t1", device_map=device_map)
+    assert seen == [device_map]
+    assert model.device == torch.device("cpu")
+    assert_serves(model, delta.materialize(base, "t1"))
+    model.set_task("t2")
+    assert_serves(model, delta.materialize(base, "t2"))
+
+
+def test_model_kwargs_reach_the_base_load_and_reserved_ones_are_refused(llama):
+    artifact, _, delta, base = llama
+    model = MergedMaskedModel.from_pretrained(artifact, task="t1", model_kwargs={"attn_implementation": "eager"})
+    assert model.config._attn_implementation == "eager"
+    assert_serves(model, delta.materialize(base, "t1"))
+    for refused in ({"dtype": torch.float16}, {"quantization_config": {}}, {"trust_remote_code": True}):
+        with pytest.raises(ReservedArgumentError, match=next(iter(refused))):
+            MergedMaskedModel.from_pretrained(artifact, task="t1", model_kwargs=refused)
+    with pytest.raises(TypeError, match="model_kwargs"):
+        MergedMaskedModel.from_pretrained(artifact, task="t1", model_kwargs=["attn_implementation"])
 
 
 def test_export_loads_in_vanilla_transformers(llama, tmp_path):
@@ -437,6 +486,34 @@ def test_served_weights_in_huge_page_buffers(tmp_path, monkeypatch, arch):
     dropped = MergedMaskedModel.from_pretrained(artifact, task="t4", keep_delta=False)
     assert_serves(dropped, delta.materialize(base, "t4"))
     assert (base_dir / "model.safetensors").read_bytes() == base_bytes
+
+
+def test_plain_merge_weights_are_computed_at_the_first_switch(llama, monkeypatch):
+    """Loading allocates the served weights only; the plain-merge copy that switches select from comes with the first
+    switch, and a failed first switch still leaves the previous task served."""
+    from hf_sift import masked_model
+
+    artifact, _, delta, base = llama
+    allocated: list[int] = []
+    allocate = masked_model.empty_tensors
+
+    def counting(specs):
+        allocated.append(sum(torch.Size(shape).numel() for shape, _ in specs))
+        return allocate(specs)
+
+    monkeypatch.setattr(masked_model, "empty_tensors", counting)
+    tuned = sum(base[n].numel() for n in delta.names)
+    model = MergedMaskedModel.from_pretrained(artifact, task="t1")
+    assert allocated == [tuned]
+    with pytest.raises(UnknownTaskError):
+        model.set_task("nope")
+    assert allocated == [tuned]
+    model.set_task("t2")
+    assert allocated == [tuned, tuned]
+    model.set_task("t3")
+    model.set_task(None)
+    assert allocated == [tuned, tuned]
+    assert_serves(model, delta.materialize(base, None))
 
 
 @pytest.mark.parametrize("keep_delta", [True, False])

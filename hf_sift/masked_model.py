@@ -15,8 +15,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel
 
-from . import __version__, kernels
-from .arena import empty_tensors
+from . import __version__
 from .artifact import read_config
 from .atomic import link_or_copy, staged_folder
 from .digest import digest_tensors
@@ -30,6 +29,7 @@ from .errors import (
 )
 from .hub.download import TOKENIZER_PATTERNS, ResolvedArtifact, resolve_artifact
 from .merged_delta import MergedDelta
+from .served_weights import check_cast, plain_weights, serve
 
 
 EXPORT_RECORD_NAME = "sift_export.json"
@@ -90,20 +90,6 @@ def _check_model_kwargs(model_kwargs: Mapping[str, Any] | None) -> dict[str, Any
             "own arguments where it has them), or they would change the weights it serves"
         )
     return dict(model_kwargs)
-
-
-def _is_finite(tensor: torch.Tensor) -> bool:
-    return bool(torch.isfinite(tensor).all())
-
-
-def _may_overflow(dtype: torch.dtype, delta: MergedDelta, scale: float) -> bool:
-    """Whether serving into `dtype` can turn finite weights into inf, so the result must be checked.
-
-    A served weight is θ0 plus an update below ``2**(63 - S) * |scale|`` in magnitude (Q is int64). Dtypes with
-    the range of float32 (float32, bfloat16, float64) cannot overflow unless θ0 itself is within that bound of
-    their largest value; narrower ones (float16, float8) are checked after every write.
-    """
-    return torch.finfo(dtype).max < 1e38 or 2.0 ** (63 - delta.scale_bits) * abs(scale) > 1e37
 
 
 class MergedMaskedModel(torch.nn.Module):
@@ -248,7 +234,7 @@ class MergedMaskedModel(torch.nn.Module):
             # θ0's digest (a sha256 over the tuned weights) is checked alongside the serving pass, below.
             base_digest = pool.submit(digest_tensors, base_state, delta.names)
             if reference is not model:
-                cls._check_cast(model.state_dict(), base_state, set(delta.names))
+                check_cast(model.state_dict(), base_state, set(delta.names))
             base_weights = {n: base_state[n].detach().to("cpu") for n in delta.names}
             del reference, base_state
             # Kept for switching, θ0 is only read: the served weights go to new memory, which the parameters are then
@@ -256,7 +242,7 @@ class MergedMaskedModel(torch.nn.Module):
             # from Q in one pass; the plain-merge weights that make switches cheap are computed at the first switch.
             if not keep_delta:
                 base_digest.result()  # θ0 is overwritten below: its digest must be taken first
-            cls._serve(model, delta, base_weights, masks, scale, fresh=keep_delta)
+            serve(model, delta, base_weights, masks, scale, fresh=keep_delta)
             cls._check_base_digest(delta, base_digest.result(), allow_base_mismatch)
 
             provenance = {
@@ -297,89 +283,6 @@ class MergedMaskedModel(torch.nn.Module):
                 "not the merge's)"
             )
         warnings.warn(f"{message}; serving anyway because allow_base_mismatch=True", stacklevel=3)
-
-    @staticmethod
-    def _check_cast(
-        state: Mapping[str, torch.Tensor], base_state: Mapping[str, torch.Tensor], tuned: set[str]
-    ) -> None:
-        """Raise if casting the base to the served dtype turned finite untuned weights into inf."""
-        for name, tensor in state.items():
-            if name in tuned or not tensor.is_floating_point() or _is_finite(tensor):
-                continue
-            if name in base_state and _is_finite(base_state[name]):
-                raise ServingDtypeError(
-                    f"{tensor.dtype} cannot hold the weights of {name!r} (they overflow to inf); use a wider dtype"
-                )
-
-    @staticmethod
-    def _plain_weights(
-        model: PreTrainedModel, delta: MergedDelta, base_weights: Mapping[str, torch.Tensor], scale: float
-    ) -> dict[str, torch.Tensor]:
-        """The plain-merge weights of the tuned parameters in the served dtype, on the CPU (kept for switching)."""
-        state = model.state_dict()
-        buffers = empty_tensors([(state[n].shape, state[n].dtype) for n in delta.names])
-        with kernels.deferred():
-            return {
-                name: delta.served_parameter(name, base_weights[name], None, scale, out=out)
-                for name, out in zip(delta.names, buffers)
-            }
-
-    @staticmethod
-    def _serve(
-        model: PreTrainedModel,
-        delta: MergedDelta,
-        base_weights: Mapping[str, torch.Tensor],
-        masks: Mapping[str, torch.Tensor] | None,
-        scale: float,
-        plain: Mapping[str, torch.Tensor] | None = None,
-        fresh: bool = False,
-    ) -> None:
-        """Write the served weights into `model`, one parameter at a time.
-
-        With `plain` (the plain-merge weights kept by `keep_delta=True`), each parameter is a bitwise select between
-        them and θ0 by the task's mask: Q is not read again. With `fresh`, the weights of CPU parameters go to new
-        memory (see `hf_sift.arena`) that the parameters are then pointed at, leaving their previous storage (θ0, often
-        a map of the checkpoint file) untouched, and new memory filled in huge pages is much faster to write than the
-        copy-on-write pages of such a map; otherwise they are written in place.
-        """
-        state = model.state_dict(keep_vars=True)
-        groups: dict[tuple[torch.device, int], list[str]] = {}
-        for name in delta.names:  # tied weights share one storage: serve it once
-            target = state[name]
-            groups.setdefault((target.device, target.data_ptr()), []).append(name)
-        served = [names[0] for names in groups.values()]
-        on_cpu = [n for n in served if state[n].device.type == "cpu"]
-        buffers = empty_tensors([(state[n].shape, state[n].dtype) for n in on_cpu]) if fresh else []
-        outputs = dict(zip(on_cpu, buffers))
-        # A non-finite served weight is an overflow unless θ0 was already non-finite (checked before θ0 may be
-        # overwritten), and only dtypes narrower than float32's range can overflow.
-        checked = [n for n in served if _may_overflow(state[n].dtype, delta, scale) and _is_finite(base_weights[n])]
-        on_device: list[tuple[torch.Tensor, torch.Tensor]] = []
-        with kernels.deferred():  # one batched hand-off to the kernel threads for all parameters
-            for name in served:
-                target = state[name].detach()
-                mask = None if masks is None else masks[name]
-                merged = None if plain is None else plain[name]
-                base = base_weights[name]
-                if target.device.type == "cpu":
-                    delta.served_parameter(name, base, mask, scale, out=outputs.get(name, target), plain=merged)
-                else:  # computed on the CPU so that the bits do not depend on the device
-                    out = torch.empty(target.shape, dtype=target.dtype)
-                    on_device.append((target, delta.served_parameter(name, base, mask, scale, out, merged)))
-        for target, out in on_device:
-            target.copy_(out)
-        for name in checked:
-            served_weights = outputs.get(name, state[name].detach())
-            if not _is_finite(served_weights):
-                raise ServingDtypeError(
-                    f"{served_weights.dtype} cannot hold the served weights of {name!r} (they overflow to inf); "
-                    "use a wider dtype"
-                )
-        with torch.no_grad():
-            for names in groups.values():
-                if names[0] in outputs:
-                    for name in names:
-                        state[name].data = outputs[names[0]]
 
     # ------------------------------------------------------------------ tasks
 
@@ -423,15 +326,15 @@ class MergedMaskedModel(torch.nn.Module):
         self._fetch_mask(self._delta, self._artifact, task)
         if not self._plain_is_current():  # first switch, or after `to(dtype)`: one more pass, served weights untouched
             self._plain = None  # free the stale copy before making the new one
-            self._plain = self._plain_weights(self.model, self._delta, self._base_weights, self._scale)
+            self._plain = plain_weights(self.model, self._delta, self._base_weights, self._scale)
         previous = self._task
         try:
             # Served from the mapped mask while its digest is checked; a mismatch restores `previous` below.
             with contextlib.nullcontext() if task is None else self._delta.open_mask(task) as masks:
-                self._serve(self.model, self._delta, self._base_weights, masks, self._scale, self._plain)
+                serve(self.model, self._delta, self._base_weights, masks, self._scale, self._plain)
         except BaseException:
             old_masks = self._read_mask(self._delta, self._artifact, previous)
-            self._serve(self.model, self._delta, self._base_weights, old_masks, self._scale, self._plain)
+            serve(self.model, self._delta, self._base_weights, old_masks, self._scale, self._plain)
             raise
         self._task = task
 

@@ -490,18 +490,18 @@ def test_served_weights_in_huge_page_buffers(tmp_path, monkeypatch, arch):
 
 def test_plain_merge_weights_are_computed_at_the_first_switch(llama, monkeypatch):
     """Loading allocates the served weights only; the plain-merge copy that switches select from comes with the first
-    switch, and a failed first switch still leaves the previous task served."""
-    from hf_sift import masked_model
+    switch (not with a switch refused before it starts), once."""
+    from hf_sift import served_weights
 
     artifact, _, delta, base = llama
     allocated: list[int] = []
-    allocate = masked_model.empty_tensors
+    allocate = served_weights.empty_tensors
 
     def counting(specs):
         allocated.append(sum(torch.Size(shape).numel() for shape, _ in specs))
         return allocate(specs)
 
-    monkeypatch.setattr(masked_model, "empty_tensors", counting)
+    monkeypatch.setattr(served_weights, "empty_tensors", counting)
     tuned = sum(base[n].numel() for n in delta.names)
     model = MergedMaskedModel.from_pretrained(artifact, task="t1")
     assert allocated == [tuned]

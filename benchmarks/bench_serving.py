@@ -12,8 +12,9 @@ reused. Figures printed:
 - bytes read to load one task, in a fresh process after evicting every file of the base and the artifact from the
   page cache (`posix_fadvise(DONTNEED)`): the process's `read_bytes` from /proc/self/io, and the sizes of the files
   it opened (from `strace -e openat` when strace is installed);
-- resident memory after loading (plain model, `keep_delta=True`, `keep_delta=False`), and with `keep_delta=True`
-  after the first switch, which adds the plain-merge weights; the first switch is also timed on its own.
+- resident memory after loading (plain model, `keep_delta=True`, `keep_delta=False`; in all and anonymous, the rest
+  being pages of mapped files, which the kernel can reclaim), and with `keep_delta=True` after the first switch,
+  which adds the plain-merge weights; the first switch is also timed on its own.
 """
 
 from __future__ import annotations
@@ -144,6 +145,7 @@ def measure_child(mode: str, artifact: Path, base_path: Path, task: str) -> None
         "read_bytes": after["read_bytes"] - before["read_bytes"],
         "rchar": after["rchar"] - before["rchar"],
         "rss": proc_status("VmRSS"),
+        "rss_anon": proc_status("RssAnon"),
         "peak_rss": proc_status("VmHWM"),
     }
     with contextlib.suppress(OSError):
@@ -218,7 +220,8 @@ def main() -> None:
         )
         print(
             f"{mode:>10}: read_bytes {r['read_bytes'] / 1e6:.1f} MB (rchar {r['rchar'] / 1e6:.1f} MB){opened}; "
-            f"RSS after load {r['rss'] / 1e6:.0f} MB, peak {r['peak_rss'] / 1e6:.0f} MB"
+            f"RSS after load {r['rss'] / 1e6:.0f} MB (anonymous {r['rss_anon'] / 1e6:.0f} MB), "
+            f"peak {r['peak_rss'] / 1e6:.0f} MB"
             + (f", after the first switch {r['rss_after_switch'] / 1e6:.0f} MB" if "rss_after_switch" in r else "")
         )
 

@@ -9,10 +9,13 @@ small request) the tensors are ordinary `torch.empty` ones; the values are the s
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import ctypes
 import mmap
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -54,3 +57,49 @@ def empty_tensors(specs: Sequence[tuple[Sequence[int], torch.dtype]]) -> list[to
         raw[start + offset : start + offset + size].view(dtype).view(tuple(shape))
         for (shape, dtype), offset, size in zip(specs, offsets, sizes)
     ]
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """Sorted (start, end) address ranges of this process's file-backed mappings, from /proc/self/maps."""
+    ranges = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[4] != "0" and fields[5].startswith("/"):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                ranges.append((start, end))
+    ranges.sort()
+    return ranges
+
+
+def release_file_pages(tensors: Iterable[torch.Tensor]) -> int:
+    """Drop from this process's resident memory the pages of `tensors` that map a file, e.g. a checkpoint that
+    transformers memory-mapped; returns the bytes released.
+
+    For tensors that will not be read again, and that were never written: the pages stay in the page cache, and
+    a later read would fault the file's bytes back in. Only whole pages inside a tensor's bytes and inside one
+    file-backed mapping are released (``MADV_DONTNEED``); anything else (anonymous memory, other platforms) is
+    left alone and freed, as usual, when its last reference goes.
+    """
+    if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_DONTNEED"):
+        return 0
+    try:
+        mappings = _file_mappings()
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return 0
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    starts = [start for start, _ in mappings]
+    page = mmap.PAGESIZE
+    released = 0
+    for tensor in tensors:
+        if tensor.device.type != "cpu" or not tensor.is_contiguous():
+            continue
+        lo = -(-tensor.data_ptr() // page) * page
+        hi = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page * page
+        index = bisect.bisect_right(starts, lo) - 1
+        if hi <= lo or index < 0 or hi > mappings[index][1]:
+            continue
+        if madvise(lo, hi - lo, mmap.MADV_DONTNEED) == 0:
+            released += hi - lo
+    return released

@@ -16,6 +16,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel
 
 from . import __version__
+from .arena import release_file_pages
 from .artifact import read_config
 from .atomic import link_or_copy, staged_folder
 from .digest import digest_tensors
@@ -165,12 +166,13 @@ class MergedMaskedModel(torch.nn.Module):
             base_model (`str` or `os.PathLike`, *optional*): Base model name or path; defaults to the one recorded
                 in `sift_config.json`. Its weights must match the recorded digest.
             keep_delta (`bool`, *optional*, defaults to `True`): Keep the sum Q and θ0 so that [`set_task`] can
-                switch tasks in place. θ0 stays as loaded and the served weights go to new memory: on top of the plain
-                model, 8 bytes per tuned element for the sum (mapped from the artifact) and the served weights (4 for
-                fp32). The first switch also computes the plain-merge weights (one more pass, 4 more bytes per tuned
-                element for fp32); every switch is then one bitwise select per parameter. With `False` the served
-                weights overwrite θ0 and the sum is dropped: the model then takes the memory of the plain model, and
-                cannot switch task.
+                switch tasks in place. Either way θ0 is only read, and the served weights go to new memory that the
+                parameters are pointed at. With `True`, on top of the plain model: 8 bytes per tuned element for the
+                sum (mapped from the artifact) and the served weights (4 for fp32). The first switch also computes
+                the plain-merge weights (one more pass, 4 more bytes per tuned element for fp32); every switch is then
+                one bitwise select per parameter. With `False` the sum and θ0 are dropped once the weights are
+                served (the pages of θ0 that map the checkpoint are released): the model then takes the memory of the
+                plain model, and cannot switch task.
             scale (`float`, *optional*): Scale of the merged update; defaults to 1/T.
             allow_base_mismatch (`bool`, *optional*, defaults to `False`): Serve on a base whose weights differ
                 from the recorded digest, with a warning (shapes and dtypes must still match).
@@ -237,13 +239,13 @@ class MergedMaskedModel(torch.nn.Module):
                 check_cast(model.state_dict(), base_state, set(delta.names))
             base_weights = {n: base_state[n].detach().to("cpu") for n in delta.names}
             del reference, base_state
-            # Kept for switching, θ0 is only read: the served weights go to new memory, which the parameters are then
-            # pointed at. Without `keep_delta` they overwrite θ0, whose memory they reuse. Either way they are computed
-            # from Q in one pass; the plain-merge weights that make switches cheap are computed at the first switch.
-            if not keep_delta:
-                base_digest.result()  # θ0 is overwritten below: its digest must be taken first
-            serve(model, delta, base_weights, masks, scale, fresh=keep_delta)
+            # θ0 is only read: the served weights, computed from θ0, Q and the mask in one pass, go to new memory which
+            # the parameters are then pointed at. The plain-merge weights that make switches cheap come at the first
+            # switch.
+            serve(model, delta, base_weights, masks, scale, fresh=True)
             cls._check_base_digest(delta, base_digest.result(), allow_base_mismatch)
+            if not keep_delta:  # θ0 is not needed any more: release the pages of it that map the checkpoint file
+                release_file_pages(base_weights.values())
 
             provenance = {
                 "base_digest": delta.base_digest,

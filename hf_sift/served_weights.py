@@ -62,7 +62,7 @@ def serve(
 ) -> None:
     """Write the served weights into `model`, one parameter at a time.
 
-    With `plain` (the plain-merge weights kept by `keep_delta=True`), each parameter is a bitwise select between
+    With `plain` (the plain-merge weights a switching model keeps), each parameter is a bitwise select between
     them and θ0 by the task's mask: Q is not read again. With `fresh`, the weights of CPU parameters go to new
     memory (see `hf_sift.arena`) that the parameters are then pointed at, leaving their previous storage (θ0, often
     a map of the checkpoint file) untouched, and new memory filled in huge pages is much faster to write than the

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import gc
+import mmap
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,3 +53,32 @@ def test_values_written_are_kept_after_the_others_are_freed(mode):
 def test_small_requests_use_ordinary_tensors():
     tensors = arena.empty_tensors([((4,), torch.float32), ((4,), torch.float32)])
     assert tensors[0].untyped_storage().data_ptr() != tensors[1].untyped_storage().data_ptr()
+
+
+def _rss_file() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_release_file_pages_drops_mapped_pages_and_keeps_the_values(tmp_path):
+    values = torch.randn(4 << 20, generator=torch.Generator().manual_seed(0))  # 16 MiB
+    path = tmp_path / "weights.bin"
+    path.write_bytes(values.numpy().tobytes())
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private, like a mapped checkpoint
+    tensor = torch.frombuffer(mapped, dtype=torch.float32)[1:]  # not page-aligned at the start
+    assert torch.equal(tensor, values[1:])  # every page faulted in
+    before = _rss_file()
+    released = arena.release_file_pages([tensor])
+    page = mmap.PAGESIZE
+    assert released == (values.numel() * 4 // page - 1) * page  # whole pages inside the tensor only
+    assert before - _rss_file() >= released * 0.9  # resident file pages went down by about that much
+    assert torch.equal(tensor, values[1:])  # and read back from the file, unchanged
+    anonymous = values.clone()
+    assert arena.release_file_pages([anonymous]) == 0  # anonymous memory is never touched
+    assert torch.equal(anonymous, values)
+    del tensor
+    mapped.close()

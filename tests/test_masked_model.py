@@ -517,8 +517,8 @@ def test_plain_merge_weights_are_computed_at_the_first_switch(llama, monkeypatch
 
 
 @pytest.mark.parametrize("keep_delta", [True, False])
-def test_base_digest_is_taken_before_theta0_is_overwritten(llama, monkeypatch, keep_delta):
-    """θ0's digest runs alongside serving; a slow hash must still see θ0, not served weights (in-place serving)."""
+def test_a_slow_base_digest_still_sees_theta0(llama, monkeypatch, keep_delta):
+    """θ0's digest runs alongside serving; a slow hash must still see θ0, not served weights, in both modes."""
     import time
 
     from hf_sift import masked_model

@@ -3,7 +3,7 @@
 Run: ``python benchmarks/bench_digest.py [--megabytes 850] [--repeats 5]``
 
 Hashes one buffer of random bytes (default: the size of SmolLM2-135M's int64 sum) with each function, single
-stream, and prints seconds and GB/s (median of the repeats). hf_sift's digests are sha256 (docs/FORMAT.md); the
+stream, and prints seconds and GB/s (median of the repeats, after one warm-up call). hf_sift's digests are sha256 (docs/FORMAT.md); the
 others are listed to size what a change of format would buy. BLAKE3 is timed only when the `blake3` package is
 installed (it is not a dependency of hf_sift), once on one thread and once on every core.
 """
@@ -13,18 +13,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import statistics
-import time
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.bench_core import timed  # noqa: E402
 
 
 def main() -> None:
@@ -48,7 +44,7 @@ def main() -> None:
     print(f"{args.megabytes} MB, {os.cpu_count()} CPU cores, median of {args.repeats}")
     reference = None
     for name, fn in functions.items():
-        seconds = median_seconds(fn, args.repeats)
+        seconds = timed(fn, args.repeats)
         reference = reference or seconds
         print(
             f"{name:<22} {seconds:6.3f} s  {len(data) / seconds / 1e9:5.2f} GB/s  {reference / seconds:4.1f}x sha256"

@@ -77,8 +77,8 @@ def serve(
     on_cpu = [n for n in served if state[n].device.type == "cpu"]
     buffers = empty_tensors([(state[n].shape, state[n].dtype) for n in on_cpu]) if fresh else []
     outputs = dict(zip(on_cpu, buffers))
-    # A non-finite served weight is an overflow unless θ0 was already non-finite (checked before θ0 may be
-    # overwritten), and only dtypes narrower than float32's range can overflow.
+    # A non-finite served weight is an overflow unless θ0 was already non-finite (checked before writing, in case
+    # `out` is θ0 itself), and only dtypes narrower than float32's range can overflow.
     checked = [n for n in served if may_overflow(state[n].dtype, delta, scale) and is_finite(base_weights[n])]
     on_device: list[tuple[torch.Tensor, torch.Tensor]] = []
     with kernels.deferred():  # one batched hand-off to the kernel threads for all parameters

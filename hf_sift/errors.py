@@ -68,6 +68,10 @@ class ReservedArgumentError(SiftError, ValueError):
     weights hf_sift computes (e.g. a quantization config for the base model it serves on)."""
 
 
+class UnsupportedOffloadError(SiftError, ValueError):
+    """A tuned parameter of the base model is offloaded (on the `meta` device) in a way hf_sift cannot serve."""
+
+
 class DeltaNotKeptError(SiftError, RuntimeError):
     """A served model loaded with `keep_delta=False` dropped the sum, so it cannot switch task."""
 
@@ -88,4 +92,5 @@ __all__ = [
     "SignSeedMismatchError",
     "TaskDigestMismatchError",
     "UnknownTaskError",
+    "UnsupportedOffloadError",
 ]

@@ -30,6 +30,7 @@ from .errors import (
 )
 from .hub.download import TOKENIZER_PATTERNS, ResolvedArtifact, resolve_artifact
 from .merged_delta import MergedDelta
+from .offload import materialized, offload_slots
 from .served_weights import check_cast, plain_weights, serve
 
 
@@ -233,11 +234,12 @@ class MergedMaskedModel(torch.nn.Module):
             reference = model if target_dtype is None or target_dtype == base_dtype else load(base_dtype, None)
             base_state = reference.state_dict()
             delta.check_base(base_state, verify_digest=False)  # names, shapes, dtypes: checked at once
+            # θ0 of the tuned parameters, read from accelerate's offload map for those offloaded to the CPU or disk.
+            base_weights = materialized(base_state, offload_slots(reference, delta.names), delta.names)
             # θ0's digest (a sha256 over the tuned weights) is checked alongside the serving pass, below.
-            base_digest = pool.submit(digest_tensors, base_state, delta.names)
+            base_digest = pool.submit(digest_tensors, base_weights)
             if reference is not model:
-                check_cast(model.state_dict(), base_state, set(delta.names))
-            base_weights = {n: base_state[n].detach().to("cpu") for n in delta.names}
+                check_cast(model, base_state, set(delta.names))
             del reference, base_state
             # θ0 is only read: the served weights, computed from θ0, Q and the mask in one pass, go to new memory which
             # the parameters are then pointed at. The plain-merge weights that make switches cheap come at the first

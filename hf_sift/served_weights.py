@@ -11,6 +11,7 @@ from . import kernels
 from .arena import empty_tensors
 from .errors import ServingDtypeError
 from .merged_delta import MergedDelta
+from .offload import offload_slots
 
 
 def is_finite(tensor: torch.Tensor) -> bool:
@@ -27,10 +28,14 @@ def may_overflow(dtype: torch.dtype, delta: MergedDelta, scale: float) -> bool:
     return torch.finfo(dtype).max < 1e38 or 2.0 ** (63 - delta.scale_bits) * abs(scale) > 1e37
 
 
-def check_cast(state: Mapping[str, torch.Tensor], base_state: Mapping[str, torch.Tensor], tuned: set[str]) -> None:
+def check_cast(model: PreTrainedModel, base_state: Mapping[str, torch.Tensor], tuned: set[str]) -> None:
     """Raise if casting the base to the served dtype turned finite untuned weights into inf."""
+    state = model.state_dict()
+    slots = offload_slots(model, [n for n in state if n not in tuned])
     for name, tensor in state.items():
-        if name in tuned or not tensor.is_floating_point() or is_finite(tensor):
+        if name in tuned or not tensor.is_floating_point():
+            continue
+        if is_finite(slots[name].read() if name in slots else tensor):  # offloaded ones are read one at a time
             continue
         if name in base_state and is_finite(base_state[name]):
             raise ServingDtypeError(
@@ -69,14 +74,17 @@ def serve(
     copy-on-write pages of such a map; otherwise they are written in place.
     """
     state = model.state_dict(keep_vars=True)
-    groups: dict[tuple[torch.device, int], list[str]] = {}
+    slots = offload_slots(model, delta.names)  # parameters that accelerate loads from a map at each forward
+    groups: dict[tuple[object, object], list[str]] = {}
     for name in delta.names:  # tied weights share one storage: serve it once
         target = state[name]
-        groups.setdefault((target.device, target.data_ptr()), []).append(name)
+        key = ("offloaded", name) if name in slots else (target.device, target.data_ptr())
+        groups.setdefault(key, []).append(name)
     served = [names[0] for names in groups.values()]
-    on_cpu = [n for n in served if state[n].device.type == "cpu"]
-    buffers = empty_tensors([(state[n].shape, state[n].dtype) for n in on_cpu]) if fresh else []
-    outputs = dict(zip(on_cpu, buffers))
+    # Offloaded parameters always get new memory: what their map holds may be θ0 itself.
+    renewed = [n for n in served if n in slots or (fresh and state[n].device.type == "cpu")]
+    buffers = empty_tensors([(state[n].shape, state[n].dtype) for n in renewed]) if renewed else []
+    outputs = dict(zip(renewed, buffers))
     # A non-finite served weight is an overflow unless θ0 was already non-finite (checked before writing, in case
     # `out` is θ0 itself), and only dtypes narrower than float32's range can overflow.
     checked = [n for n in served if may_overflow(state[n].dtype, delta, scale) and is_finite(base_weights[n])]
@@ -87,7 +95,7 @@ def serve(
             mask = None if masks is None else masks[name]
             merged = None if plain is None else plain[name]
             base = base_weights[name]
-            if target.device.type == "cpu":
+            if name in outputs or target.device.type == "cpu":
                 delta.served_parameter(name, base, mask, scale, out=outputs.get(name, target), plain=merged)
             else:  # computed on the CPU so that the bits do not depend on the device
                 out = torch.empty(target.shape, dtype=target.dtype)
@@ -105,4 +113,7 @@ def serve(
         for names in groups.values():
             if names[0] in outputs:
                 for name in names:
-                    state[name].data = outputs[names[0]]
+                    if name in slots:
+                        slots[name].write(outputs[names[0]])
+                    else:
+                        state[name].data = outputs[names[0]]

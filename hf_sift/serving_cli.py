@@ -3,6 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import json
+from typing import Any
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({error.msg}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def _device_map(text: str) -> str | dict[str, Any]:
+    """A device name ("auto", "cpu", "cuda:0", ...) or a JSON object mapping module names to devices."""
+    return _json_object(text) if text.lstrip().startswith("{") else text
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,6 +42,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--allow-base-mismatch", action="store_true", help="serve on a base whose weights differ from the recorded"
     )
     export.add_argument("--no-verify", action="store_true", help="skip the check of the sum against its digest")
+    export.add_argument(
+        "--device-map",
+        type=_device_map,
+        help='device_map of the base model: "auto", "cpu", a device, or a JSON object of module names to devices',
+    )
+    export.add_argument(
+        "--model-kwargs",
+        type=_json_object,
+        help='more arguments for transformers\' from_pretrained of the base, as JSON (e.g. \'{"attn_implementation": "eager"}\')',
+    )
     export.add_argument("--max-shard-size", default="5GB", help="largest output shard (default: 5GB)")
     export.add_argument("--cache-dir", help="huggingface_hub cache folder")
     export.add_argument("--local-files-only", action="store_true", help="do not download anything")
@@ -40,11 +67,13 @@ def run_export(args: argparse.Namespace) -> int:
         task=args.task,
         revision=args.revision,
         dtype=args.dtype,
+        device_map=args.device_map,
         base_model=args.base_model,
         keep_delta=False,
         scale=args.scale,
         allow_base_mismatch=args.allow_base_mismatch,
         verify=not args.no_verify,
+        model_kwargs=args.model_kwargs,
         **hub,
     )
     model.save_pretrained(args.output, max_shard_size=args.max_shard_size)

@@ -34,9 +34,11 @@ from hf_sift.errors import (
     ReservedArgumentError,
     ServingDtypeError,
     UnknownTaskError,
+    UnsupportedOffloadError,
 )
 from hf_sift.hub import download
 from hf_sift.masked_model import EXPORT_RECORD_NAME
+from hf_sift.offload import offload_slots
 
 
 SMALL = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
@@ -238,6 +240,61 @@ def test_device_map_is_passed_to_transformers(llama, monkeypatch, device_map):
     assert_serves(model, delta.materialize(base, "t1"))
     model.set_task("t2")
     assert_serves(model, delta.materialize(base, "t2"))
+
+
+DISK_OFFLOAD = {
+    "model.embed_tokens": "cpu",
+    "model.layers.0": "cpu",
+    "model.layers.1": "disk",
+    "model.norm": "cpu",
+    "model.rotary_emb": "cpu",
+    "lm_head": "cpu",
+}
+
+
+def offloaded_weights(model: MergedMaskedModel, names: list[str]) -> dict[str, torch.Tensor]:
+    """What accelerate's hooks load for each parameter, offloaded or not."""
+    slots = offload_slots(model.model, names)
+    state = model.model.state_dict()
+    return {n: slots[n].read() if n in slots else state[n] for n in names}
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float64])
+def test_disk_offloaded_parameters_are_served(llama, tmp_path, dtype):
+    # transformers leaves disk-offloaded parameters on the meta device behind accelerate hooks: serving must change
+    # what the hooks load, or the model would silently run on θ0.
+    artifact, base_dir, delta, base = llama
+    model = MergedMaskedModel.from_pretrained(artifact, task="t1", device_map=DISK_OFFLOAD, dtype=dtype)
+    offloaded = [n for n, p in model.model.named_parameters() if p.device.type == "meta"]
+    assert offloaded and set(offloaded) <= set(delta.names)
+    for task in ("t1", "t3", None, "t1"):
+        if task != model.task:
+            model.set_task(task)
+        fresh = MergedMaskedModel.from_pretrained(artifact, task=task, dtype=dtype)
+        expected = fresh.model.state_dict()
+        served = offloaded_weights(model, delta.names)
+        assert all(torch.equal(served[n], expected[n]) and served[n].dtype == expected[n].dtype for n in delta.names)
+        assert torch.equal(logits(model), logits(fresh))
+    plain = AutoModelForCausalLM.from_pretrained(base_dir, device_map=DISK_OFFLOAD, dtype=dtype)
+    assert not torch.equal(logits(plain), logits(model))
+    model.save_pretrained(tmp_path / "export", task="t2")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=dtype)
+    assert torch.equal(logits(exported), logits(MergedMaskedModel.from_pretrained(artifact, task="t2", dtype=dtype)))
+
+
+def test_meta_parameter_without_offload_hook_is_refused(llama, monkeypatch):
+    artifact, _, delta, _ = llama
+    load = AutoModelForCausalLM.from_pretrained.__func__
+
+    def half_loaded(cls, *args, **kwargs):
+        model = load(cls, *args, **kwargs)
+        up = model.model.layers[0].mlp.up_proj
+        up.weight = torch.nn.Parameter(torch.empty_like(up.weight, device="meta"))
+        return model
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(half_loaded))
+    with pytest.raises(UnsupportedOffloadError, match="up_proj.*no accelerate hook"):
+        MergedMaskedModel.from_pretrained(artifact, task="t1")
 
 
 def test_model_kwargs_reach_the_base_load_and_reserved_ones_are_refused(llama):
@@ -553,4 +610,29 @@ def test_cli_export_matches_the_api(llama, tmp_path, capsys):
     assert_serves(vanilla_as_served(plain), api.model.state_dict())
     with pytest.raises(UnknownTaskError):
         main(["export", str(artifact), "--task", "nope", "-o", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()
+
+
+def test_cli_export_device_map_and_model_kwargs(llama, tmp_path, capsys):
+    from hf_sift.cli import main
+
+    artifact, _, delta, base = llama
+    out = tmp_path / "offloaded"
+    args = ["export", str(artifact), "--task", "t4", "-o", str(out), "--device-map", json.dumps(DISK_OFFLOAD)]
+    assert main([*args, "--model-kwargs", '{"attn_implementation": "eager"}']) == 0
+    assert_serves(vanilla_as_served(AutoModelForCausalLM.from_pretrained(out)), delta.materialize(base, "t4"))
+    assert main(["export", str(artifact), "-o", str(tmp_path / "cpu"), "--device-map", "cpu"]) == 0
+    assert_serves(
+        vanilla_as_served(AutoModelForCausalLM.from_pretrained(tmp_path / "cpu")), delta.materialize(base, None)
+    )
+    for flag, value, message in (
+        ("--model-kwargs", "{not json", "not valid JSON"),
+        ("--model-kwargs", "[1]", "expected a JSON object"),
+        ("--device-map", "{", "not valid JSON"),
+    ):
+        with pytest.raises(SystemExit):
+            main(["export", str(artifact), "-o", str(tmp_path / "bad"), flag, value])
+        assert message in capsys.readouterr().err
+    with pytest.raises(ReservedArgumentError):
+        main(["export", str(artifact), "-o", str(tmp_path / "bad"), "--model-kwargs", '{"trust_remote_code": true}'])
     assert not (tmp_path / "bad").exists()

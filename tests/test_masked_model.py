@@ -14,9 +14,13 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
+    BartConfig,
     GemmaConfig,
     GPT2Config,
+    GPTNeoXConfig,
     MistralConfig,
+    OPTConfig,
+    Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
     T5Config,
@@ -48,6 +52,29 @@ CONFIGS = {
     "qwen2": lambda: Qwen2Config(**SMALL, num_key_value_heads=1, max_position_embeddings=64),
     "gemma": lambda: GemmaConfig(**SMALL, num_key_value_heads=1, head_dim=8, max_position_embeddings=64),
     "mistral": lambda: MistralConfig(**SMALL, num_key_value_heads=1, max_position_embeddings=64),
+    "opt": lambda: OPTConfig(
+        vocab_size=64,
+        hidden_size=16,
+        ffn_dim=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+    ),
+    "gpt_neox": lambda: GPTNeoXConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2
+    ),
+    "phi3": lambda: Phi3Config(**SMALL, num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0),
+    "bart": lambda: BartConfig(
+        vocab_size=64,
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_position_embeddings=64,
+    ),
     "t5": lambda: T5Config(
         vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2, decoder_start_token_id=0
     ),
@@ -147,6 +174,20 @@ def test_set_task_equals_fresh_load(llama):
     model.set_task(None)
     assert model.task is None
     assert_serves(model, delta.materialize(base, None))
+
+
+def test_sharded_sum_and_sharded_base(llama, tmp_path):
+    artifact, base_dir, delta, base = llama
+    sharded_base = tmp_path / "base"
+    AutoModelForCausalLM.from_pretrained(base_dir).save_pretrained(sharded_base, max_shard_size="20KB")
+    assert len(list(sharded_base.glob("model-*.safetensors"))) > 1
+    sharded = tmp_path / "sharded"
+    delta.save_pretrained(sharded, max_shard_size="20KB")
+    assert len(list(sharded.glob("sift_delta-*.safetensors"))) > 1
+    model = MergedMaskedModel.from_pretrained(sharded, task="t2", base_model=sharded_base)
+    assert_serves(model, delta.materialize(base, "t2"))
+    model.set_task("t6")
+    assert_serves(model, delta.materialize(base, "t6"))
 
 
 def test_scale_is_passed_through(llama):

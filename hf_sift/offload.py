@@ -9,7 +9,7 @@ CPU memory, in the map's in-memory state dict, which accelerate reads before the
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +21,6 @@ from .errors import UnsupportedOffloadError
 class OffloadSlot:
     """Where accelerate keeps an offloaded parameter: `store[key]` is what its hook loads at each forward."""
 
-    name: str
     weights_map: Mapping[str, torch.Tensor]
     local_name: str
     store: MutableMapping[str, torch.Tensor]
@@ -36,12 +35,11 @@ class OffloadSlot:
         self.store[self.key] = tensor
 
 
-def _weights_maps(module: torch.nn.Module) -> Iterator[Mapping[str, torch.Tensor]]:
+def _weights_map(module: torch.nn.Module) -> Mapping[str, torch.Tensor] | None:
+    """The weights map of the accelerate hook on `module` (or of the first in a chain of hooks that has one)."""
     hook = getattr(module, "_hf_hook", None)
-    for candidate in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
-        weights_map = getattr(candidate, "weights_map", None)
-        if weights_map is not None:
-            yield weights_map
+    hooks = getattr(hook, "hooks", None) or ([hook] if hook is not None else [])
+    return next((h.weights_map for h in hooks if getattr(h, "weights_map", None) is not None), None)
 
 
 def _store_of(weights_map: Mapping[str, torch.Tensor], name: str) -> tuple[MutableMapping[str, torch.Tensor], str]:
@@ -70,10 +68,10 @@ def offload_slots(model: torch.nn.Module, names: list[str]) -> dict[str, Offload
         for depth in range(len(parts) - 1, -1, -1):  # innermost module first, as accelerate looks it up
             module = model.get_submodule(".".join(parts[:depth]))
             local_name = ".".join(parts[depth:])
-            maps = list(_weights_maps(module))
-            if maps:
-                store, prefix = _store_of(maps[0], name)
-                slots[name] = OffloadSlot(name, maps[0], local_name, store, prefix + local_name)
+            weights_map = _weights_map(module)
+            if weights_map is not None:
+                store, prefix = _store_of(weights_map, name)
+                slots[name] = OffloadSlot(weights_map, local_name, store, prefix + local_name)
                 break
         else:
             raise UnsupportedOffloadError(

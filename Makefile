@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml hf_sift/_kernels.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: a bare requirement would pull the CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,bench]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -141,7 +141,7 @@ def run_merging_study(
         sift_costs.update(callback.training)
         cache.put("SIFT local", sift_local)
         cache.put("SIFT training", sift_costs)
-        served = MergedMaskedModel.from_pretrained(artifact, task=None, base_model=base_dir)
+        served = MergedMaskedModel.from_pretrained(artifact, task=None, base_model=base_dir).to(model.device)
         full = count == largest
         plain = {t: scorer(served, t, full) for t in ids[:count]}
         masked = {}

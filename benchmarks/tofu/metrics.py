@@ -39,14 +39,14 @@ def answer_losses(
             rows = [
                 encode_pair(tokenizer, q, a) for q, a in zip(questions[start : start + batch_size], answers[start:])
             ]
-            batch = collate(rows, pad)
+            batch = {k: v.to(model.device) for k, v in collate(rows, pad).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
             labels = batch["labels"][:, 1:]
             token_loss = torch.nn.functional.cross_entropy(
                 logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="none"
             )
             counts = (labels != -100).sum(dim=1)
-            losses.extend((token_loss.sum(dim=1) / counts).tolist())
+            losses.extend((token_loss.sum(dim=1) / counts).cpu().tolist())
     finally:
         model.train(was_training)
     return losses
@@ -102,14 +102,14 @@ def greedy_answers(
             ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
             attention = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
             generated = model.generate(
-                input_ids=ids,
-                attention_mask=attention,
+                input_ids=ids.to(model.device),
+                attention_mask=attention.to(model.device),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=pad,
                 eos_token_id=tokenizer.eos_token_id,
             )
-            for row in generated[:, width:]:
+            for row in generated[:, width:].cpu():
                 tokens = row.tolist()
                 if tokenizer.eos_token_id in tokens:
                     tokens = tokens[: tokens.index(tokenizer.eos_token_id)]

@@ -72,6 +72,11 @@ class UnsupportedOffloadError(SiftError, ValueError):
     """A tuned parameter of the base model is offloaded (on the `meta` device) in a way hf_sift cannot serve."""
 
 
+class ConcurrentUpdateError(SiftError, RuntimeError):
+    """An artifact changed since the writer read it (another process saved it in between), or a save would replace
+    an artifact the writer never loaded. Nothing was written: reload the artifact, reapply the change, save again."""
+
+
 class DeltaNotKeptError(SiftError, RuntimeError):
     """A served model loaded with `keep_delta=False` dropped the sum, so it cannot switch task."""
 
@@ -79,6 +84,7 @@ class DeltaNotKeptError(SiftError, RuntimeError):
 __all__ = [
     "AccumulatorOverflowError",
     "BaseModelMismatchError",
+    "ConcurrentUpdateError",
     "CorruptArtifactError",
     "DeltaNotKeptError",
     "DuplicateTaskError",

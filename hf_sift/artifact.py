@@ -14,7 +14,7 @@ import contextlib
 import json
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
+from .artifact_state import ArtifactState
 from .atomic import link_or_copy, staged_folder
 from .digest import file_digest
 from .errors import CorruptArtifactError, IncompatibleArtifactError
@@ -277,15 +278,18 @@ def write_artifact(
     delta: Mapping[str, torch.Tensor],
     masks: Mapping[str, Path | Mapping[str, torch.Tensor]],
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-) -> dict[str, str]:
+    *,
+    precondition: Callable[[Path], None] | None = None,
+) -> tuple[dict[str, str], ArtifactState]:
     """Write a whole artifact atomically into `folder`, keeping the user's other files there.
 
     `masks` maps every task id to either an existing mask file (hard-linked, not rewritten) or its packed masks.
-    Returns the digest of each mask file written or linked.
+    `precondition` is checked under the folder's lock right before the swap (see [`~hf_sift.atomic.staged_folder`]
+    and [`~hf_sift.artifact_state`]). Returns the digest of each mask file written or linked, and the state written.
     """
     folder = Path(folder)
     mask_digests: dict[str, str] = {}
-    with staged_folder(folder) as stage:
+    with staged_folder(folder, precondition) as stage:
         if folder.is_dir():
             for path in folder.rglob("*"):
                 relative = path.relative_to(folder).as_posix()
@@ -314,4 +318,5 @@ def write_artifact(
         records = {t: {**manifest[t], "mask_digest": mask_digests[t]} for t in sorted(manifest)}
         _dump_json({"tasks": records}, stage / MANIFEST_NAME)
         _dump_json(dict(config), stage / CONFIG_NAME)
-    return mask_digests
+        written = ArtifactState.read(stage)
+    return mask_digests, written

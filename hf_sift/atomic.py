@@ -4,6 +4,9 @@ An artifact is several files that must change together. It is written into a fre
 into place: on Linux with ``renameat2(RENAME_EXCHANGE)``, a single atomic step, so a crash at any point leaves
 either the old or the new artifact; elsewhere with two renames and a short window in which only the backup exists
 (it is restored on the next save). Files of the old folder that the new one keeps are hard-linked, not copied.
+
+The swap runs under the folder's lock ([`~hf_sift.folder_lock.folder_lock`]), after an optional precondition that
+can refuse it: that is how a save becomes a compare-and-swap (see [`~hf_sift.artifact_state`]).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from .folder_lock import folder_lock
 
 
 _RENAME_EXCHANGE = 2
@@ -56,8 +61,15 @@ def link_or_copy(src: Path, dst: Path) -> None:
 
 
 @contextlib.contextmanager
-def staged_folder(target: str | os.PathLike) -> Iterator[Path]:
+def staged_folder(target: str | os.PathLike, precondition: Callable[[Path], None] | None = None) -> Iterator[Path]:
     """Yield an empty staging folder; on success it replaces `target` atomically, on error it is deleted.
+
+    Args:
+        target (`str` or `os.PathLike`): The folder to replace (or create).
+        precondition (`Callable[[Path], None]`, *optional*): Called with `target` before staging (to fail early)
+            and again under the folder's lock right before the swap; whatever it raises aborts the write and
+            leaves `target` as it is. If staging itself fails (e.g. a file to link from `target` vanished), the
+            precondition is asked again so that a change of `target` is reported as such.
 
     Example:
 
@@ -68,16 +80,28 @@ def staged_folder(target: str | os.PathLike) -> Iterator[Path]:
     """
     target = Path(target).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
-    _recover(target)
+    with folder_lock(target):
+        _recover(target)
+    if precondition is not None:
+        precondition(target)
     stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
     try:
-        yield stage
+        try:
+            yield stage
+        except OSError:
+            if precondition is not None:
+                precondition(target)  # raises (chained to the OSError) if `target` changed meanwhile
+            raise
         for root, _, files in os.walk(stage):
             for name in files:
                 with open(os.path.join(root, name), "rb+") as f:
                     os.fsync(f.fileno())
         _fsync_dir(stage)
-        _swap_into_place(stage, target)
+        with folder_lock(target):
+            _recover(target)
+            if precondition is not None:
+                precondition(target)
+            _swap_into_place(stage, target)
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
@@ -101,7 +125,7 @@ def _swap_into_place(stage: Path, target: Path) -> None:
     if not target.exists():
         os.rename(stage, target)
     elif _renameat2_exchange(stage, target):
-        shutil.rmtree(stage)  # `stage` now holds the previous contents
+        pass  # `stage` now holds the previous contents: deleted by the caller once the lock is released
     else:
         backup = _backup_path(target)
         os.rename(target, backup)

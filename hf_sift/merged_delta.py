@@ -22,6 +22,7 @@ from .artifact import (
     read_manifest,
     write_artifact,
 )
+from .artifact_state import ArtifactStates, read_consistently
 from .digest import digest_tensors
 from .errors import (
     BaseModelMismatchError,
@@ -92,6 +93,7 @@ class MergedDelta:
         self._bounds = dict.fromkeys(names, 0)
         self._records: dict[str, dict[str, Any]] = {}
         self._masks: dict[str, Path | dict[str, torch.Tensor]] = {}
+        self._artifact_states = ArtifactStates()  # folders loaded from or saved to, for compare-and-swap saves
 
     # ------------------------------------------------------------------ inspection
 
@@ -423,20 +425,48 @@ class MergedDelta:
         }
 
     def save_pretrained(
-        self, save_directory: str | os.PathLike, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
+        self,
+        save_directory: str | os.PathLike,
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+        *,
+        overwrite: bool = False,
     ) -> None:
         """Write the artifact to `save_directory` atomically (see docs/FORMAT.md).
 
         Other files in the folder (a tokenizer, a README) are kept. A crash at any point leaves the previous
         artifact intact. Masks already on disk are hard-linked rather than rewritten.
+
+        The save is a compare-and-swap: into a folder this delta was loaded from or last saved to, it succeeds only
+        if the folder still holds what was read or written then; into any other folder (and always for a delta
+        built fresh), only if the folder holds no artifact (or a byte-identical copy of one this delta was loaded
+        from). The check runs under the folder's lock, held across the swap, so of two processes that loaded the
+        same state and save, one saves and the other is refused.
+
+        Args:
+            save_directory (`str` or `os.PathLike`): The artifact folder.
+            max_shard_size (`int` or `str`, *optional*, defaults to `"2GB"`): Shard the sum above this size.
+            overwrite (`bool`, *optional*, defaults to `False`): Replace whatever artifact the folder holds.
+
+        Raises:
+            [`~hf_sift.errors.ConcurrentUpdateError`]: the folder changed (another writer saved it) or holds another
+            artifact; it names what changed and the folder is left as it is. Reload with [`from_pretrained`],
+            reapply the change and save again.
         """
         save_directory = Path(save_directory).absolute()
-        write_artifact(save_directory, self._config(), self._records, self._sum, self._masks, max_shard_size)
-        for task_id in self._records:
-            self._masks[task_id] = save_directory / mask_filename(task_id)
-        saved = read_manifest(save_directory)
+        precondition = self._artifact_states.precondition(save_directory, overwrite)
+        mask_digests, written = write_artifact(
+            save_directory,
+            self._config(),
+            self._records,
+            self._sum,
+            self._masks,
+            max_shard_size,
+            precondition=precondition,
+        )
+        self._artifact_states.remember(save_directory, written)
         for task_id, record in self._records.items():
-            record["mask_digest"] = saved[task_id]["mask_digest"]
+            self._masks[task_id] = save_directory / mask_filename(task_id)
+            record["mask_digest"] = mask_digests[task_id]
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, verify: bool = True) -> MergedDelta:
@@ -444,9 +474,16 @@ class MergedDelta:
 
         Masks stay on disk and are read one task at a time by [`load_mask`]. With `verify`, the sum is checked
         against its recorded digest (missing, truncated or corrupted files raise
-        [`~hf_sift.errors.CorruptArtifactError`]).
+        [`~hf_sift.errors.CorruptArtifactError`]). A load that overlaps a save starts over, so the delta holds one
+        saved state, which it remembers: [`save_pretrained`] into `directory` succeeds only if it is still there.
         """
         directory = Path(directory).absolute()
+        self, state = read_consistently(directory, lambda: cls._read(directory, verify))
+        self._artifact_states.remember(directory, state)
+        return self
+
+    @classmethod
+    def _read(cls, directory: Path, verify: bool) -> MergedDelta:
         config = read_config(directory)
         records = read_manifest(directory)
         self = cls.__new__(cls)
@@ -467,6 +504,7 @@ class MergedDelta:
         self._bounds = {}  # filled by `_bound` when tasks are added or removed; serving never needs them
         self._records = {t: dict(r) for t, r in records.items()}
         self._masks = {t: directory / mask_filename(t) for t in records}
+        self._artifact_states = ArtifactStates()
         if config["num_tasks"] != len(records):
             raise CorruptArtifactError(f"config says {config['num_tasks']} tasks, the manifest lists {len(records)}")
         if verify and self.digest != config["delta_digest"]:

@@ -434,13 +434,9 @@ class MergedDelta:
         """Write the artifact to `save_directory` atomically (see docs/FORMAT.md).
 
         Other files in the folder (a tokenizer, a README) are kept. A crash at any point leaves the previous
-        artifact intact. Masks already on disk are hard-linked rather than rewritten.
-
-        The save is a compare-and-swap: into a folder this delta was loaded from or last saved to, it succeeds only
-        if the folder still holds what was read or written then; into any other folder (and always for a delta
-        built fresh), only if the folder holds no artifact (or a byte-identical copy of one this delta was loaded
-        from). The check runs under the folder's lock, held across the swap, so of two processes that loaded the
-        same state and save, one saves and the other is refused.
+        artifact intact. Masks already on disk are hard-linked rather than rewritten. The save is a compare-and-swap:
+        into a folder this delta was loaded from or saved to, it succeeds only if the folder still holds that state;
+        into any other folder (always, for a delta built fresh), only if it holds no artifact. See docs/FORMAT.md.
 
         Args:
             save_directory (`str` or `os.PathLike`): The artifact folder.

@@ -161,6 +161,33 @@ def test_a_stale_delta_is_refused_and_told_what_changed(tmp_path):
     assert not folder.exists()
 
 
+def test_a_save_landing_while_another_stages_is_reported_as_such(tmp_path, monkeypatch):
+    """The other writer swaps the folder while this one hard-links its masks from it: a conflict, not an OSError."""
+    import hf_sift.artifact as artifact
+
+    folder = tmp_path / "merged"
+    merge(["a", "b"]).save_pretrained(folder)
+    stale, other = MergedDelta.from_pretrained(folder), MergedDelta.from_pretrained(folder)
+    stale.add("c", task_vector("c"))
+    other.remove("b", task_vector("b"))
+    real_link = artifact.link_or_copy
+    raced = []
+
+    def link_racing_a_save(source, target):
+        if not raced:
+            raced.append(True)
+            other.save_pretrained(folder)  # removes masks/b.safetensors before this writer links it
+        real_link(source, target)
+
+    monkeypatch.setattr(artifact, "link_or_copy", link_racing_a_save)
+    with pytest.raises(ConcurrentUpdateError, match=r"removed task\(s\) \['b'\]") as err:
+        stale.save_pretrained(folder)
+    assert isinstance(err.value.__context__, FileNotFoundError)
+    monkeypatch.undo()
+    assert snapshot(folder) == saved_bytes(["a"], tmp_path / "expected")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["expected", "merged"]
+
+
 def test_same_tasks_rewritten_is_still_a_conflict(tmp_path):
     folder = tmp_path / "merged"
     merge(["a"]).save_pretrained(folder)

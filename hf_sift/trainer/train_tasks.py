@@ -94,7 +94,9 @@ def train_tasks(
     θ0 is the model's tuned parameters at call time. Each task gets a fresh [`SIFTTrainer`] (fresh optimizer,
     scheduler and RNG state, seeded from `(args.seed, task_id)`) on the rows of its task, then the model is reset to
     θ0 in place. After each task the artifact is saved atomically, so a crash loses at most the task in flight; a
-    restarted call skips the tasks already recorded and ends with the same bytes.
+    restarted call skips the tasks already recorded and ends with the same bytes. Each save is a compare-and-swap
+    ([`~hf_sift.MergedDelta.save_pretrained`]): if another process saved the artifact meanwhile, the run stops with
+    [`~hf_sift.errors.ConcurrentUpdateError`] and a new call resumes from the artifact as that process left it.
 
     Under `accelerate launch` (or `torchrun`) with N processes, the tasks are sharded over the ranks, each rank
     trains its tasks alone into a partial artifact next to `output_dir`, and at the end the int64 partial sums are

@@ -100,13 +100,13 @@ class ArtifactStates:
         self._by_folder: dict[Path, ArtifactState] = {}
 
     def remember(self, folder: str | os.PathLike, state: ArtifactState) -> None:
-        self._by_folder[Path(folder).absolute()] = state
+        self._by_folder[Path(folder).resolve()] = state
 
     def precondition(self, folder: str | os.PathLike, overwrite: bool = False) -> Callable[[Path], None] | None:
         """The check a save into `folder` must pass under the folder's lock (None: no check)."""
         if overwrite:
             return None
-        folder = Path(folder).absolute()
+        folder = Path(folder).resolve()
         expected = self._by_folder.get(folder)
         if expected is not None:
             return lambda target: _check_unchanged(target, expected)

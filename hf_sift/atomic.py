@@ -78,7 +78,7 @@ def staged_folder(target: str | os.PathLike, precondition: Callable[[Path], None
         (stage / "a.json").write_text("{}")
     ```
     """
-    target = Path(target).absolute()
+    target = Path(target).resolve()  # through a symlink: replace (and lock) the folder it points to
     target.parent.mkdir(parents=True, exist_ok=True)
     with folder_lock(target):
         _recover(target)

@@ -33,8 +33,8 @@ except ImportError:  # Windows
 
 
 def lock_path(target: str | os.PathLike) -> Path:
-    """The lock file of `target`: ``.<name>.lock`` beside it."""
-    target = Path(target).absolute()
+    """The lock file of `target` (symlinks resolved): ``.<name>.lock`` beside it."""
+    target = Path(target).resolve()
     return target.parent / f".{target.name}.lock"
 
 

@@ -265,3 +265,24 @@ def test_train_tasks_refuses_to_overwrite_another_writer(tmp_path):
     assert MergedDelta.from_pretrained(folder).task_ids == ["t0", "x"]  # as the other writer left it
     resumed = train_tasks(tiny_model(), data, "task", sift_args(tmp_path / "runs"), folder)
     assert resumed.task_ids == MergedDelta.from_pretrained(folder).task_ids == ["t0", "t1", "x"]
+
+
+def test_a_symlinked_folder_is_the_folder_it_points_to(tmp_path):
+    """Saving through a symlink updates (and locks) the folder it points to; the symlink stays."""
+    real, link = tmp_path / "real", tmp_path / "link"
+    merge(["a"]).save_pretrained(real)
+    link.symlink_to(real, target_is_directory=True)
+    via_link, via_real = MergedDelta.from_pretrained(link), MergedDelta.from_pretrained(real)
+    via_real.add("b", task_vector("b"))
+    via_real.save_pretrained(real)
+    via_link.add("c", task_vector("c"))
+    with pytest.raises(ConcurrentUpdateError, match=r"added task\(s\) \['b'\]"):
+        via_link.save_pretrained(link)
+    retried = MergedDelta.from_pretrained(link)
+    retried.add("c", task_vector("c"))
+    retried.save_pretrained(link)
+    assert link.is_symlink()
+    assert MergedDelta.from_pretrained(real).task_ids == ["a", "b", "c"]
+    via_real.add("d", task_vector("d"))
+    with pytest.raises(ConcurrentUpdateError, match=r"added task\(s\) \['c'\]"):
+        via_real.save_pretrained(real)

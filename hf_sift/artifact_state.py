@@ -100,6 +100,7 @@ class ArtifactStates:
         self._by_folder: dict[Path, ArtifactState] = {}
 
     def remember(self, folder: str | os.PathLike, state: ArtifactState) -> None:
+        """Record that `folder` held `state` when it was loaded or saved."""
         self._by_folder[Path(folder).resolve()] = state
 
     def precondition(self, folder: str | os.PathLike, overwrite: bool = False) -> Callable[[Path], None] | None:

@@ -124,9 +124,7 @@ def _recover(target: Path) -> None:
 def _swap_into_place(stage: Path, target: Path) -> None:
     if not target.exists():
         os.rename(stage, target)
-    elif _renameat2_exchange(stage, target):
-        pass  # `stage` now holds the previous contents: deleted by the caller once the lock is released
-    else:
+    elif not _renameat2_exchange(stage, target):  # (on success `stage` holds the old contents: the caller deletes it)
         backup = _backup_path(target)
         os.rename(target, backup)
         os.rename(stage, target)

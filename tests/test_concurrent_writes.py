@@ -286,3 +286,21 @@ def test_a_symlinked_folder_is_the_folder_it_points_to(tmp_path):
     via_real.add("d", task_vector("d"))
     with pytest.raises(ConcurrentUpdateError, match=r"added task\(s\) \['c'\]"):
         via_real.save_pretrained(real)
+
+
+def test_without_renameat2_and_after_an_interrupted_swap(tmp_path, monkeypatch):
+    """The two-rename swap (other platforms) is serialised by the same lock; its crash window is repaired first."""
+    monkeypatch.setattr("hf_sift.atomic._renameat2_exchange", lambda a, b: False)
+    folder = tmp_path / "merged"
+    merge(["a"]).save_pretrained(folder)
+    first, second = MergedDelta.from_pretrained(folder), MergedDelta.from_pretrained(folder)
+    first.add("b", task_vector("b"))
+    first.save_pretrained(folder)
+    second.add("c", task_vector("c"))
+    with pytest.raises(ConcurrentUpdateError, match=r"added task\(s\) \['b'\]"):
+        second.save_pretrained(folder)
+    folder.rename(tmp_path / ".merged.previous")  # a writer died between its two renames
+    first.add("c", task_vector("c"))
+    first.save_pretrained(folder)  # the backup is restored before the state is checked
+    assert snapshot(folder) == saved_bytes(["a", "b", "c"], tmp_path / "expected")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["expected", "merged"]

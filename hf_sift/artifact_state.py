@@ -23,8 +23,9 @@ from typing import TypeVar
 from .errors import ConcurrentUpdateError, CorruptArtifactError
 
 
-_CONFIG_NAME = "sift_config.json"  # as in .artifact (not imported: artifact.py imports this module)
-_MANIFEST_NAME = "sift_manifest.json"
+# The files whose bytes make up the state, as named in .artifact (not imported: artifact.py imports this module).
+# The manifest comes last: task ids are read from it.
+STATE_FILES = ("sift_config.json", "sift_manifest.json")
 _READ_ATTEMPTS = 8
 _RETRY_HINT = "reload it (MergedDelta.from_pretrained), reapply your change and save again"
 
@@ -51,14 +52,13 @@ class ArtifactState:
     @classmethod
     def read(cls, folder: str | os.PathLike) -> ArtifactState:
         """The current state of `folder` (reads two small files, takes no lock)."""
-        folder = Path(folder)
-        parts = [_read_bytes(folder / _CONFIG_NAME), _read_bytes(folder / _MANIFEST_NAME)]
-        if parts == [None, None]:
+        parts = [_read_bytes(Path(folder) / name) for name in STATE_FILES]
+        if all(part is None for part in parts):
             return cls(None)
         digest = hashlib.sha256()
-        for part in parts:  # length-prefixed, so that moving bytes between the two files changes the digest
+        for part in parts:  # length-prefixed, so that moving bytes from one file to the next changes the digest
             digest.update(b"-" if part is None else len(part).to_bytes(8, "little") + part)
-        return cls("sha256:" + digest.hexdigest(), _task_ids(parts[1]))
+        return cls("sha256:" + digest.hexdigest(), _task_ids(parts[-1]))
 
 
 def _read_bytes(path: Path) -> bytes | None:

@@ -304,3 +304,10 @@ def test_without_renameat2_and_after_an_interrupted_swap(tmp_path, monkeypatch):
     first.save_pretrained(folder)  # the backup is restored before the state is checked
     assert snapshot(folder) == saved_bytes(["a", "b", "c"], tmp_path / "expected")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["expected", "merged"]
+
+
+def test_the_state_files_are_the_artifacts_config_and_manifest():
+    from hf_sift.artifact import CONFIG_NAME, MANIFEST_NAME
+    from hf_sift.artifact_state import STATE_FILES
+
+    assert STATE_FILES == (CONFIG_NAME, MANIFEST_NAME)

@@ -47,6 +47,7 @@ class ArtifactState:
 
     @property
     def is_artifact(self) -> bool:
+        """Whether the folder held an artifact (or part of one)."""
         return self.digest is not None
 
     @classmethod

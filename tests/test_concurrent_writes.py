@@ -311,3 +311,48 @@ def test_the_state_files_are_the_artifacts_config_and_manifest():
     from hf_sift.artifact_state import STATE_FILES
 
     assert STATE_FILES == (CONFIG_NAME, MANIFEST_NAME)
+
+
+def test_the_lock_without_fcntl_uses_msvcrt(tmp_path, monkeypatch):
+    """Windows has no fcntl: the lock falls back to msvcrt.locking (simulated here by a fake module)."""
+    import sys
+    import threading
+    import time
+    import types
+
+    import hf_sift.folder_lock as folder_lock
+
+    held, calls = set(), []
+
+    def locking(fd, mode, nbytes):
+        assert nbytes == 1 and os.lseek(fd, 0, os.SEEK_CUR) == 0
+        key = os.fstat(fd).st_ino
+        calls.append(mode)
+        if mode == fake.LK_NBLCK:
+            if key in held:
+                raise OSError("locked")
+            held.add(key)
+        else:
+            held.remove(key)
+
+    fake = types.SimpleNamespace(LK_NBLCK=2, LK_UNLCK=0, locking=locking)
+    monkeypatch.setitem(sys.modules, "msvcrt", fake)
+    monkeypatch.setattr(folder_lock, "fcntl", None)
+    order = []
+    entered = threading.Event()
+
+    def first():
+        with folder_lock.folder_lock(tmp_path / "merged"):
+            entered.set()
+            time.sleep(0.2)
+            order.append("first")
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    entered.wait(10)
+    with folder_lock.folder_lock(tmp_path / "merged"):
+        order.append("second")
+    thread.join()
+    assert order == ["first", "second"] and not held
+    assert calls.count(fake.LK_UNLCK) == 2 and calls.count(fake.LK_NBLCK) > 2  # the second waited
+    assert (tmp_path / ".merged.lock").exists()  # left in place on Windows

@@ -80,6 +80,7 @@ class MergedDelta:
         base_revision: str | None = None,
         device: torch.device | str = "cpu",
     ):
+        self._artifact_states = ArtifactStates()  # folders loaded from or saved to, for compare-and-swap saves
         selection, names = resolve_parameters(base_state_dict, parameters)
         self.sign_seed = sign_seed
         self.scale_bits = scale_bits
@@ -93,7 +94,6 @@ class MergedDelta:
         self._bounds = dict.fromkeys(names, 0)
         self._records: dict[str, dict[str, Any]] = {}
         self._masks: dict[str, Path | dict[str, torch.Tensor]] = {}
-        self._artifact_states = ArtifactStates()  # folders loaded from or saved to, for compare-and-swap saves
 
     # ------------------------------------------------------------------ inspection
 
@@ -475,6 +475,7 @@ class MergedDelta:
         """
         directory = Path(directory).absolute()
         self, state = read_consistently(directory, lambda: cls._read(directory, verify))
+        self._artifact_states = ArtifactStates()
         self._artifact_states.remember(directory, state)
         return self
 
@@ -500,7 +501,6 @@ class MergedDelta:
         self._bounds = {}  # filled by `_bound` when tasks are added or removed; serving never needs them
         self._records = {t: dict(r) for t, r in records.items()}
         self._masks = {t: directory / mask_filename(t) for t in records}
-        self._artifact_states = ArtifactStates()
         if config["num_tasks"] != len(records):
             raise CorruptArtifactError(f"config says {config['num_tasks']} tasks, the manifest lists {len(records)}")
         if verify and self.digest != config["delta_digest"]:

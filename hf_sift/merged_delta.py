@@ -449,15 +449,9 @@ class MergedDelta:
             reapply the change and save again.
         """
         save_directory = Path(save_directory).absolute()
-        precondition = self._artifact_states.precondition(save_directory, overwrite)
+        check = self._artifact_states.precondition(save_directory, overwrite)
         mask_digests, written = write_artifact(
-            save_directory,
-            self._config(),
-            self._records,
-            self._sum,
-            self._masks,
-            max_shard_size,
-            precondition=precondition,
+            save_directory, self._config(), self._records, self._sum, self._masks, max_shard_size, precondition=check
         )
         self._artifact_states.remember(save_directory, written)
         for task_id, record in self._records.items():

@@ -33,14 +33,11 @@ from .errors import (
     UnknownTaskError,
 )
 from .fixed_point import INT64_MAX, SCALE_BITS, check_no_overflow, max_abs
-from .masks import packed_size, select_bits_, unpack_bits
+from .masks import packed_size
 from .selection import ParameterSelection, resolve_parameters
+from .served_weights import check_scale, served_tensor
 from .task_id import validate_task_id
 from .task_vector import TaskVector, check_same_parameters
-
-
-# Elements served per step in `served_parameter`; a multiple of 8 so mask bytes split cleanly.
-_SERVE_CHUNK = 1 << 18
 
 
 def _dtype_from_name(name: str) -> torch.dtype:
@@ -306,79 +303,6 @@ class MergedDelta:
         if verify_digest and digest_tensors(base_state_dict, self.names) != self.base_digest:
             raise BaseModelMismatchError("the base model's weights differ from the ones this delta was built on")
 
-    def served_parameter(
-        self,
-        name: str,
-        base: torch.Tensor,
-        packed_mask: torch.Tensor | None = None,
-        scale: float | None = None,
-        out: torch.Tensor | None = None,
-        plain: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Served weights of one parameter (see docs/FORMAT.md).
-
-        Wherever ``Q · m`` is 0 (the mask is 0, or nothing moved): θ0 cast to `out`'s dtype, bit for bit. Elsewhere:
-        ``dtype(float64(θ0) + float64(Q) · (scale · 2**-S))``, evaluated in float64 in that order and rounded once to
-        `out`'s dtype (default: the base's). The work runs in chunks with reused buffers, so the extra memory is a
-        few MiB whatever the parameter's size; `out` may be `base` itself (in-place serving).
-
-        `plain` may hold the plain-merge weights of this parameter computed earlier (same dtype as `out`); the
-        masked result is then a bitwise select between `plain` and θ0, without touching Q: this is how a
-        [`~hf_sift.MergedMaskedModel`] switches tasks in one cheap pass.
-        """
-        factor = (self.default_scale() if scale is None else float(scale)) * 2.0 ** (-self.scale_bits)
-        total = self._sum[name].reshape(-1)
-        base_flat = base.detach().reshape(-1)
-        if out is None:
-            out = torch.empty_like(base)
-        out_flat = out.view(-1)
-        numel = out_flat.numel()
-        if factor == 0.0 or numel == 0:
-            return out.copy_(base)
-        # The masked term is computed as float64(±Q·m) · (∓factor) with the sign chosen so that a zero term is
-        # -0.0: θ0 + (-0.0) is θ0 bit for bit (θ0 + 0.0 would turn -0.0 into +0.0). Q·m is masked as an integer
-        # (exact), and ±Q never overflows since the sum stays within ±(2**63 - 1).
-        negate = factor > 0
-        # The fused kernels (one pass, threaded) give the same bits as the torch path below, which serves whatever
-        # they do not support (other dtypes, devices or layouts, or a build without a C compiler).
-        if plain is not None and packed_mask is not None:
-            merged = plain.reshape(-1)
-            if kernels.select_(out_flat, merged, base_flat, packed_mask):
-                return out
-        elif plain is None and kernels.serve_(
-            out_flat, base_flat, total, packed_mask, -factor if negate else factor, negate
-        ):
-            return out
-        if plain is None:  # reusable chunk buffers, only needed when Q is read
-            size = min(_SERVE_CHUNK, numel)
-            work = torch.empty(size, dtype=torch.int64, device=out.device)
-            wide = torch.empty(size, dtype=torch.float64, device=out.device)
-            bits = torch.empty(size, dtype=torch.int64, device=out.device) if packed_mask is not None else None
-        for lo in range(0, numel, _SERVE_CHUNK):
-            hi = min(lo + _SERVE_CHUNK, numel)
-            keep = None
-            if packed_mask is not None:
-                keep = unpack_bits(packed_mask[lo // 8 : packed_size(hi)], hi - lo).to(out.device).view(torch.uint8)
-            if plain is not None:
-                merged = plain.reshape(-1)[lo:hi]
-                if keep is None:
-                    out_flat[lo:hi].copy_(merged)
-                else:
-                    select_bits_(out_flat[lo:hi], merged, base_flat[lo:hi].to(out.dtype), keep)
-                continue
-            q = work[: hi - lo]
-            q.copy_(total[lo:hi])
-            if negate:
-                q.neg_()
-            if keep is not None:
-                m = bits[: hi - lo]
-                m.copy_(keep).neg_()  # 1 -> all ones, 0 -> 0
-                q.bitwise_and_(m)
-            w = wide[: hi - lo]
-            w.copy_(q).mul_(-factor if negate else factor).add_(base_flat[lo:hi])
-            out_flat[lo:hi].copy_(w)
-        return out
-
     def materialize(
         self,
         base_state_dict: Mapping[str, torch.Tensor],
@@ -388,16 +312,19 @@ class MergedDelta:
     ) -> dict[str, torch.Tensor]:
         """The full served state dict for `task` (or the plain merge when `task` is None).
 
-        Tuned parameters become ``θ0 + scale · (Q · 2**-S masked by m_task)`` (see [`served_parameter`]); every
-        other entry of `base_state_dict` is returned as is. `scale` defaults to 1/T.
+        Tuned parameters become ``θ0 + scale · (Q · 2**-S masked by m_task)`` (see
+        [`~hf_sift.served_weights.served_tensor`], the one place that computes served weights); every other entry of
+        `base_state_dict` is returned as is. `scale` defaults to 1/T and must be finite.
         """
+        scale = self.default_scale() if scale is None else check_scale(scale)
         masks = self.load_mask(task) if task is not None else None
         self.check_base(base_state_dict, verify_digest=verify_base)
         served = dict(base_state_dict)
         with kernels.deferred():
             for name in self.names:
-                served[name] = self.served_parameter(
-                    name, base_state_dict[name], None if masks is None else masks[name], scale
+                mask = None if masks is None else masks[name]
+                served[name] = served_tensor(
+                    base_state_dict[name], self._sum[name], mask, scale=scale, scale_bits=self.scale_bits
                 )
         return served
 

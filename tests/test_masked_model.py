@@ -43,6 +43,7 @@ from hf_sift.errors import (
 from hf_sift.hub import download
 from hf_sift.masked_model import EXPORT_RECORD_NAME
 from hf_sift.offload import offload_slots
+from hf_sift.served_weights import served_tensor
 
 
 SMALL = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
@@ -219,7 +220,9 @@ def test_bfloat16_rounds_once_from_float64(llama):
         out = dict(vanilla)
         for name in delta.names:
             target = torch.empty(base[name].shape, dtype=torch.bfloat16)
-            out[name] = delta.served_parameter(name, base[name], masks[name], out=target)
+            out[name] = served_tensor(
+                base[name], delta.sum[name], masks[name], scale=delta.default_scale(), scale_bits=40, out=target
+            )
         return out
 
     assert_serves(model, expected_for())

@@ -17,7 +17,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from . import __version__
 from .arena import release_file_pages
-from .artifact import read_config
 from .atomic import link_or_copy, staged_folder
 from .digest import digest_tensors
 from .errors import (
@@ -198,7 +197,7 @@ class MergedMaskedModel(torch.nn.Module):
         artifact = resolve_artifact(path_or_repo_id, task, revision, **hub_kwargs)
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="hf_sift-digest") as pool:
             delta = MergedDelta.from_pretrained(artifact.folder, verify=False)
-            recorded_digest = read_config(artifact.folder)["delta_digest"]
+            recorded_digest = delta.recorded_digest
             # The sum's digest (a sha256 over ~8 bytes per tuned element) is checked in a background thread while the
             # base model loads and the weights are served; nothing is returned before it matches.
             checking = pool.submit(digest_tensors, delta.sum) if verify else None

@@ -4,25 +4,25 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import __version__, kernels
+from . import kernels
 from .artifact import (
     DEFAULT_MAX_SHARD_SIZE,
-    FORMAT_VERSION,
     iter_delta,
     load_mask_file,
     mapped_mask_file,
     mask_filename,
-    read_config,
-    read_manifest,
+    read_artifact,
     write_artifact,
 )
-from .digest import digest_tensors
+from .artifact_config import ArtifactConfig
+from .digest import digest_tensors, state_dict_digest
 from .errors import (
     BaseModelMismatchError,
     CorruptArtifactError,
@@ -40,13 +40,6 @@ from .task_id import validate_task_id
 from .task_vector import TaskVector, check_same_parameters
 
 
-def _dtype_from_name(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise CorruptArtifactError(f"unknown dtype {name!r} in the artifact")
-    return dtype
-
-
 class MergedDelta:
     """The sum Q of the integer task vectors of every merged task, with each task's mask and record.
 
@@ -62,6 +55,8 @@ class MergedDelta:
         scale_bits (`int`, *optional*, defaults to 40): The fixed-point scale S.
         base_model (`str`, *optional*): Name or path of the base model, recorded in `sift_config.json`.
         base_revision (`str`, *optional*): Revision of the base model, recorded likewise.
+        base_model_digest (`str`, *optional*): Digest of every tensor of the base model (not only P), from
+            [`~hf_sift.digest.state_dict_digest`]; recorded, and checked by [`check_base_model`] and on serving.
         device (`torch.device`, *optional*, defaults to CPU): Where the sum lives.
     """
 
@@ -74,6 +69,7 @@ class MergedDelta:
         scale_bits: int = SCALE_BITS,
         base_model: str | None = None,
         base_revision: str | None = None,
+        base_model_digest: str | None = None,
         device: torch.device | str = "cpu",
     ):
         selection, names = resolve_parameters(base_state_dict, parameters)
@@ -85,6 +81,8 @@ class MergedDelta:
         self.shapes = {n: tuple(base_state_dict[n].shape) for n in names}
         self.dtypes = {n: base_state_dict[n].dtype for n in names}
         self.base_digest = digest_tensors(base_state_dict, names)
+        self.base_model_digest = base_model_digest
+        self.recorded_digest: str | None = None  # the digest of Q recorded in the artifact last loaded or saved
         self._sum = {n: torch.zeros(self.shapes[n], dtype=torch.int64, device=device) for n in names}
         self._bounds = dict.fromkeys(names, 0)
         self._records: dict[str, dict[str, Any]] = {}
@@ -303,6 +301,28 @@ class MergedDelta:
         if verify_digest and digest_tensors(base_state_dict, self.names) != self.base_digest:
             raise BaseModelMismatchError("the base model's weights differ from the ones this delta was built on")
 
+    def check_base_model(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Raise unless every tensor of `state_dict` (the whole base model) matches the recorded base model digest.
+
+        Call it before a replay: embeddings and the LM head are not tuned but shape training. Artifacts written
+        without that digest only get a warning (their tuned parameters are still checked by [`check_base`]).
+
+        Raises:
+            [`~hf_sift.errors.BaseModelMismatchError`].
+        """
+        if self.base_model_digest is None:
+            warnings.warn(
+                "this artifact records no digest of the whole base model (written by an older hf_sift): only the "
+                "tuned parameters can be checked",
+                stacklevel=2,
+            )
+            return
+        if state_dict_digest(state_dict) != self.base_model_digest:
+            raise BaseModelMismatchError(
+                "the base model differs from the one this delta was built on (some tensor of its state dict, e.g. "
+                "the embeddings or the LM head, has other values, names, shapes or dtypes)"
+            )
+
     def materialize(
         self,
         base_state_dict: Mapping[str, torch.Tensor],
@@ -330,24 +350,20 @@ class MergedDelta:
 
     # ------------------------------------------------------------------ persistence
 
-    def _config(self) -> dict[str, Any]:
-        return {
-            "format": "hf_sift",
-            "format_version": FORMAT_VERSION,
-            "hf_sift_version": __version__,
-            "base_model": self.base_model,
-            "base_revision": self.base_revision,
-            "base_digest": self.base_digest,
-            "sign_seed": self.sign_seed,
-            "scale_bits": self.scale_bits,
-            "parameters": {
-                "selection": None if self.selection is None else self.selection.to_dict(),
-                "shapes": {n: list(s) for n, s in sorted(self.shapes.items())},
-                "dtypes": {n: str(d).removeprefix("torch.") for n, d in sorted(self.dtypes.items())},
-            },
-            "num_tasks": self.num_tasks,
-            "delta_digest": self.digest,
-        }
+    def _config(self) -> ArtifactConfig:
+        return ArtifactConfig(
+            base_digest=self.base_digest,
+            sign_seed=self.sign_seed,
+            scale_bits=self.scale_bits,
+            shapes=dict(self.shapes),
+            dtypes=dict(self.dtypes),
+            selection=self.selection,
+            num_tasks=self.num_tasks,
+            delta_digest=self.digest,
+            base_model=self.base_model,
+            base_revision=self.base_revision,
+            base_model_digest=self.base_model_digest,
+        )
 
     def save_pretrained(
         self, save_directory: str | os.PathLike, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
@@ -358,44 +374,37 @@ class MergedDelta:
         artifact intact. Masks already on disk are hard-linked rather than rewritten.
         """
         save_directory = Path(save_directory).absolute()
-        write_artifact(save_directory, self._config(), self._records, self._sum, self._masks, max_shard_size)
-        for task_id in self._records:
-            self._masks[task_id] = save_directory / mask_filename(task_id)
-        saved = read_manifest(save_directory)
+        config = self._config()
+        mask_digests = write_artifact(save_directory, config, self._records, self._sum, self._masks, max_shard_size)
         for task_id, record in self._records.items():
-            record["mask_digest"] = saved[task_id]["mask_digest"]
+            self._masks[task_id] = save_directory / mask_filename(task_id)
+            record["mask_digest"] = mask_digests[task_id]
+        self.recorded_digest = config.delta_digest
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, verify: bool = True) -> MergedDelta:
         """Load an artifact written by [`save_pretrained`], streaming Q tensor by tensor.
 
-        Masks stay on disk and are read one task at a time by [`load_mask`]. With `verify`, the sum is checked
-        against its recorded digest (missing, truncated or corrupted files raise
-        [`~hf_sift.errors.CorruptArtifactError`]).
+        Masks stay on disk and are read one task at a time by [`load_mask`]. Every field of the config and the
+        manifest is checked, and so is the binding digest that ties the fields deciding the served weights together.
+        With `verify`, the sum is also checked against its recorded digest.
+
+        Raises:
+            [`~hf_sift.errors.CorruptArtifactError`] (a missing, truncated, malformed or edited file, naming the file
+            and field) or [`~hf_sift.errors.IncompatibleArtifactError`].
         """
         directory = Path(directory).absolute()
-        config = read_config(directory)
-        records = read_manifest(directory)
+        config, records = read_artifact(directory)
         self = cls.__new__(cls)
-        params = config["parameters"]
-        try:
-            self.shapes = {n: tuple(int(d) for d in s) for n, s in params["shapes"].items()}
-            self.dtypes = {n: _dtype_from_name(d) for n, d in params["dtypes"].items()}
-            selection = params.get("selection")
-            self.selection = None if selection is None else ParameterSelection.from_dict(selection)
-        except (KeyError, TypeError, AttributeError, ValueError) as err:
-            raise CorruptArtifactError(f"malformed 'parameters' in the config of {directory}: {err}") from None
-        self.sign_seed = config["sign_seed"]
-        self.scale_bits = config["scale_bits"]
-        self.base_model = config["base_model"]
-        self.base_revision = config["base_revision"]
-        self.base_digest = config["base_digest"]
+        self.shapes, self.dtypes, self.selection = config.shapes, config.dtypes, config.selection
+        self.sign_seed, self.scale_bits = config.sign_seed, config.scale_bits
+        self.base_model, self.base_revision = config.base_model, config.base_revision
+        self.base_digest, self.base_model_digest = config.base_digest, config.base_model_digest
+        self.recorded_digest = config.delta_digest
         self._sum = dict(iter_delta(directory, self.shapes))
         self._bounds = {}  # filled by `_bound` when tasks are added or removed; serving never needs them
-        self._records = {t: dict(r) for t, r in records.items()}
+        self._records = records
         self._masks = {t: directory / mask_filename(t) for t in records}
-        if config["num_tasks"] != len(records):
-            raise CorruptArtifactError(f"config says {config['num_tasks']} tasks, the manifest lists {len(records)}")
-        if verify and self.digest != config["delta_digest"]:
+        if verify and self.digest != config.delta_digest:
             raise CorruptArtifactError(f"the sum in {directory} does not match its recorded digest")
         return self

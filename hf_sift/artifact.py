@@ -39,6 +39,7 @@ DELTA_PATTERN = "sift_delta{suffix}.safetensors"
 MASKS_DIR = "masks"
 DEFAULT_MAX_SHARD_SIZE = "2GB"
 
+
 def mask_filename(task_id: str) -> str:
     """Path of a task's mask inside the artifact, relative to its root."""
     return f"{MASKS_DIR}/{validate_task_id(task_id)}.safetensors"

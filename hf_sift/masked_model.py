@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 from . import __version__
 from .arena import release_file_pages
 from .atomic import link_or_copy, staged_folder
-from .digest import digest_tensors
+from .digest import digest_lazy, digest_tensors
 from .errors import (
     BaseModelMismatchError,
     CorruptArtifactError,
@@ -237,6 +237,14 @@ class MergedMaskedModel(torch.nn.Module):
             base_weights = materialized(base_state, offload_slots(reference, delta.names), delta.names)
             # θ0's digest (a sha256 over the tuned weights) is checked alongside the serving pass, below.
             base_digest = pool.submit(digest_tensors, base_weights)
+            # The whole base (embeddings and LM head too) against the recorded base model digest, alongside as well;
+            # θ0 of the tuned parameters comes from `base_weights` (the serving pass may write the model's own).
+            whole = {**base_state, **base_weights}
+            untuned = [n for n in whole if n not in base_weights]
+            slots = offload_slots(reference, untuned)
+            model_digest = pool.submit(
+                digest_lazy, sorted(whole), lambda n: slots[n].read() if n in slots else whole[n]
+            )
             if reference is not model:
                 check_cast(model, base_state, set(delta.names))
             del reference, base_state
@@ -245,6 +253,7 @@ class MergedMaskedModel(torch.nn.Module):
             # switch.
             serve(model, delta, base_weights, masks, scale, fresh=True)
             cls._check_base_digest(delta, base_digest.result(), allow_base_mismatch)
+            cls._check_base_model_digest(delta, model_digest.result(), allow_base_mismatch)
             if not keep_delta:  # θ0 is not needed any more: release the pages of it that map the checkpoint file
                 release_file_pages(base_weights.values())
 
@@ -285,6 +294,25 @@ class MergedMaskedModel(torch.nn.Module):
                 f"{message}; pass allow_base_mismatch=True to serve on it anyway (the served weights are then "
                 "not the merge's)"
             )
+        warnings.warn(f"{message}; serving anyway because allow_base_mismatch=True", stacklevel=3)
+
+    @staticmethod
+    def _check_base_model_digest(delta: MergedDelta, digest: str, allow_mismatch: bool) -> None:
+        if delta.base_model_digest is None:
+            warnings.warn(
+                "the artifact records no digest of the whole base model (written by an older hf_sift): only its "
+                "tuned parameters were checked, not its embeddings or LM head",
+                stacklevel=3,
+            )
+            return
+        if digest == delta.base_model_digest:
+            return
+        message = (
+            "the base model differs from the one this delta was built on outside the tuned parameters (e.g. its "
+            "embeddings or LM head, which are served as they are)"
+        )
+        if not allow_mismatch:
+            raise BaseModelMismatchError(f"{message}; pass allow_base_mismatch=True to serve on it anyway")
         warnings.warn(f"{message}; serving anyway because allow_base_mismatch=True", stacklevel=3)
 
     # ------------------------------------------------------------------ tasks

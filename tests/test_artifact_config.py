@@ -108,9 +108,9 @@ def test_edited_or_malformed_fields_are_refused(folder, damage, error, match):
 
 
 def test_refused_artifact_is_not_served(tmp_path, tiny_llama_state):
+    from conftest import tiny_llama_config
     from transformers import LlamaForCausalLM
 
-    from conftest import tiny_llama_config
     from hf_sift import MergedMaskedModel
 
     torch.manual_seed(0)

@@ -28,7 +28,7 @@ from transformers import (
 
 from hf_sift import MergedDelta, MergedMaskedModel, TaskVector
 from hf_sift.artifact import CONFIG_NAME, DELTA_NAME, mask_filename
-from hf_sift.digest import digest_tensors
+from hf_sift.digest import digest_tensors, state_dict_digest
 from hf_sift.errors import (
     BaseModelMismatchError,
     CorruptArtifactError,
@@ -97,7 +97,12 @@ def build_artifact(
     base_dir = folder / f"base-{arch}-{seed}"
     model.save_pretrained(base_dir)
     base = {k: v.clone() for k, v in model.state_dict().items()}
-    delta = MergedDelta(base, sign_seed=7, base_model=str(base_dir) if record_base else None)
+    delta = MergedDelta(
+        base,
+        sign_seed=7,
+        base_model=str(base_dir) if record_base else None,
+        base_model_digest=state_dict_digest(base),
+    )
     for i, task in enumerate(tasks):
         delta.add(task, TaskVector.from_state_dicts(base, perturbed(base, 100 + i), 7))
     artifact = folder / f"artifact-{arch}-{seed}"
@@ -511,6 +516,33 @@ def test_switch_that_overflows_restores_the_previous_task(tmp_path):
     assert served.task == "calm"
     for key, tensor in served.model.state_dict().items():
         assert torch.equal(tensor, before[key]), key
+
+
+@pytest.mark.parametrize("name", ["model.embed_tokens.weight", "lm_head.weight"])
+def test_base_with_other_embeddings_or_lm_head_is_refused(llama, tmp_path, name):
+    artifact, base_dir, delta, base = llama
+    assert name not in delta.names  # not tuned, but served as they are
+    other = AutoModelForCausalLM.from_pretrained(base_dir)
+    with torch.no_grad():
+        other.get_parameter(name).add_(1.0)
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(BaseModelMismatchError, match="embeddings or LM head"):
+        MergedMaskedModel.from_pretrained(artifact, task="t1", base_model=tmp_path / "other")
+    with pytest.warns(UserWarning, match="serving anyway"):
+        MergedMaskedModel.from_pretrained(artifact, task="t1", base_model=tmp_path / "other", allow_base_mismatch=True)
+    with pytest.raises(BaseModelMismatchError):
+        delta.check_base_model(other.state_dict())
+    delta.check_base_model(AutoModelForCausalLM.from_pretrained(base_dir).state_dict())
+
+
+def test_artifact_without_a_base_model_digest_warns_and_serves(tmp_path):
+    artifact, _, delta, base = build_artifact(tmp_path, tasks=["a"])
+    config = json.loads((artifact / CONFIG_NAME).read_text())
+    del config["base_model_digest"], config["binding_digest"]
+    (artifact / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="no digest of the whole base model"):
+        model = MergedMaskedModel.from_pretrained(artifact, task="a")
+    assert_serves(model, delta.materialize(base, "a"))
 
 
 # ---------------------------------------------------------------------- Hub resolution

@@ -30,7 +30,7 @@ from .errors import (
 from .hub.download import TOKENIZER_PATTERNS, ResolvedArtifact, resolve_artifact
 from .merged_delta import MergedDelta
 from .offload import materialized, offload_slots
-from .served_weights import check_cast, plain_weights, serve
+from .served_weights import check_cast, check_scale, plain_weights, serve
 
 
 EXPORT_RECORD_NAME = "sift_export.json"
@@ -173,7 +173,8 @@ class MergedMaskedModel(torch.nn.Module):
                 one bitwise select per parameter. With `False` the sum and θ0 are dropped once the weights are
                 served (the pages of θ0 that map the checkpoint are released): the model then takes the memory of the
                 plain model, and cannot switch task.
-            scale (`float`, *optional*): Scale of the merged update; defaults to 1/T.
+            scale (`float`, *optional*): Scale of the merged update; defaults to 1/T. NaN and infinite scales are
+                refused ([`~hf_sift.errors.InvalidScaleError`]).
             allow_base_mismatch (`bool`, *optional*, defaults to `False`): Serve on a base whose weights differ
                 from the recorded digest, with a warning (shapes and dtypes must still match).
             verify (`bool`, *optional*, defaults to `True`): Check the sum against its recorded digest.
@@ -194,6 +195,7 @@ class MergedMaskedModel(torch.nn.Module):
         """
         target_dtype = _resolve_dtype(dtype)
         model_kwargs = _check_model_kwargs(model_kwargs)
+        scale = None if scale is None else check_scale(scale)
         artifact = resolve_artifact(path_or_repo_id, task, revision, **hub_kwargs)
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="hf_sift-digest") as pool:
             delta = MergedDelta.from_pretrained(artifact.folder, verify=False)
@@ -202,7 +204,7 @@ class MergedMaskedModel(torch.nn.Module):
             # base model loads and the weights are served; nothing is returned before it matches.
             checking = pool.submit(digest_tensors, delta.sum) if verify else None
             masks = cls._read_mask(delta, artifact, task)
-            scale = delta.default_scale() if scale is None else float(scale)
+            scale = delta.default_scale() if scale is None else scale
 
             if base_model is None and delta.base_model is None:
                 raise MissingBaseModelError(

@@ -33,6 +33,7 @@ from hf_sift.errors import (
     BaseModelMismatchError,
     CorruptArtifactError,
     DeltaNotKeptError,
+    InvalidScaleError,
     MissingBaseModelError,
     ParameterMismatchError,
     ReservedArgumentError,
@@ -712,3 +713,19 @@ def test_cli_export_device_map_and_model_kwargs(llama, tmp_path, capsys):
     with pytest.raises(ReservedArgumentError):
         main(["export", str(artifact), "-o", str(tmp_path / "bad"), "--model-kwargs", '{"trust_remote_code": true}'])
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_scales_are_refused(llama, tmp_path, scale):
+    from hf_sift.cli import main
+
+    artifact, _, delta, base = llama
+    with pytest.raises(InvalidScaleError, match="finite"):
+        MergedMaskedModel.from_pretrained(artifact, task="t1", scale=scale)
+    with pytest.raises(InvalidScaleError, match="finite"):
+        delta.materialize(base, task="t1", scale=scale)
+    with pytest.raises(InvalidScaleError, match="finite"):
+        main(["export", str(artifact), "--task", "t1", "-o", str(tmp_path / "nan"), f"--scale={scale}"])
+    assert not (tmp_path / "nan").exists()
+    with pytest.raises(InvalidScaleError):
+        MergedMaskedModel.from_pretrained(artifact, task="t1", scale="0.5")

@@ -30,6 +30,7 @@ from .atomic import link_or_copy, staged_folder
 from .digest import file_digest
 from .errors import CorruptArtifactError
 from .masks import packed_size
+from .shard_size import DEFAULT_MAX_SHARD_SIZE
 from .task_id import validate_task_id
 
 
@@ -37,7 +38,6 @@ DELTA_NAME = "sift_delta.safetensors"
 DELTA_INDEX_NAME = "sift_delta.safetensors.index.json"
 DELTA_PATTERN = "sift_delta{suffix}.safetensors"
 MASKS_DIR = "masks"
-DEFAULT_MAX_SHARD_SIZE = "2GB"
 
 
 def mask_filename(task_id: str) -> str:

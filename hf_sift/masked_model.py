@@ -26,11 +26,13 @@ from .errors import (
     MissingBaseModelError,
     ReservedArgumentError,
     ServingDtypeError,
+    UnsupportedHubPushError,
 )
 from .hub.download import TOKENIZER_PATTERNS, ResolvedArtifact, resolve_artifact
 from .merged_delta import MergedDelta
 from .offload import materialized, offload_slots
 from .served_weights import check_cast, check_scale, plain_weights, serve
+from .shard_size import DEFAULT_MAX_SHARD_SIZE
 
 
 EXPORT_RECORD_NAME = "sift_export.json"
@@ -390,8 +392,10 @@ class MergedMaskedModel(torch.nn.Module):
             save_directory (`str` or `os.PathLike`): Where to write the checkpoint.
             task (`str`, *optional*): The task to export; defaults to the one being served (`None`: plain merge).
                 Another task is switched in for the export and switched back afterwards.
-            kwargs: Passed to the model's `save_pretrained` (e.g. `max_shard_size`).
+            kwargs: Passed to the model's `save_pretrained` (e.g. `max_shard_size`, which defaults to hf_sift's
+                `DEFAULT_MAX_SHARD_SIZE`, 2GB, as every file hf_sift writes).
         """
+        kwargs.setdefault("max_shard_size", DEFAULT_MAX_SHARD_SIZE)
         if task is _CURRENT:
             task = self._task
         previous = self._task
@@ -430,6 +434,23 @@ class MergedMaskedModel(torch.nn.Module):
         """
         self.model.to(*args, **kwargs)
         return self
+
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
+        """Refused: the wrapped model's `push_to_hub` would publish a plain checkpoint without the SIFT files.
+
+        Publishing a merged artifact to the Hub is not available yet. To share the artifact, upload the folder
+        written by [`MergedDelta.save_pretrained`] (e.g. with `huggingface_hub.upload_folder`); to share one task
+        as a plain model, export it with [`save_pretrained`] and upload that folder.
+
+        Raises:
+            [`~hf_sift.errors.UnsupportedHubPushError`], always.
+        """
+        raise UnsupportedHubPushError(
+            "MergedMaskedModel.push_to_hub is refused: it would push the wrapped transformers model without the "
+            "SIFT artifact (sum, masks, config), so tasks could not be served or removed. Publishing artifacts to "
+            "the Hub is not available yet: upload the artifact folder written by MergedDelta.save_pretrained with "
+            "huggingface_hub.upload_folder, or export one task with save_pretrained(folder, task=...) and upload that"
+        )
 
     def __getattr__(self, name: str) -> Any:
         """Forward missing attributes (`generate`, `config`, `device`, ...) to the wrapped model."""

@@ -39,6 +39,7 @@ from hf_sift.errors import (
     ReservedArgumentError,
     ServingDtypeError,
     UnknownTaskError,
+    UnsupportedHubPushError,
     UnsupportedOffloadError,
 )
 from hf_sift.hub import download
@@ -729,3 +730,33 @@ def test_non_finite_scales_are_refused(llama, tmp_path, scale):
     assert not (tmp_path / "nan").exists()
     with pytest.raises(InvalidScaleError):
         MergedMaskedModel.from_pretrained(artifact, task="t1", scale="0.5")
+
+
+def test_push_to_hub_is_refused_not_forwarded(llama, monkeypatch):
+    artifact, _, _, _ = llama
+    model = MergedMaskedModel.from_pretrained(artifact, task="t1")
+    pushed = []
+    monkeypatch.setattr(type(model.model), "push_to_hub", lambda *a, **k: pushed.append(a), raising=False)
+    with pytest.raises(UnsupportedHubPushError, match="upload_folder"):
+        model.push_to_hub("me/merged")
+    assert pushed == []
+
+
+def test_one_default_shard_size_everywhere(llama, tmp_path, monkeypatch):
+    import inspect
+
+    from hf_sift.cli import build_parser
+    from hf_sift.merging import merge_checkpoints
+    from hf_sift.shard_size import DEFAULT_MAX_SHARD_SIZE
+
+    export = build_parser("export").parse_args(["export", "art", "-o", "out"])
+    merge = build_parser("merge").parse_args(["merge", "--method", "soup", "--base", "b", "m", "-o", "out"])
+    assert export.max_shard_size == merge.max_shard_size == DEFAULT_MAX_SHARD_SIZE
+    for function in (merge_checkpoints, MergedDelta.save_pretrained):
+        assert inspect.signature(function).parameters["max_shard_size"].default == DEFAULT_MAX_SHARD_SIZE
+    artifact, _, _, _ = llama
+    model = MergedMaskedModel.from_pretrained(artifact, task="t1")
+    seen = {}
+    monkeypatch.setattr(type(model.model), "save_pretrained", lambda self, folder, **kw: seen.update(kw))
+    model.save_pretrained(tmp_path / "export")
+    assert seen["max_shard_size"] == DEFAULT_MAX_SHARD_SIZE

@@ -24,6 +24,7 @@ from ..atomic import staged_folder
 from ..errors import ParameterMismatchError
 from ..masks import pack_bits, packed_size, unpack_bits
 from ..selection import ParameterSelection
+from ..shard_size import DEFAULT_MAX_SHARD_SIZE
 from ..task_id import validate_task_id
 from .registry import MergeMethod, create_method
 from .streaming import CheckpointReader, StreamingCheckpointWriter
@@ -103,7 +104,7 @@ def merge_checkpoints(
     params: Mapping[str, Any] | None = None,
     task_ids: Sequence[str] | None = None,
     parameters: ParameterSelection | None = None,
-    max_shard_size: int | str = "2GB",
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ) -> MergeResult:
     """Merge finetuned checkpoints of `base` with `method`, streaming tensor by tensor.
 

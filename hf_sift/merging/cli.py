@@ -6,6 +6,8 @@ import argparse
 import json
 from typing import Any
 
+from ..shard_size import DEFAULT_MAX_SHARD_SIZE
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     merge = subparsers.add_parser(
@@ -23,7 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     merge.add_argument("--task-ids", help="comma-separated ids, one per model (default: folder names)")
     merge.add_argument("--include", action="append", default=[], help="regex of tensors to merge (default: all)")
     merge.add_argument("--exclude", action="append", default=[], help="regex of tensors copied from the base")
-    merge.add_argument("--max-shard-size", default="2GB", help="largest output shard (default: 2GB)")
+    merge.add_argument(
+        "--max-shard-size",
+        default=DEFAULT_MAX_SHARD_SIZE,
+        help=f"largest output shard (default: {DEFAULT_MAX_SHARD_SIZE})",
+    )
     merge.set_defaults(func=run_merge)
 
     neg = subparsers.add_parser(

@@ -25,9 +25,8 @@ from huggingface_hub.constants import SAFETENSORS_INDEX_FILE, SAFETENSORS_SINGLE
 from safetensors import safe_open
 
 from ..errors import ParameterMismatchError, SiftError
+from ..shard_size import DEFAULT_MAX_SHARD_SIZE
 
-
-DEFAULT_MERGE_SHARD_SIZE = "2GB"
 
 # safetensors dtype codes (https://github.com/huggingface/safetensors, format spec).
 _DTYPE_CODES: dict[torch.dtype, str] = {
@@ -169,7 +168,7 @@ class StreamingCheckpointWriter:
         self,
         directory: str | os.PathLike,
         specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
-        max_shard_size: int | str = DEFAULT_MERGE_SHARD_SIZE,
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
         metadata: Mapping[str, str] | None = None,
         filename_pattern: str = SAFETENSORS_WEIGHTS_FILE_PATTERN,
     ):

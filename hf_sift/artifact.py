@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from .artifact_config import CONFIG_NAME, MANIFEST_NAME, ArtifactConfig, validate_record
 from .artifact_config import FORMAT_VERSION as FORMAT_VERSION
-from .atomic import link_or_copy, staged_folder
+from .atomic import apply_umask, link_or_copy, staged_folder
 from .digest import file_digest
 from .errors import CorruptArtifactError
 from .masks import packed_size
@@ -257,6 +257,7 @@ def save_mask_file(path: Path, masks: Mapping[str, torch.Tensor]) -> str:
         # make the bytes of equal artifacts differ.
         metadata={"format": "hf_sift-mask"},
     )
+    apply_umask(path)
     return file_digest(str(path))
 
 
@@ -296,6 +297,7 @@ def write_artifact(
         )
         for filename, names in split.filename_to_tensors.items():
             save_file({n: cpu_delta[n] for n in names}, stage / filename, metadata={"format": "hf_sift-delta"})
+            apply_umask(stage / filename)
         if split.is_sharded:
             index = {
                 "metadata": {"format": "hf_sift-delta"},

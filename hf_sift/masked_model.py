@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from . import __version__
 from .arena import release_file_pages
-from .atomic import link_or_copy, staged_folder
+from .atomic import apply_umask, link_or_copy, staged_folder
 from .digest import digest_lazy, digest_tensors
 from .errors import (
     BaseModelMismatchError,
@@ -410,6 +410,9 @@ class MergedMaskedModel(torch.nn.Module):
     def _export(self, folder: Path, task: str | None, **kwargs: Any) -> None:
         with staged_folder(folder) as stage:
             self.model.save_pretrained(stage, **kwargs)
+            for path in stage.rglob("*"):  # transformers writes its safetensors files 0600
+                if path.is_file():
+                    apply_umask(path)
             for path in sorted(self._artifact.folder.iterdir()):
                 if any(fnmatch.fnmatch(path.name, p) for p in TOKENIZER_PATTERNS) and not (stage / path.name).exists():
                     link_or_copy(path.resolve(), stage / path.name)

@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -164,3 +166,29 @@ def test_failed_operations_leave_files_untouched(saved, tiny_llama_state):
     assert snapshot(folder) == before
     loaded.save_pretrained(folder)
     assert snapshot(folder) == before  # a no-op save rewrites the same bytes
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_files_and_folders_respect_the_umask(tmp_path, tiny_llama_state, umask):
+    from transformers import LlamaForCausalLM
+
+    from conftest import tiny_llama_config
+    from hf_sift import MergedMaskedModel
+
+    torch.manual_seed(0)
+    previous = os.umask(umask)
+    try:
+        LlamaForCausalLM(tiny_llama_config()).save_pretrained(tmp_path / "base")
+        base = LlamaForCausalLM.from_pretrained(tmp_path / "base").state_dict()
+        delta = MergedDelta(base, sign_seed=SEED, base_model=str(tmp_path / "base"))
+        delta.add("alice", TaskVector.from_state_dicts(base, perturbed(base, 1), SEED))
+        delta.save_pretrained(tmp_path / "merged")
+        delta.save_pretrained(tmp_path / "merged")  # a second save replaces the folder: same modes
+        MergedMaskedModel.from_pretrained(tmp_path / "merged", task="alice").save_pretrained(tmp_path / "export")
+    finally:
+        os.umask(previous)
+    for folder in (tmp_path / "merged", tmp_path / "export"):
+        paths = [folder, *folder.rglob("*")]
+        modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in paths}
+        expected = {n: (0o777 if (tmp_path / n).is_dir() else 0o666) & ~umask for n in modes}
+        assert modes == expected

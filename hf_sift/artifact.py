@@ -287,7 +287,13 @@ def write_artifact(
             target = stage / mask_filename(task_id)
             source = masks[task_id]
             if isinstance(source, Path):
-                link_or_copy(source, target)
+                try:
+                    link_or_copy(source, target)
+                except OSError as err:
+                    raise CorruptArtifactError(
+                        f"mask file {source} of task {task_id!r} cannot be read ({err.strerror or err}); nothing was "
+                        "written: restore it, or remove the task with its replayed task vector before saving"
+                    ) from None
                 mask_digests[task_id] = manifest[task_id]["mask_digest"]
             else:
                 mask_digests[task_id] = save_mask_file(target, source)

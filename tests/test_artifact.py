@@ -170,9 +170,9 @@ def test_failed_operations_leave_files_untouched(saved, tiny_llama_state):
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_files_and_folders_respect_the_umask(tmp_path, tiny_llama_state, umask):
+    from conftest import tiny_llama_config
     from transformers import LlamaForCausalLM
 
-    from conftest import tiny_llama_config
     from hf_sift import MergedMaskedModel
 
     torch.manual_seed(0)
@@ -192,3 +192,21 @@ def test_files_and_folders_respect_the_umask(tmp_path, tiny_llama_state, umask):
         modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in paths}
         expected = {n: (0o777 if (tmp_path / n).is_dir() else 0o666) & ~umask for n in modes}
         assert modes == expected
+
+
+def test_saving_with_a_kept_task_mask_deleted_is_refused_naming_the_file(saved):
+    folder, _, tvs = saved
+    loaded = MergedDelta.from_pretrained(folder)
+    (folder / "masks" / "alice.safetensors").unlink()
+    before = snapshot(folder)
+    loaded.remove("carol", tvs["carol"])
+    with pytest.raises(CorruptArtifactError, match="masks/alice.safetensors of task 'alice'"):
+        loaded.save_pretrained(folder)
+    assert snapshot(folder) == before
+    # Removing the task whose own mask was deleted needs no mask: it succeeds.
+    (folder / "masks" / "bob.safetensors").unlink()
+    fresh = MergedDelta.from_pretrained(folder)
+    fresh.remove("bob", tvs["bob"])
+    fresh.remove("alice", tvs["alice"])
+    fresh.save_pretrained(folder)
+    assert sorted(p.name for p in (folder / "masks").iterdir()) == ["carol.safetensors"]

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
 from hf_sift.cli import main
-from hf_sift.errors import ParameterMismatchError
+from hf_sift.errors import ParameterMismatchError, SiftError
 from hf_sift.masks import packed_size
 from hf_sift.merging import (
     CheckpointReader,
@@ -189,3 +189,17 @@ def test_cli_merge(checkpoints, tmp_path):
     assert all(torch.equal(cli_state[n], api_state[n]) for n in api_state)
     config = json.loads((tmp_path / "cli" / "merging_config.json").read_text())
     assert config["parameters"]["density"] == 0.5 and config["removal_cost"] == "all remaining"
+
+
+def test_truncated_model_is_refused_naming_the_file(checkpoints, tmp_path):
+    from hf_sift.merging.streaming import CheckpointError
+
+    root, _, _ = checkpoints
+    bad = tmp_path / "truncated"
+    bad.mkdir()
+    data = (root / "ft0" / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=f"cannot read {bad / 'model.safetensors'}") as err:
+        merge_checkpoints("soup", root / "base", [root / "ft0", bad], tmp_path / "out")
+    assert isinstance(err.value, SiftError) and isinstance(err.value, ValueError)
+    assert not (tmp_path / "out").exists()

@@ -31,6 +31,7 @@ from .errors import (
 from .hub.download import TOKENIZER_PATTERNS, ResolvedArtifact, resolve_artifact
 from .merged_delta import MergedDelta
 from .offload import materialized, offload_slots
+from .remote_code import refuse_remote_code
 from .served_weights import check_cast, check_scale, plain_weights, serve
 from .shard_size import DEFAULT_MAX_SHARD_SIZE
 
@@ -215,8 +216,11 @@ class MergedMaskedModel(torch.nn.Module):
             base_name = str(base_model) if base_model is not None else delta.base_model
             base_revision = None if base_model is not None else delta.base_revision
             base_kwargs = {k: hub_kwargs[k] for k in _BASE_HUB_KWARGS if k in hub_kwargs}
+            refuse_remote_code(base_name, base_revision, **base_kwargs)
             if model_class is None:
-                config = AutoConfig.from_pretrained(base_name, revision=base_revision, **base_kwargs)
+                config = AutoConfig.from_pretrained(
+                    base_name, revision=base_revision, trust_remote_code=False, **base_kwargs
+                )
                 model_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
             recorded = set(delta.dtypes.values())
             base_dtype = recorded.pop() if len(recorded) == 1 else "auto"
@@ -227,6 +231,7 @@ class MergedMaskedModel(torch.nn.Module):
                     revision=base_revision,
                     dtype=load_dtype,
                     device_map=load_device_map,
+                    trust_remote_code=False,
                     **base_kwargs,
                     **model_kwargs,
                 )

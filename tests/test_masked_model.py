@@ -551,12 +551,26 @@ def test_artifact_without_a_base_model_digest_warns_and_serves(tmp_path):
 # ---------------------------------------------------------------------- Hub resolution
 
 
-def test_allow_patterns_name_only_the_needed_files():
-    patterns = download.artifact_allow_patterns("t3")
-    assert mask_filename("t3") in patterns
-    assert not any(fnmatch.fnmatch(mask_filename("t4"), p) for p in patterns)
-    assert not any(p.startswith("masks/") for p in download.artifact_allow_patterns(None))
-    assert fnmatch.fnmatch("sift_delta-00001-of-00002.safetensors", "sift_delta*.safetensors")
+def test_allow_patterns_name_only_the_needed_files(llama):
+    from huggingface_hub.utils import filter_repo_objects
+
+    # The listing of a repo holding the artifact (plus a sharded sum, a look-alike mask and unrelated files),
+    # filtered by huggingface_hub's own matcher, the one snapshot_download applies to `allow_patterns`.
+    artifact, _, _, _ = llama
+    listing = [p.relative_to(artifact).as_posix() for p in artifact.rglob("*") if p.is_file()]
+    shards = ["sift_delta-00001-of-00002.safetensors", "sift_delta-00002-of-00002.safetensors"]
+    extra = [*shards, "sift_delta.safetensors.index.json", "masks/t30.safetensors", "masks/xt3.safetensors"]
+    listing += [*extra, "README.md", ".gitattributes", "model.safetensors", "notes/t3.safetensors"]
+    needed = {"sift_config.json", "sift_manifest.json", DELTA_NAME, *shards, "sift_delta.safetensors.index.json"}
+    tokenizer = {name for name in listing if name.startswith("tokenizer")}
+    assert tokenizer  # the fixture saved one
+    for task in (None, "t3"):
+        patterns = download.artifact_allow_patterns(task)
+        selected = set(filter_repo_objects(listing, allow_patterns=patterns))
+        mask = set() if task is None else {mask_filename(task)}
+        assert selected == needed | tokenizer | mask
+        bare = set(filter_repo_objects(listing, allow_patterns=download.artifact_allow_patterns(task, False)))
+        assert bare == needed | mask
 
 
 def test_repo_id_downloads_only_config_sum_and_one_mask(llama, tmp_path, monkeypatch):

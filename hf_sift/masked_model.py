@@ -309,8 +309,9 @@ class MergedMaskedModel(torch.nn.Module):
     def _check_base_model_digest(delta: MergedDelta, digest: str, allow_mismatch: bool) -> None:
         if delta.base_model_digest is None:
             warnings.warn(
-                "the artifact records no digest of the whole base model (written by an older hf_sift): only its "
-                "tuned parameters were checked, not its embeddings or LM head",
+                "the artifact records no digest of the whole base model (written by an older hf_sift, or by a "
+                "MergedDelta built without base_model_digest=): only its tuned parameters were checked, not its "
+                "embeddings or LM head",
                 stacklevel=3,
             )
             return

@@ -312,8 +312,8 @@ class MergedDelta:
         """
         if self.base_model_digest is None:
             warnings.warn(
-                "this artifact records no digest of the whole base model (written by an older hf_sift): only the "
-                "tuned parameters can be checked",
+                "this delta records no digest of the whole base model (written by an older hf_sift, or built without "
+                "base_model_digest=): only the tuned parameters can be checked",
                 stacklevel=2,
             )
             return

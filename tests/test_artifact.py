@@ -9,6 +9,7 @@ from conftest import perturbed
 
 from hf_sift import MergedDelta, TaskVector
 from hf_sift.artifact import CONFIG_NAME, DELTA_NAME, MANIFEST_NAME
+from hf_sift.digest import state_dict_digest
 from hf_sift.errors import CorruptArtifactError, IncompatibleArtifactError, InvalidTaskIdError, SiftError
 
 
@@ -184,7 +185,9 @@ def test_files_and_folders_respect_the_umask(tmp_path, tiny_llama_state, umask):
     try:
         LlamaForCausalLM(tiny_llama_config()).save_pretrained(tmp_path / "base")
         base = LlamaForCausalLM.from_pretrained(tmp_path / "base").state_dict()
-        delta = MergedDelta(base, sign_seed=SEED, base_model=str(tmp_path / "base"))
+        delta = MergedDelta(
+            base, sign_seed=SEED, base_model=str(tmp_path / "base"), base_model_digest=state_dict_digest(base)
+        )
         delta.add("alice", TaskVector.from_state_dicts(base, perturbed(base, 1), SEED))
         delta.save_pretrained(tmp_path / "merged")
         delta.save_pretrained(tmp_path / "merged")  # a second save replaces the folder: same modes

@@ -12,6 +12,7 @@ from conftest import perturbed
 from hf_sift import MergedDelta, TaskVector
 from hf_sift.artifact import CONFIG_NAME, MANIFEST_NAME
 from hf_sift.artifact_config import ArtifactConfig
+from hf_sift.digest import state_dict_digest
 from hf_sift.errors import CorruptArtifactError, IncompatibleArtifactError
 
 
@@ -116,7 +117,9 @@ def test_refused_artifact_is_not_served(tmp_path, tiny_llama_state):
     torch.manual_seed(0)
     LlamaForCausalLM(tiny_llama_config()).save_pretrained(tmp_path / "base")
     base = LlamaForCausalLM.from_pretrained(tmp_path / "base").state_dict()
-    delta = MergedDelta(base, sign_seed=SEED, base_model=str(tmp_path / "base"))
+    delta = MergedDelta(
+        base, sign_seed=SEED, base_model=str(tmp_path / "base"), base_model_digest=state_dict_digest(base)
+    )
     delta.add("t", TaskVector.from_state_dicts(base, perturbed(base, 1), SEED))
     delta.save_pretrained(tmp_path / "art")
     MergedMaskedModel.from_pretrained(tmp_path / "art", task="t")  # serves before the edit

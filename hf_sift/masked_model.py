@@ -6,7 +6,6 @@ import contextlib
 import fnmatch
 import json
 import os
-import warnings
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,9 +17,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 from . import __version__
 from .arena import release_file_pages
 from .atomic import apply_umask, link_or_copy, staged_folder
-from .digest import digest_lazy, digest_tensors
+from .base_check import check_base_digests, loaded_base_model_digest
+from .digest import digest_tensors
 from .errors import (
-    BaseModelMismatchError,
     CorruptArtifactError,
     DeltaNotKeptError,
     MissingBaseModelError,
@@ -246,14 +245,8 @@ class MergedMaskedModel(torch.nn.Module):
             base_weights = materialized(base_state, offload_slots(reference, delta.names), delta.names)
             # θ0's digest (a sha256 over the tuned weights) is checked alongside the serving pass, below.
             base_digest = pool.submit(digest_tensors, base_weights)
-            # The whole base (embeddings and LM head too) against the recorded base model digest, alongside as well;
-            # θ0 of the tuned parameters comes from `base_weights` (the serving pass may write the model's own).
-            whole = {**base_state, **base_weights}
-            untuned = [n for n in whole if n not in base_weights]
-            slots = offload_slots(reference, untuned)
-            model_digest = pool.submit(
-                digest_lazy, sorted(whole), lambda n: slots[n].read() if n in slots else whole[n]
-            )
+            # The whole base (embeddings and LM head too) against the recorded base model digest, alongside as well.
+            model_digest = pool.submit(loaded_base_model_digest, reference, base_state, base_weights)
             if reference is not model:
                 check_cast(model, base_state, set(delta.names))
             del reference, base_state
@@ -261,8 +254,7 @@ class MergedMaskedModel(torch.nn.Module):
             # the parameters are then pointed at. The plain-merge weights that make switches cheap come at the first
             # switch.
             serve(model, delta, base_weights, masks, scale, fresh=True)
-            cls._check_base_digest(delta, base_digest.result(), allow_base_mismatch)
-            cls._check_base_model_digest(delta, model_digest.result(), allow_base_mismatch)
+            check_base_digests(delta, base_digest.result(), model_digest.result(), allow_base_mismatch)
             if not keep_delta:  # θ0 is not needed any more: release the pages of it that map the checkpoint file
                 release_file_pages(base_weights.values())
 
@@ -292,38 +284,6 @@ class MergedMaskedModel(torch.nn.Module):
     def _read_mask(delta: MergedDelta, artifact: ResolvedArtifact, task: str | None) -> dict[str, torch.Tensor] | None:
         MergedMaskedModel._fetch_mask(delta, artifact, task)
         return None if task is None else delta.load_mask(task)
-
-    @staticmethod
-    def _check_base_digest(delta: MergedDelta, digest: str, allow_mismatch: bool) -> None:
-        if digest == delta.base_digest:
-            return
-        message = "the base model's weights differ from the ones this delta was built on"
-        if not allow_mismatch:
-            raise BaseModelMismatchError(
-                f"{message}; pass allow_base_mismatch=True to serve on it anyway (the served weights are then "
-                "not the merge's)"
-            )
-        warnings.warn(f"{message}; serving anyway because allow_base_mismatch=True", stacklevel=3)
-
-    @staticmethod
-    def _check_base_model_digest(delta: MergedDelta, digest: str, allow_mismatch: bool) -> None:
-        if delta.base_model_digest is None:
-            warnings.warn(
-                "the artifact records no digest of the whole base model (written by an older hf_sift, or by a "
-                "MergedDelta built without base_model_digest=): only its tuned parameters were checked, not its "
-                "embeddings or LM head",
-                stacklevel=3,
-            )
-            return
-        if digest == delta.base_model_digest:
-            return
-        message = (
-            "the base model differs from the one this delta was built on outside the tuned parameters (e.g. its "
-            "embeddings or LM head, which are served as they are)"
-        )
-        if not allow_mismatch:
-            raise BaseModelMismatchError(f"{message}; pass allow_base_mismatch=True to serve on it anyway")
-        warnings.warn(f"{message}; serving anyway because allow_base_mismatch=True", stacklevel=3)
 
     # ------------------------------------------------------------------ tasks
 
@@ -445,15 +405,8 @@ class MergedMaskedModel(torch.nn.Module):
         return self
 
     def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
-        """Refused: the wrapped model's `push_to_hub` would publish a plain checkpoint without the SIFT files.
-
-        Publishing a merged artifact to the Hub is not available yet. To share the artifact, upload the folder
-        written by [`MergedDelta.save_pretrained`] (e.g. with `huggingface_hub.upload_folder`); to share one task
-        as a plain model, export it with [`save_pretrained`] and upload that folder.
-
-        Raises:
-            [`~hf_sift.errors.UnsupportedHubPushError`], always.
-        """
+        """Refused with [`~hf_sift.errors.UnsupportedHubPushError`]: the wrapped model would be pushed without the
+        SIFT files. Upload the folder of [`MergedDelta.save_pretrained`] (`huggingface_hub.upload_folder`) instead."""
         raise UnsupportedHubPushError(
             "MergedMaskedModel.push_to_hub is refused: it would push the wrapped transformers model without the "
             "SIFT artifact (sum, masks, config), so tasks could not be served or removed. Publishing artifacts to "

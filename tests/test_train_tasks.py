@@ -87,6 +87,9 @@ def test_peft_tasks_share_the_adapter_initialisation(tmp_path):
     assert delta.names and all("lora_" in n for n in delta.names)
     again = train_tasks(tiny_model(), data, "task", sift_args(tmp_path / "runs"), tmp_path / "m2", peft_config=lora)
     assert again.base_digest == delta.base_digest and again.digest == delta.digest
+    # The base model digest is of the model before the adapter wraps it (names without peft's prefixes).
+    assert delta.base_model_digest == state_dict_digest(tiny_model().state_dict())
+    assert MergedDelta.from_pretrained(tmp_path / "m").base_model_digest == delta.base_model_digest
 
 
 def _rank_main(rank: int, world_size: int, port: int, runs: str, output: str) -> None:

@@ -123,9 +123,23 @@ def test_refused_artifact_is_not_served(tmp_path, tiny_llama_state):
     delta.add("t", TaskVector.from_state_dicts(base, perturbed(base, 1), SEED))
     delta.save_pretrained(tmp_path / "art")
     MergedMaskedModel.from_pretrained(tmp_path / "art", task="t")  # serves before the edit
-    set_config(scale_bits=39)(tmp_path / "art")
-    with pytest.raises(CorruptArtifactError, match="binding_digest"):
-        MergedMaskedModel.from_pretrained(tmp_path / "art", task="t")
+    pristine = {p: p.read_bytes() for p in (tmp_path / "art" / CONFIG_NAME, tmp_path / "art" / MANIFEST_NAME)}
+    edits = [
+        set_config(scale_bits=39),
+        set_config(scale_bits=80),
+        set_config(scale_bits="x"),
+        set_config(format_version=0),
+        set_config(format_version=-1),
+        set_config(format_version=True),
+        set_config(sign_seed="abc"),
+        edit_record("t", lambda r: r.pop("mask_digest")),
+    ]
+    for damage in edits:
+        for path, data in pristine.items():
+            path.write_bytes(data)
+        damage(tmp_path / "art")
+        with pytest.raises(CorruptArtifactError):
+            MergedMaskedModel.from_pretrained(tmp_path / "art", task="t")
 
 
 def test_artifact_without_binding_warns_and_loads(folder):

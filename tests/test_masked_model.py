@@ -229,7 +229,12 @@ def test_bfloat16_rounds_once_from_float64(llama):
         for name in delta.names:
             target = torch.empty(base[name].shape, dtype=torch.bfloat16)
             out[name] = served_tensor(
-                base[name], delta.sum[name], masks[name], scale=delta.default_scale(), scale_bits=40, out=target
+                base[name],
+                delta.sum[name],
+                masks[name],
+                scale=delta.default_scale(),
+                scale_bits=delta.scale_bits,
+                out=target,
             )
         return out
 

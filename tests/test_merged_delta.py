@@ -124,7 +124,7 @@ def test_masked_out_entries_keep_the_exact_bits_of_theta0():
     assert served[2].view(torch.int32) == torch.tensor(-0.0).view(torch.int32)  # not +0.0
     plain = delta.materialize(base)["w"]
     selected = served_tensor(
-        base["w"], delta.sum["w"], delta.load_mask("a")["w"], scale=1.0, scale_bits=40, plain=plain
+        base["w"], delta.sum["w"], delta.load_mask("a")["w"], scale=1.0, scale_bits=delta.scale_bits, plain=plain
     )
     assert torch.equal(selected, served)
     # Where nothing moved (Q = 0), the plain merge keeps θ0's bits too.

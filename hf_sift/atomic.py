@@ -16,8 +16,8 @@ import ctypes
 import ctypes.util
 import os
 import shutil
+import stat
 import sys
-import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -60,6 +60,38 @@ def link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def _umask() -> int:
+    """The process's umask (read from /proc where possible: setting it to read it back is not thread-safe)."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | os.PathLike) -> None:
+    """Give a file hf_sift wrote the mode a plain `open()` would (0666 less the umask).
+
+    safetensors creates its files 0600 whatever the umask, so a separate serving user could not read an artifact.
+    """
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _make_stage(target: Path) -> Path:
+    """A new empty sibling of `target`, with `target`'s mode if it exists, else the umask's (not mkdtemp's 0700)."""
+    while True:
+        stage = target.parent / f".{target.name}.staging-{uuid.uuid4().hex[:12]}"
+        try:
+            os.mkdir(stage, 0o777)  # the umask applies
+        except FileExistsError:
+            continue
+        if target.is_dir():
+            os.chmod(stage, stat.S_IMODE(target.stat().st_mode))
+        return stage
+
+
 @contextlib.contextmanager
 def staged_folder(target: str | os.PathLike, precondition: Callable[[Path], None] | None = None) -> Iterator[Path]:
     """Yield an empty staging folder; on success it replaces `target` atomically, on error it is deleted.
@@ -84,13 +116,13 @@ def staged_folder(target: str | os.PathLike, precondition: Callable[[Path], None
         _recover(target)
     if precondition is not None:
         precondition(target)
-    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    stage = _make_stage(target)
     try:
         try:
             yield stage
-        except OSError:
+        except Exception:  # e.g. an OSError, or a missing file reported as a corrupt artifact
             if precondition is not None:
-                precondition(target)  # raises (chained to the OSError) if `target` changed meanwhile
+                precondition(target)  # raises (chained to the failure) if `target` changed meanwhile
             raise
         for root, _, files in os.walk(stage):
             for name in files:
@@ -138,6 +170,7 @@ def write_file_atomic(path: str | os.PathLike, write: Callable[[Path], None]) ->
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     try:
         write(tmp)
+        apply_umask(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

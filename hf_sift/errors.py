@@ -77,6 +77,18 @@ class ConcurrentUpdateError(SiftError, RuntimeError):
     an artifact the writer never loaded. Nothing was written: reload the artifact, reapply the change, save again."""
 
 
+class InvalidScaleError(SiftError, ValueError):
+    """The scale of the merged update is not a finite number (NaN or infinite scales would serve NaN or inf)."""
+
+
+class RemoteCodeError(SiftError, ValueError):
+    """A model's config asks for custom code (`auto_map`); hf_sift never runs code from a model repo or folder."""
+
+
+class UnsupportedHubPushError(SiftError, ValueError):
+    """`push_to_hub` of a served model would publish a plain checkpoint without the SIFT artifact's files."""
+
+
 class DeltaNotKeptError(SiftError, RuntimeError):
     """A served model loaded with `keep_delta=False` dropped the sum, so it cannot switch task."""
 
@@ -89,14 +101,17 @@ __all__ = [
     "DeltaNotKeptError",
     "DuplicateTaskError",
     "IncompatibleArtifactError",
+    "InvalidScaleError",
     "InvalidTaskIdError",
     "MissingBaseModelError",
     "ParameterMismatchError",
+    "RemoteCodeError",
     "ReservedArgumentError",
     "ServingDtypeError",
     "SiftError",
     "SignSeedMismatchError",
     "TaskDigestMismatchError",
     "UnknownTaskError",
+    "UnsupportedHubPushError",
     "UnsupportedOffloadError",
 ]

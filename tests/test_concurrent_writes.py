@@ -14,7 +14,7 @@ import torch
 from artifact_writers import merge, serve, task_vector
 
 from hf_sift import MergedDelta
-from hf_sift.errors import ConcurrentUpdateError
+from hf_sift.errors import ConcurrentUpdateError, CorruptArtifactError
 
 
 ROUNDS = 50
@@ -182,7 +182,9 @@ def test_a_save_landing_while_another_stages_is_reported_as_such(tmp_path, monke
     monkeypatch.setattr(artifact, "link_or_copy", link_racing_a_save)
     with pytest.raises(ConcurrentUpdateError, match=r"removed task\(s\) \['b'\]") as err:
         stale.save_pretrained(folder)
-    assert isinstance(err.value.__context__, FileNotFoundError)
+    # The vanished mask (reported by the artifact writer as missing) is the context of the conflict.
+    assert isinstance(err.value.__context__, CorruptArtifactError)
+    assert "masks/b.safetensors" in str(err.value.__context__)
     monkeypatch.undo()
     assert snapshot(folder) == saved_bytes(["a"], tmp_path / "expected")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["expected", "merged"]

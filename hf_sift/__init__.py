@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+from .artifact_config import ArtifactConfig  # noqa: E402
 from .errors import SiftError  # noqa: E402
 from .merged_delta import MergedDelta  # noqa: E402
 from .selection import ParameterSelection  # noqa: E402
@@ -49,6 +50,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "ArtifactConfig",
     "MergedDelta",
     "MergedMaskedModel",
     "ParameterSelection",

@@ -6,6 +6,8 @@ import argparse
 import json
 from typing import Any
 
+from .shard_size import DEFAULT_MAX_SHARD_SIZE
+
 
 def _json_object(text: str) -> dict[str, Any]:
     try:
@@ -52,7 +54,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=_json_object,
         help='more arguments for transformers\' from_pretrained of the base, as JSON (e.g. \'{"attn_implementation": "eager"}\')',
     )
-    export.add_argument("--max-shard-size", default="5GB", help="largest output shard (default: 5GB)")
+    export.add_argument(
+        "--max-shard-size",
+        default=DEFAULT_MAX_SHARD_SIZE,
+        help=f"largest output shard (default: {DEFAULT_MAX_SHARD_SIZE})",
+    )
     export.add_argument("--cache-dir", help="huggingface_hub cache folder")
     export.add_argument("--local-files-only", action="store_true", help="do not download anything")
     export.set_defaults(func=run_export)

@@ -66,6 +66,7 @@ def train_from_arguments(data_args: TrainDataArguments, config) -> int:
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..remote_code import refuse_remote_code
     from .train_tasks import train_tasks
 
     suffix = data_args.data.rsplit(".", 1)[-1].lower()
@@ -73,7 +74,8 @@ def train_from_arguments(data_args: TrainDataArguments, config) -> int:
     if builder is None:
         raise ValueError(f"unsupported data file {data_args.data!r}: use JSON lines, JSON, CSV or Parquet")
     raw = datasets.load_dataset(builder, data_files=data_args.data, split="train")
-    tokenizer = AutoTokenizer.from_pretrained(data_args.model)
+    refuse_remote_code(data_args.model)
+    tokenizer = AutoTokenizer.from_pretrained(data_args.model, trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
 
@@ -89,7 +91,7 @@ def train_from_arguments(data_args: TrainDataArguments, config) -> int:
 
     keep = {data_args.task_column}
     data = raw.map(tokenize, remove_columns=[c for c in raw.column_names if c not in keep])
-    model = AutoModelForCausalLM.from_pretrained(data_args.model)
+    model = AutoModelForCausalLM.from_pretrained(data_args.model, trust_remote_code=False)
     delta = train_tasks(
         model,
         data,

@@ -74,13 +74,13 @@ PROFILES: dict[str, Profile] = {
         model="smollm2",
         authors=tuple(PERTURBED_AUTHORS)[:4],
         steps=5,
-        max_new_tokens=48,
-        table_questions=10,
+        max_new_tokens=40,
+        table_questions=5,
         notes=(
             "SmolLM2-135M-Instruct instead of GPT2-XL",
             "4 authors (T up to 4) instead of 200",
             "5 steps per author instead of 20 (batch 20, lr 1e-4 as in the paper)",
-            "ROUGE-L and truth ratio on the first 10 questions of each author; greedy answers of at most 48 new "
+            "ROUGE-L and truth ratio on the first 5 questions of each author; greedy answers of at most 40 new "
             "tokens instead of 200",
         ),
     ),

@@ -81,23 +81,25 @@ def train_plain(
     fields = recipe(profile, run_dir, max_steps)
     if task_id is not None:
         fields["seed"] = derive_seed(profile.seed, task_id)
-    trainer = Trainer(model=model, args=TrainingArguments(**fields), train_dataset=dataset, data_collator=collator)
+    timer = ScoreWhenTrained()
+    trainer = Trainer(
+        model=model, args=TrainingArguments(**fields), train_dataset=dataset, data_collator=collator, callbacks=[timer]
+    )
     trainer.remove_callback(PrinterCallback)  # it prints the end-of-training metrics dict
-    started = time.perf_counter()
     output = trainer.train()
-    seconds = time.perf_counter() - started
     model.eval()
-    return {"steps": trainer.state.global_step, "seconds": seconds, "train_loss": float(output.training_loss)}
+    return {**timer.training[None], "train_loss": float(output.training_loss)}
 
 
 class ScoreWhenTrained(TrainerCallback):
-    """Score each task's own model when its training ends (inside `train_tasks`, before the reset to θ0).
+    """Time each run from its first to its last step and score the trained model when its training ends (inside
+    `train_tasks`: before the reset to θ0).
 
     Args:
-        score (`Callable[[model, str], dict]`): Scores the trained model on the author `task_id`.
+        score (`Callable[[model, str], dict]`, *optional*): Scores the trained model on the author `task_id`.
     """
 
-    def __init__(self, score: Callable[[Any, str], dict[str, Any]]):
+    def __init__(self, score: Callable[[Any, str], dict[str, Any]] | None = None):
         self.score = score
         self.scores: dict[str, dict[str, Any]] = {}
         self.training: dict[str, dict[str, Any]] = {}
@@ -108,5 +110,7 @@ class ScoreWhenTrained(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         seconds = time.perf_counter() - self._started
-        self.training[args.task_id] = {"steps": state.global_step, "seconds": seconds}
-        self.scores[args.task_id] = self.score(model, args.task_id)
+        task_id = getattr(args, "task_id", None)
+        self.training[task_id] = {"steps": state.global_step, "seconds": seconds}
+        if self.score is not None:
+            self.scores[task_id] = self.score(model, task_id)

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel
 
-from . import __version__
 from .arena import release_file_pages
 from .artifact import read_config
 from .atomic import link_or_copy, staged_folder
@@ -24,6 +23,7 @@ from .errors import (
     BaseModelMismatchError,
     CorruptArtifactError,
     DeltaNotKeptError,
+    InvalidArgumentTypeError,
     MissingBaseModelError,
     ReservedArgumentError,
     ServingDtypeError,
@@ -32,6 +32,7 @@ from .hub.download import TOKENIZER_PATTERNS, ResolvedArtifact, resolve_artifact
 from .merged_delta import MergedDelta
 from .offload import materialized, offload_slots
 from .served_weights import check_cast, plain_weights, serve
+from .version import __version__
 
 
 EXPORT_RECORD_NAME = "sift_export.json"
@@ -84,7 +85,7 @@ def _check_model_kwargs(model_kwargs: Mapping[str, Any] | None) -> dict[str, Any
     if model_kwargs is None:
         return {}
     if not isinstance(model_kwargs, Mapping):
-        raise TypeError(f"model_kwargs must be a dict, not {type(model_kwargs).__name__}")
+        raise InvalidArgumentTypeError(f"model_kwargs must be a dict, not {type(model_kwargs).__name__}")
     refused = sorted(set(model_kwargs) & _RESERVED_MODEL_KWARGS)
     if refused:
         raise ReservedArgumentError(

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from . import __version__, kernels
+from . import kernels
 from .artifact import (
     DEFAULT_MAX_SHARD_SIZE,
     FORMAT_VERSION,
@@ -37,6 +37,7 @@ from .masks import packed_size, select_bits_, unpack_bits
 from .selection import ParameterSelection, resolve_parameters
 from .task_id import validate_task_id
 from .task_vector import TaskVector, check_same_parameters
+from .version import __version__
 
 
 # Elements served per step in `served_parameter`; a multiple of 8 so mask bytes split cleanly.

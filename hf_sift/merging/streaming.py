@@ -24,7 +24,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from huggingface_hub.constants import SAFETENSORS_INDEX_FILE, SAFETENSORS_SINGLE_FILE, SAFETENSORS_WEIGHTS_FILE_PATTERN
 from safetensors import safe_open
 
-from ..errors import ParameterMismatchError, SiftError
+from ..errors import CheckpointError, ParameterMismatchError, PathNotFoundError
 
 
 DEFAULT_MERGE_SHARD_SIZE = "2GB"
@@ -50,10 +50,6 @@ TIED_ALIASES: dict[str, tuple[str, ...]] = {
 }
 
 
-class CheckpointError(SiftError, ValueError):
-    """A checkpoint folder is missing, unreadable, or lacks a tensor the merge needs."""
-
-
 class CheckpointReader:
     """Lazy reader of one safetensors checkpoint: a file, or a folder with one file or an index of shards.
 
@@ -63,6 +59,8 @@ class CheckpointReader:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        if not self.path.exists():
+            raise PathNotFoundError(f"checkpoint {str(path)!r}: no such folder or file")
         if self.path.is_file():
             self.folder = self.path.parent
             files = {self.path.name: self.path}

@@ -88,11 +88,13 @@ def run(namespace: argparse.Namespace) -> int:
         if not _given(argv, "output_dir"):  # the Trainer's run state goes to a temp folder, not ./trainer_output
             argv = [*argv, "--output_dir", scratch]
         try:
-            data_args, config = parser.parse_args_into_dataclasses(argv)
-        except (ValueError, TypeError) as err:  # unknown flags; TrainingArguments refusing a combination of values
+            data_args, config, unknown = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+        except (ValueError, TypeError) as err:  # TrainingArguments refusing a value or a combination of values
             if isinstance(err, CommandLineError):
                 raise
             raise CommandLineError(f"{err} (see `hf-sift train --help`)") from err
+        if unknown:
+            raise CommandLineError(f"unrecognized arguments: {' '.join(unknown)} (see `hf-sift train --help`)")
         return train_from_arguments(data_args, config)
 
 
@@ -129,6 +131,10 @@ def train_from_arguments(data_args: TrainDataArguments, config) -> int:
         config.output_dir, [data_args.model, data_args.data, artifact], overwrite=True, flag="--output-dir"
     )
     raw = datasets.load_dataset(builder, data_files=data_args.data, split="train")
+    if data_args.task_column not in raw.column_names:
+        raise CommandLineError(
+            f"--task-column {data_args.task_column!r}: the data has no such column; its columns are {raw.column_names}"
+        )
     check_text_template(data_args.text_template, raw.column_names, "--text-template")
     with hub_lookup(data_args.model, "--model"):
         tokenizer = AutoTokenizer.from_pretrained(data_args.model)

@@ -143,6 +143,12 @@ def test_missing_inputs_on_the_command_line(tmp_path, capsys, monkeypatch):
     assert "--model './nope': no such folder or file" in one_error_line(capsys)
     assert main(["train", "--model", str(base), "--data", "nope.jsonl", "--artifact-dir", "a"]) == 2
     assert "--data 'nope.jsonl': no such file" in one_error_line(capsys)
+    assert (
+        main(["train", "--model", str(base), "--data", str(data), "--task-column", "zz", "--artifact-dir", "a"]) == 2
+    )
+    assert "--task-column 'zz': the data has no such column; its columns are ['text', 'task']" in one_error_line(
+        capsys
+    )
     assert not (tmp_path / "out").exists() and not (tmp_path / "a").exists()
 
 
@@ -193,6 +199,19 @@ def test_negmerge_flag_values_name_the_flag(negmerge_inputs, flags, expected, ca
     assert main([*argv, *flags, "--train-arg", "max_steps=1", "-o", str(root / "out")]) == 2
     assert expected in one_error_line(capsys)
     assert not (root / "out").exists()
+
+
+def test_negmerge_unlearn_refuses_an_output_dir_for_its_candidates(tiny_llama):
+    from datasets import Dataset
+
+    from hf_sift import negmerge_unlearn
+    from hf_sift.errors import InvalidMergeParameterError
+
+    data = Dataset.from_dict({"input_ids": [[1, 2, 3]], "labels": [[1, 2, 3]]})
+    with pytest.raises(InvalidMergeParameterError, match="no output_dir"):
+        negmerge_unlearn(
+            tiny_llama, data, lambda m: (0.0, 1.0), grid={"learning_rate": [1e-3]}, training_args={"output_dir": "x"}
+        )
 
 
 # ---------------------------------------------------------------- flag spellings

@@ -25,7 +25,9 @@ def test_every_error_class_is_defined_in_errors():
     for module in all_modules():
         for name, value in vars(module).items():
             if inspect.isclass(value) and issubclass(value, BaseException) and value.__module__.startswith("hf_sift"):
-                assert value.__module__ == "hf_sift.errors", f"{module.__name__}.{name} is defined in {value.__module__}"
+                assert value.__module__ == "hf_sift.errors", (
+                    f"{module.__name__}.{name} is defined in {value.__module__}"
+                )
                 assert getattr(errors, name) is value
     assert sorted(errors.__all__) == sorted(
         n for n, v in vars(errors).items() if inspect.isclass(v) and issubclass(v, BaseException)

@@ -67,7 +67,8 @@ def _parser():
     class TrainArgumentParser(OneLineErrors, HfArgumentParser):
         pass
 
-    return TrainArgumentParser((TrainDataArguments, SIFTConfig), prog="hf-sift train")
+    # No abbreviations: `--output_dir` must be recognisable to tell whether it was given (see `run`).
+    return TrainArgumentParser((TrainDataArguments, SIFTConfig), prog="hf-sift train", allow_abbrev=False)
 
 
 def _given(argv: list[str], field_name: str) -> bool:

@@ -649,8 +649,9 @@ def test_cli_export_matches_the_api(llama, tmp_path, capsys):
     assert plain.dtype == torch.bfloat16
     api = MergedMaskedModel.from_pretrained(artifact, dtype=torch.bfloat16)
     assert_serves(vanilla_as_served(plain), api.model.state_dict())
-    with pytest.raises(UnknownTaskError):
-        main(["export", str(artifact), "--task", "nope", "-o", str(tmp_path / "bad")])
+    capsys.readouterr()
+    assert main(["export", str(artifact), "--task", "nope", "-o", str(tmp_path / "bad")]) == 2  # UnknownTaskError
+    assert "hf-sift: error: unknown task 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
 

@@ -8,7 +8,7 @@ listing them imports transformers and torch.
     python benchmarks/bench_cli.py [--repeats 7] [--compare /path/to/another/checkout]
 
 With `--compare`, the same commands also run with another checkout of hf_sift first on `PYTHONPATH` (e.g. the
-commit before a change), side by side.
+commit before a change), side by side: the checkouts alternate run by run.
 """
 
 from __future__ import annotations
@@ -36,13 +36,19 @@ COMMANDS: list[tuple[str, list[str]]] = [
 ]
 
 
-def run_times(args: list[str], checkout: Path, repeats: int) -> list[float]:
+def run_once(args: list[str], checkout: Path) -> float:
     env = {**os.environ, "PYTHONPATH": str(checkout)}
-    times = []
+    start = time.perf_counter()
+    subprocess.run([sys.executable, *args], cwd=checkout, env=env, stdout=subprocess.DEVNULL, check=True)
+    return time.perf_counter() - start
+
+
+def run_times(args: list[str], checkouts: list[Path], repeats: int) -> list[list[float]]:
+    """`repeats` timings per checkout, the checkouts alternating run by run so that a change of load hits all."""
+    times: list[list[float]] = [[] for _ in checkouts]
     for _ in range(repeats):
-        start = time.perf_counter()
-        subprocess.run([sys.executable, *args], cwd=checkout, env=env, stdout=subprocess.DEVNULL, check=True)
-        times.append(time.perf_counter() - start)
+        for i, checkout in enumerate(checkouts):
+            times[i].append(run_once(args, checkout))
     return times
 
 
@@ -65,10 +71,8 @@ def main() -> None:
     header = f"{'command':<44}" + "".join(f"{name:>22}" for name, _ in checkouts)
     print(header)
     for label, command in COMMANDS:
-        cells = []
-        for _, checkout in checkouts:
-            times = run_times(command, checkout, args.repeats)
-            cells.append(f"{statistics.median(times):.2f} / {min(times):.2f}")
+        timings = run_times(command, [checkout for _, checkout in checkouts], args.repeats)
+        cells = [f"{statistics.median(times):.2f} / {min(times):.2f}" for times in timings]
         print(f"{label:<44}" + "".join(f"{c:>22}" for c in cells))
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
 

@@ -15,6 +15,7 @@ from .version import __version__
 
 
 _LAZY = {
+    "ArtifactConfig": ".artifact_config",
     "MergedDelta": ".merged_delta",
     "MergedMaskedModel": ".masked_model",
     "ParameterSelection": ".selection",
@@ -28,6 +29,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from .artifact_config import ArtifactConfig
     from .masked_model import MergedMaskedModel
     from .merged_delta import MergedDelta
     from .merging import merge_checkpoints
@@ -51,6 +53,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "ArtifactConfig",
     "MergedDelta",
     "MergedMaskedModel",
     "ParameterSelection",

@@ -5,9 +5,10 @@ sets `func` (called with the parsed namespace, returning an exit code). Modules 
 command module imports torch and transformers inside its command function, so that `hf-sift --help`, `--version`
 and `hf-sift COMMAND --help` stay fast.
 
-Errors are reported on one line, `hf-sift: error: ...`, with exit code 2 for bad input (any [`~hf_sift.SiftError`]
-and argument parsing errors), 1 for a failed check ([`~hf_sift.errors.IntegrityError`]: a digest or a file that does
-not match its record) and for unexpected errors of other libraries, and 130 when interrupted. `--debug` (anywhere on
+Errors are reported on one line, `hf-sift: error: ...`, with exit code 2 for bad input (argument parsing errors and
+every [`~hf_sift.SiftError`] that is a `ValueError`), 1 for a failed check ([`~hf_sift.errors.IntegrityError`]: a
+digest or a file that does not match its record), for hf_sift's other errors (e.g. `ConcurrentUpdateError`: another
+writer saved the artifact first) and for unexpected errors of other libraries, and 130 when interrupted. `--debug` (anywhere on
 the command line) or `HF_SIFT_DEBUG=1` also prints the traceback.
 """
 
@@ -77,7 +78,7 @@ def exit_code(error: BaseException) -> int:
         return EXIT_INTERRUPTED
     if isinstance(error, IntegrityError):
         return EXIT_CHECK_FAILED
-    if isinstance(error, SiftError):
+    if isinstance(error, SiftError) and isinstance(error, ValueError):  # hf_sift's errors caused by bad input
         return EXIT_BAD_INPUT
     return EXIT_CHECK_FAILED
 

@@ -58,6 +58,14 @@ def digest_tensors(tensors: Mapping[str, torch.Tensor], names: Iterable[str] | N
     return digest_lazy(sorted(tensors if names is None else names), tensors.__getitem__)
 
 
+def state_dict_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Digest of every tensor of a model's state dict: the base model digest of docs/FORMAT.md.
+
+    Tied weights appear under each of their names, as `model.state_dict()` lists them.
+    """
+    return digest_tensors(state_dict)
+
+
 def digest_lazy(names: Iterable[str], load: Callable[[str], torch.Tensor]) -> str:
     """Digest of tensors fetched one at a time with `load(name)`, so only one is in memory at once."""
     digest = TensorDigest()

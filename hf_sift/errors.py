@@ -101,6 +101,23 @@ class UnsupportedOffloadError(SiftError, ValueError):
     """A tuned parameter of the base model is offloaded (on the `meta` device) in a way hf_sift cannot serve."""
 
 
+class ConcurrentUpdateError(SiftError, RuntimeError):
+    """An artifact changed since the writer read it (another process saved it in between), or a save would replace
+    an artifact the writer never loaded. Nothing was written: reload the artifact, reapply the change, save again."""
+
+
+class InvalidScaleError(SiftError, ValueError):
+    """The scale of the merged update is not a finite number (NaN or infinite scales would serve NaN or inf)."""
+
+
+class RemoteCodeError(SiftError, ValueError):
+    """A model's config asks for custom code (`auto_map`); hf_sift never runs code from a model repo or folder."""
+
+
+class UnsupportedHubPushError(SiftError, ValueError):
+    """`push_to_hub` of a served model would publish a plain checkpoint without the SIFT artifact's files."""
+
+
 class DeltaNotKeptError(SiftError, RuntimeError):
     """A served model loaded with `keep_delta=False` dropped the sum, so it cannot switch task."""
 
@@ -133,6 +150,7 @@ __all__ = [
     "BaseModelMismatchError",
     "CheckpointError",
     "CommandLineError",
+    "ConcurrentUpdateError",
     "CorruptArtifactError",
     "DeltaNotKeptError",
     "DuplicateTaskError",
@@ -142,12 +160,14 @@ __all__ = [
     "InvalidArgumentTypeError",
     "InvalidMergeParameterError",
     "InvalidSIFTConfigError",
+    "InvalidScaleError",
     "InvalidTaskIdError",
     "MissingBaseModelError",
     "MissingReferenceError",
     "OutputDirError",
     "ParameterMismatchError",
     "PathNotFoundError",
+    "RemoteCodeError",
     "ReservedArgumentError",
     "ServingDtypeError",
     "SiftError",
@@ -155,5 +175,6 @@ __all__ = [
     "TaskDigestMismatchError",
     "UnknownMergeMethodError",
     "UnknownTaskError",
+    "UnsupportedHubPushError",
     "UnsupportedOffloadError",
 ]

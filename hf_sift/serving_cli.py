@@ -7,6 +7,8 @@ import contextlib
 import json
 from typing import Any
 
+from .shard_size import DEFAULT_MAX_SHARD_SIZE
+
 
 def _json_object(text: str) -> dict[str, Any]:
     try:
@@ -71,7 +73,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help='more arguments for transformers\' from_pretrained of the base, as JSON (e.g. \'{"attn_implementation": "eager"}\')',
     )
     export.add_argument(
-        "--max-shard-size", "--max_shard_size", default="5GB", help="largest output shard (default: 5GB)"
+        "--max-shard-size",
+        "--max_shard_size",
+        default=DEFAULT_MAX_SHARD_SIZE,
+        help=f"largest output shard (default: {DEFAULT_MAX_SHARD_SIZE})",
     )
     export.add_argument("--cache-dir", "--cache_dir", help="huggingface_hub cache folder")
     export.add_argument(

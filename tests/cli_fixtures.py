@@ -11,6 +11,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from hf_sift import MergedDelta, TaskVector
+from hf_sift.digest import state_dict_digest
 
 
 WORDS = [f"w{i}" for i in range(60)]
@@ -48,7 +49,7 @@ def save_artifact(root: Path) -> tuple[Path, Path]:
     """A base checkpoint and a SIFT artifact of two fake fine-tunes of it that records the base."""
     base = save_model(root / "base-sift", with_tokenizer=False)
     state = {k: v.clone() for k, v in LlamaForCausalLM.from_pretrained(base).state_dict().items()}
-    delta = MergedDelta(state, sign_seed=3, base_model=str(base))
+    delta = MergedDelta(state, sign_seed=3, base_model=str(base), base_model_digest=state_dict_digest(state))
     for i, task in enumerate(["a", "b"]):
         delta.add(task, TaskVector.from_state_dicts(state, perturbed(state, 20 + i), 3))
     delta.save_pretrained(root / "artifact")

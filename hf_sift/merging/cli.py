@@ -6,6 +6,7 @@ import argparse
 import math
 from typing import Any
 
+from ..shard_size import DEFAULT_MAX_SHARD_SIZE
 from . import BUILTIN_METHODS
 
 
@@ -13,7 +14,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     merge = subparsers.add_parser(
         "merge",
         help="merge finetuned checkpoints into one transformers checkpoint",
-        description="Merge finetuned checkpoints of BASE with one method, streaming tensor by tensor.",
+        description=(
+            "Merge finetuned checkpoints of BASE with one method, streaming tensor by tensor. With --method sift the "
+            "output is a SIFT artifact (int64 sum, masks, sift_config.json) that hf-sift export serves."
+        ),
     )
     merge.add_argument("--method", required=True, choices=sorted(BUILTIN_METHODS), help="merge method")
     merge.add_argument("--base", required=True, help="base checkpoint folder")
@@ -28,10 +32,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     merge.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter")
     merge.add_argument("--task-ids", "--task_ids", help="comma-separated ids, one per model (default: folder names)")
-    merge.add_argument("--include", action="append", default=[], help="regex of tensors to merge (default: all)")
+    merge.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        help="regex of tensors to merge (default: all; for sift all but input embeddings and the LM head)",
+    )
     merge.add_argument("--exclude", action="append", default=[], help="regex of tensors copied from the base")
     merge.add_argument(
-        "--max-shard-size", "--max_shard_size", default="2GB", help="largest output shard (default: 2GB)"
+        "--max-shard-size",
+        "--max_shard_size",
+        default=DEFAULT_MAX_SHARD_SIZE,
+        help=f"largest output shard (default: {DEFAULT_MAX_SHARD_SIZE})",
     )
     merge.set_defaults(func=run_merge)
 
@@ -88,7 +100,9 @@ def run_merge(args: argparse.Namespace) -> int:
     check_output_dir(args.output, [args.base, *args.models], overwrite=args.overwrite, flag="--output")
     method_class = get_method(args.method)
     params = parse_params(method_class, args.param)
-    selection = ParameterSelection(include=tuple(args.include), exclude=tuple(args.exclude))
+    selection = None  # each method's default: every floating-point tensor, or P for sift
+    if args.include or args.exclude:
+        selection = ParameterSelection(include=tuple(args.include), exclude=tuple(args.exclude))
     task_ids = [t.strip() for t in args.task_ids.split(",")] if args.task_ids else None
     result = merge_checkpoints(
         method_class(**params),
@@ -207,10 +221,12 @@ def run_negmerge(args: argparse.Namespace) -> int:
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling
 
+    from ..remote_code import refuse_remote_code
     from .negmerge_driver import loss_evaluator, negmerge_unlearn
 
     with hub_lookup(args.model, "--model"):
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        refuse_remote_code(args.model)
+        tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
 
@@ -227,7 +243,7 @@ def run_negmerge(args: argparse.Namespace) -> int:
     forget, retain = tokenized(args.forget_data), tokenized(args.retain_data)
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
     with hub_lookup(args.model, "--model"):
-        model = AutoModelForCausalLM.from_pretrained(args.model)
+        model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=False)
     result = negmerge_unlearn(
         model,
         forget,

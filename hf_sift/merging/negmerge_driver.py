@@ -146,7 +146,10 @@ def negmerge_unlearn(
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     if isinstance(model, (str, os.PathLike)):
-        model = AutoModelForCausalLM.from_pretrained(model)
+        from ..remote_code import refuse_remote_code
+
+        refuse_remote_code(model)
+        model = AutoModelForCausalLM.from_pretrained(model, trust_remote_code=False)
     points = expand_grid(grid)
     original = {n: t.detach().clone() for n, t in model.state_dict().items()}
     accumulator = NegMergeAccumulator(original, parameters)

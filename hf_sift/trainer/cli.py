@@ -107,6 +107,7 @@ def train_from_arguments(data_args: TrainDataArguments, config) -> int:
     from ..errors import CommandLineError, PathNotFoundError
     from ..hub.sources import check_source, hub_lookup
     from ..output_dir import check_output_dir
+    from ..remote_code import refuse_remote_code
     from ..text_template import check_text_template, render_text_template
     from .train_tasks import train_tasks
 
@@ -138,7 +139,8 @@ def train_from_arguments(data_args: TrainDataArguments, config) -> int:
         )
     check_text_template(data_args.text_template, raw.column_names, "--text-template")
     with hub_lookup(data_args.model, "--model"):
-        tokenizer = AutoTokenizer.from_pretrained(data_args.model)
+        refuse_remote_code(data_args.model)
+        tokenizer = AutoTokenizer.from_pretrained(data_args.model, trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
 
@@ -155,7 +157,7 @@ def train_from_arguments(data_args: TrainDataArguments, config) -> int:
     keep = {data_args.task_column}
     data = raw.map(tokenize, remove_columns=[c for c in raw.column_names if c not in keep])
     with hub_lookup(data_args.model, "--model"):
-        model = AutoModelForCausalLM.from_pretrained(data_args.model)
+        model = AutoModelForCausalLM.from_pretrained(data_args.model, trust_remote_code=False)
     delta = train_tasks(
         model,
         data,

@@ -19,6 +19,7 @@ from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_utils import SaveStrategy
 
 from ..artifact import CONFIG_NAME
+from ..digest import state_dict_digest
 from ..errors import BaseModelMismatchError, InvalidArgumentError, ParameterMismatchError, SignSeedMismatchError
 from ..merged_delta import MergedDelta
 from ..task_id import validate_task_id
@@ -64,6 +65,15 @@ def _check_resumable(delta: MergedDelta, fresh: MergedDelta, where: Path) -> Non
         raise ParameterMismatchError(f"{where} covers other tuned parameters than this run")
     if delta.base_digest != fresh.base_digest:
         raise BaseModelMismatchError(f"{where} was trained from another θ0 (base digest {delta.base_digest})")
+    if (
+        None not in (delta.base_model_digest, fresh.base_model_digest)
+        and delta.base_model_digest != fresh.base_model_digest
+    ):
+        raise BaseModelMismatchError(f"{where} was trained from another base model (its embeddings or LM head differ)")
+
+
+def _is_peft_model(model: torch.nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
 def _load_or(directory: Path, fresh: MergedDelta) -> MergedDelta:
@@ -94,7 +104,9 @@ def train_tasks(
     θ0 is the model's tuned parameters at call time. Each task gets a fresh [`SIFTTrainer`] (fresh optimizer,
     scheduler and RNG state, seeded from `(args.seed, task_id)`) on the rows of its task, then the model is reset to
     θ0 in place. After each task the artifact is saved atomically, so a crash loses at most the task in flight; a
-    restarted call skips the tasks already recorded and ends with the same bytes.
+    restarted call skips the tasks already recorded and ends with the same bytes. Each save is a compare-and-swap
+    ([`~hf_sift.MergedDelta.save_pretrained`]): if another process saved the artifact meanwhile, the run stops with
+    [`~hf_sift.errors.ConcurrentUpdateError`] and a new call resumes from the artifact as that process left it.
 
     Under `accelerate launch` (or `torchrun`) with N processes, the tasks are sharded over the ranks, each rank
     trains its tasks alone into a partial artifact next to `output_dir`, and at the end the int64 partial sums are
@@ -126,6 +138,9 @@ def train_tasks(
     layout = ProcessLayout.from_environment()
     groups = group_tasks(dataset, task_column, tasks)
 
+    # θ0 of the whole model (embeddings and LM head too, which shape training), recorded so that serving and a
+    # replay can check the base; an already wrapped PEFT model has no plain base state dict to record.
+    base_model_digest = None if _is_peft_model(model) else state_dict_digest(model.state_dict())
     if peft_config is not None:
         from peft import get_peft_model
 
@@ -145,6 +160,7 @@ def train_tasks(
         selection if selection.resolve(theta0) == names else names,
         base_model=base_model,
         base_revision=base_revision,
+        base_model_digest=base_model_digest,
     )
     constraint.base_digest = fresh.base_digest  # the same θ0 and names: hash it once
     del theta0

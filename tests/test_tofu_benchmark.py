@@ -114,3 +114,9 @@ def test_smoke_profile_end_to_end(tmp_path):
     # Training steps as configured: 1 per author, and T x 1 for the central model.
     assert [c["steps"] for c in payload["training"]["SIFT training"].values()] == [1, 1]
     assert payload["training"]["Central FT training"]["steps"] == 2
+    assert payload["complete"] is True
+    # --report-only rebuilds the same records from the score cache, training nothing.
+    args = ["--profile", "smoke", "--work-dir", str(tmp_path / "work"), "--results", str(tmp_path / "again.json")]
+    assert main([*args, "--plot", str(tmp_path / "again.png"), "--report-only"]) == 0
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["records"] == payload["records"] and again["wall_seconds"] is None

@@ -30,6 +30,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--results", type=Path, default=None, help="default benchmarks/results/tofu-<profile>.json")
     parser.add_argument("--plot", type=Path, default=None, help="default docs/tofu-<profile>.png")
+    parser.add_argument(
+        "--report-only",
+        "--report_only",
+        action="store_true",
+        help="train nothing: write the results from the score cache of an earlier (possibly interrupted) run",
+    )
     return parser.parse_args(argv)
 
 
@@ -54,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     logging.getLogger("hf_sift").setLevel(logging.WARNING)
     started = time.time()
-    payload = run(profile, data_dir, work_dir, results, plot_path)
+    payload = run(profile, data_dir, work_dir, results, plot_path, args.report_only)
     print(f"\n{payload['table']}\n\nresults: {results}\nplot: {plot_path}\nwall time: {time.time() - started:.0f} s")
     return 0
 

@@ -7,14 +7,20 @@ from pathlib import Path
 from typing import Any
 
 from .data import load_authors
-from .experiment import Scorer, run_merging_study
+from .experiment import ScoreCache, Scorer, run_merging_study
 from .models import base_folder, load_tokenizer
 from .profiles import Profile
 from .report import build_records, machine, plot, table, write_json
 
 
-def run(profile: Profile, data_dir: Path, work_dir: Path, results: Path, plot_path: Path) -> dict[str, Any]:
-    """Run `profile` and write `results` (JSON) and `plot_path` (PNG); returns the JSON payload (+ the table)."""
+def run(
+    profile: Profile, data_dir: Path, work_dir: Path, results: Path, plot_path: Path, report_only: bool = False
+) -> dict[str, Any]:
+    """Run `profile` and write `results` (JSON) and `plot_path` (PNG); returns the JSON payload (+ the table).
+
+    With `report_only`, nothing is trained: the results come from the score cache of an earlier, possibly
+    interrupted, run (`complete` says whether every record is there).
+    """
     import datasets
     from transformers.utils import logging as hf_logging
 
@@ -27,20 +33,25 @@ def run(profile: Profile, data_dir: Path, work_dir: Path, results: Path, plot_pa
     tokenizer = load_tokenizer(base_dir)
     scorer = Scorer(tokenizer, authors, profile.max_new_tokens, profile.table_questions)
     started = time.time()
-    scores = run_merging_study(profile, base_dir, tokenizer, authors, work_dir, scorer)
+    if report_only:
+        scores = ScoreCache(work_dir / "scores.json").data
+    else:
+        scores = run_merging_study(profile, base_dir, tokenizer, authors, work_dir, scorer)
     ids = [a.task_id for a in authors]
     records = build_records(profile, ids, scores)
+    expected = 9 * len(profile.merge_counts) + int(profile.central)
     payload: dict[str, Any] = {
         "schema": "hf_sift tofu benchmark v1 (docs/tofu.md)",
         "profile": profile.to_dict(),
         "model": str(base_dir) if profile.model == "tiny" else "SmolLM2-135M-Instruct (offline GGUF, converted)",
         "machine": machine(),
+        "complete": len(records) == expected,
         "records": records,
         "training": {
             key: scores[key] for key in ("local FT training", "SIFT training", "Central FT training") if key in scores
         },
-        "wall_seconds": time.time() - started,
+        "wall_seconds": None if report_only else time.time() - started,
     }
     write_json(results, payload)
-    plot(records, plot_path, f"TOFU, {profile.name} profile: {len(ids)} authors, {profile.steps} steps each")
+    plot(records, plot_path, f"TOFU, {profile.name} profile: {len(ids)} authors, {profile.steps} step(s) per author")
     return {**payload, "table": table(records, profile.merge_counts[-1])}

@@ -18,6 +18,7 @@ from .merged_delta import MergedDelta  # noqa: E402
 from .selection import ParameterSelection  # noqa: E402
 from .sign_vector import SignVector  # noqa: E402
 from .task_vector import TaskVector  # noqa: E402
+from .unlearning_log import UnlearningLog  # noqa: E402
 
 
 _LAZY = {
@@ -57,6 +58,7 @@ __all__ = [
     "SiftError",
     "SignVector",
     "TaskVector",
+    "UnlearningLog",
     "__version__",
     "merge_checkpoints",
     "negmerge_unlearn",

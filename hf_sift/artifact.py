@@ -5,6 +5,7 @@ sift_config.json                     format version, base digest, sign seed, S, 
 sift_manifest.json                   one record per task: digest, mask digest, density, element counts, metadata
 sift_delta.safetensors               the int64 sum Q (or sift_delta-0000i-of-0000n.safetensors + index)
 masks/<task_id>.safetensors          one bit-packed mask per task
+sift_unlearning_log.jsonl            the unlearning log (only once a task was unlearned), see unlearning_log.py
 ```
 """
 
@@ -30,6 +31,7 @@ from .digest import file_digest
 from .errors import CorruptArtifactError, IncompatibleArtifactError
 from .masks import packed_size
 from .task_id import validate_task_id
+from .unlearning_log import LOG_NAME
 
 
 FORMAT_VERSION = 1
@@ -65,7 +67,7 @@ def is_artifact_file(relative_path: str) -> bool:
     """Whether a file belongs to the SIFT artifact (and is rewritten by a save) rather than to the user."""
     name = relative_path.replace(os.sep, "/")
     return (
-        name in (CONFIG_NAME, MANIFEST_NAME, DELTA_INDEX_NAME)
+        name in (CONFIG_NAME, MANIFEST_NAME, DELTA_INDEX_NAME, LOG_NAME)
         or (name.startswith("sift_delta") and name.endswith(".safetensors"))
         or name.startswith(MASKS_DIR + "/")
     )
@@ -277,11 +279,13 @@ def write_artifact(
     delta: Mapping[str, torch.Tensor],
     masks: Mapping[str, Path | Mapping[str, torch.Tensor]],
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> dict[str, str]:
     """Write a whole artifact atomically into `folder`, keeping the user's other files there.
 
     `masks` maps every task id to either an existing mask file (hard-linked, not rewritten) or its packed masks.
-    Returns the digest of each mask file written or linked.
+    `extra_files` maps more artifact files (relative paths [`is_artifact_file`] knows, e.g. the unlearning log) to
+    their bytes, written in the same atomic step. Returns the digest of each mask file written or linked.
     """
     folder = Path(folder)
     mask_digests: dict[str, str] = {}
@@ -314,4 +318,8 @@ def write_artifact(
         records = {t: {**manifest[t], "mask_digest": mask_digests[t]} for t in sorted(manifest)}
         _dump_json({"tasks": records}, stage / MANIFEST_NAME)
         _dump_json(dict(config), stage / CONFIG_NAME)
+        for relative, data in (extra_files or {}).items():
+            if not is_artifact_file(relative):
+                raise ValueError(f"{relative!r} is not an artifact file")
+            (stage / relative).write_bytes(data)
     return mask_digests

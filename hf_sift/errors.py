@@ -76,6 +76,14 @@ class DeltaNotKeptError(SiftError, RuntimeError):
     """A served model loaded with `keep_delta=False` dropped the sum, so it cannot switch task."""
 
 
+class UnlearningLogError(SiftError, ValueError):
+    """An entry cannot be appended to an unlearning log (it would not continue the chain, or is malformed)."""
+
+
+class TaskVectorStoreError(SiftError, ValueError):
+    """A task-vector store cannot be used as asked (e.g. it lies inside an artifact that would publish it)."""
+
+
 __all__ = [
     "AccumulatorOverflowError",
     "BaseModelMismatchError",
@@ -91,6 +99,8 @@ __all__ = [
     "SiftError",
     "SignSeedMismatchError",
     "TaskDigestMismatchError",
+    "TaskVectorStoreError",
     "UnknownTaskError",
+    "UnlearningLogError",
     "UnsupportedOffloadError",
 ]

@@ -37,6 +37,7 @@ from .masks import packed_size, select_bits_, unpack_bits
 from .selection import ParameterSelection, resolve_parameters
 from .task_id import validate_task_id
 from .task_vector import TaskVector, check_same_parameters
+from .unlearning_log import LOG_NAME, UnlearningLog
 
 
 # Elements served per step in `served_parameter`; a multiple of 8 so mask bytes split cleanly.
@@ -92,6 +93,7 @@ class MergedDelta:
         self._bounds = dict.fromkeys(names, 0)
         self._records: dict[str, dict[str, Any]] = {}
         self._masks: dict[str, Path | dict[str, torch.Tensor]] = {}
+        self.log = UnlearningLog()  # the history of removals, saved beside the artifact (see unlearning_log.py)
 
     # ------------------------------------------------------------------ inspection
 
@@ -431,7 +433,8 @@ class MergedDelta:
         artifact intact. Masks already on disk are hard-linked rather than rewritten.
         """
         save_directory = Path(save_directory).absolute()
-        write_artifact(save_directory, self._config(), self._records, self._sum, self._masks, max_shard_size)
+        log = {LOG_NAME: self.log.to_bytes()} if len(self.log) else None
+        write_artifact(save_directory, self._config(), self._records, self._sum, self._masks, max_shard_size, log)
         for task_id in self._records:
             self._masks[task_id] = save_directory / mask_filename(task_id)
         saved = read_manifest(save_directory)
@@ -467,6 +470,7 @@ class MergedDelta:
         self._bounds = {}  # filled by `_bound` when tasks are added or removed; serving never needs them
         self._records = {t: dict(r) for t, r in records.items()}
         self._masks = {t: directory / mask_filename(t) for t in records}
+        self.log = UnlearningLog.load(directory)
         if config["num_tasks"] != len(records):
             raise CorruptArtifactError(f"config says {config['num_tasks']} tasks, the manifest lists {len(records)}")
         if verify and self.digest != config["delta_digest"]:

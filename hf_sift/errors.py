@@ -84,16 +84,31 @@ class TaskVectorStoreError(SiftError, ValueError):
     """A task-vector store cannot be used as asked (e.g. it lies inside an artifact that would publish it)."""
 
 
+class ReplayPreconditionError(SiftError, ValueError):
+    """A task cannot be replayed as recorded (its rows, recipe or training arguments differ); nothing was trained."""
+
+
+class EnvironmentMismatchError(ReplayPreconditionError):
+    """The environment (library versions, device model, thread count) differs from the one a task was trained in."""
+
+
+class MixedRecipeError(SiftError, ValueError):
+    """Resuming an artifact with another recipe (training arguments, data, tokenizer, adapter) than its tasks'."""
+
+
 __all__ = [
     "AccumulatorOverflowError",
     "BaseModelMismatchError",
     "CorruptArtifactError",
     "DeltaNotKeptError",
     "DuplicateTaskError",
+    "EnvironmentMismatchError",
     "IncompatibleArtifactError",
     "InvalidTaskIdError",
     "MissingBaseModelError",
+    "MixedRecipeError",
     "ParameterMismatchError",
+    "ReplayPreconditionError",
     "ReservedArgumentError",
     "ServingDtypeError",
     "SiftError",

@@ -18,6 +18,7 @@ from .merged_delta import MergedDelta  # noqa: E402
 from .selection import ParameterSelection  # noqa: E402
 from .sign_vector import SignVector  # noqa: E402
 from .task_vector import TaskVector  # noqa: E402
+from .task_vector_store import TaskVectorStore  # noqa: E402
 from .unlearning_log import UnlearningLog  # noqa: E402
 
 
@@ -58,6 +59,7 @@ __all__ = [
     "SiftError",
     "SignVector",
     "TaskVector",
+    "TaskVectorStore",
     "UnlearningLog",
     "__version__",
     "merge_checkpoints",

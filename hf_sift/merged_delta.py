@@ -22,13 +22,13 @@ from .artifact import (
     read_manifest,
     write_artifact,
 )
+from .compatibility import Compatibility, check_compatible
 from .digest import digest_tensors
 from .errors import (
     BaseModelMismatchError,
     CorruptArtifactError,
     DuplicateTaskError,
     ParameterMismatchError,
-    SignSeedMismatchError,
     TaskDigestMismatchError,
     UnknownTaskError,
 )
@@ -145,23 +145,6 @@ class MergedDelta:
 
     # ------------------------------------------------------------------ add / remove
 
-    def _check_compatible(self, task_vector: TaskVector) -> None:
-        if task_vector.sign_seed != self.sign_seed or task_vector.scale_bits != self.scale_bits:
-            raise SignSeedMismatchError(
-                f"task vector has sign_seed={task_vector.sign_seed}, scale_bits={task_vector.scale_bits}; "
-                f"the merge has sign_seed={self.sign_seed}, scale_bits={self.scale_bits}"
-            )
-        if set(task_vector.q) != set(self.shapes):
-            extra = sorted(set(task_vector.q) - set(self.shapes))[:3]
-            missing = sorted(set(self.shapes) - set(task_vector.q))[:3]
-            raise ParameterMismatchError(f"task vector parameters differ: extra {extra}, missing {missing}")
-        check_same_parameters(self.shapes, task_vector.q, "the task vector")
-        if task_vector.base_digest is not None and task_vector.base_digest != self.base_digest:
-            raise BaseModelMismatchError(
-                f"task vector was computed on a base with digest {task_vector.base_digest}, "
-                f"the merge's base has {self.base_digest}"
-            )
-
     def _apply(self, task_vector: TaskVector, sign: int) -> None:
         # `_bounds` holds upper bounds of max|Q| per tensor: while bound + max|q| fits in int64 no element can
         # overflow and the exact (slower) check is skipped. Every tensor is checked before any is touched, so a
@@ -198,7 +181,7 @@ class MergedDelta:
         task_id = validate_task_id(task_id)
         if task_id in self._records:
             raise DuplicateTaskError(f"task {task_id!r} is already merged; remove it first to replace it")
-        self._check_compatible(task_vector)
+        check_compatible(self, task_vector)
         self._apply(task_vector, +1)
         self._records[task_id] = {
             "digest": task_vector.digest,
@@ -217,7 +200,7 @@ class MergedDelta:
             vector (e.g. a replay of its training) differs from the one merged: it is then never subtracted.
         """
         task_id = self._known(task_id)
-        self._check_compatible(task_vector)
+        check_compatible(self, task_vector)
         recorded = self._records[task_id]["digest"]
         if task_vector.digest != recorded:
             raise TaskDigestMismatchError(
@@ -233,6 +216,8 @@ class MergedDelta:
         task_sum: Mapping[str, torch.Tensor],
         records: Mapping[str, Mapping[str, Any]],
         masks: Mapping[str, Mapping[str, torch.Tensor]],
+        *,
+        source: MergedDelta | Compatibility,
     ) -> None:
         """Merge tasks whose task vectors were summed elsewhere: Q += `task_sum`, and take their records and masks.
 
@@ -243,11 +228,15 @@ class MergedDelta:
             task_sum (`Mapping[str, torch.Tensor]`): The int64 sum of the task vectors of the tasks in `records`.
             records (`Mapping[str, dict]`): Each task's record, as [`record`] returns it.
             masks (`Mapping[str, dict[str, torch.Tensor]]`): Each task's packed masks.
+            source ([`MergedDelta`] or [`~hf_sift.compatibility.Compatibility`]): The merge these tasks were summed
+                in (or its `Compatibility`): its sign seed, S, base digest and tuned parameters must equal these.
 
         Raises:
-            [`~hf_sift.errors.DuplicateTaskError`], [`~hf_sift.errors.ParameterMismatchError`] or
+            [`~hf_sift.errors.SignSeedMismatchError`], [`~hf_sift.errors.BaseModelMismatchError`],
+            [`~hf_sift.errors.ParameterMismatchError`], [`~hf_sift.errors.DuplicateTaskError`] or
             [`~hf_sift.errors.AccumulatorOverflowError`]; the merge is unchanged after any of them.
         """
+        check_compatible(self, source, "the merge absorbed")
         ids = [validate_task_id(t) for t in records]
         duplicate = sorted(set(ids) & set(self._records))
         if duplicate:

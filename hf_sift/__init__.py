@@ -19,6 +19,7 @@ from .selection import ParameterSelection  # noqa: E402
 from .sign_vector import SignVector  # noqa: E402
 from .task_vector import TaskVector  # noqa: E402
 from .task_vector_store import TaskVectorStore  # noqa: E402
+from .unlearn import UnlearningReport, unlearn  # noqa: E402
 from .unlearning_log import UnlearningLog  # noqa: E402
 
 
@@ -61,8 +62,10 @@ __all__ = [
     "TaskVector",
     "TaskVectorStore",
     "UnlearningLog",
+    "UnlearningReport",
     "__version__",
     "merge_checkpoints",
     "negmerge_unlearn",
     "train_tasks",
+    "unlearn",
 ]

@@ -21,6 +21,7 @@ from .task_vector import TaskVector  # noqa: E402
 from .task_vector_store import TaskVectorStore  # noqa: E402
 from .unlearn import UnlearningReport, unlearn  # noqa: E402
 from .unlearning_log import UnlearningLog  # noqa: E402
+from .verify import verify_artifact  # noqa: E402
 
 
 _LAZY = {

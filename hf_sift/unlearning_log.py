@@ -119,11 +119,15 @@ class UnlearningLog:
         self._entries.append(entry)
         return dict(entry)
 
-    def verify(self, delta_digest: str | None) -> list[str]:
+    def verify(self, delta_digest: str | None, published: str = "the published sum") -> list[str]:
         """What is wrong with the log, as one sentence per problem (an empty list when the chain holds).
 
         Checks each entry's keys and own hash, that it names the hash of the one before, that each removal starts
         where the previous one ended, and that the last one ends at `delta_digest`, the published sum's digest.
+
+        Args:
+            delta_digest (`str`): Digest of the published sum (None: not checked).
+            published (`str`, *optional*): How to name that sum in the problem.
         """
         problems = []
         for i, entry in enumerate(self._entries):
@@ -141,7 +145,8 @@ class UnlearningLog:
             if i and entry["digest_before"] != self._entries[i - 1].get("digest_after"):
                 problems.append(f"{where} starts from a sum other than the one entry {i - 1} ended at")
         if self._entries and delta_digest is not None and self._entries[-1].get("digest_after") != delta_digest:
-            problems.append(f"{LOG_NAME}: the last entry ends at a sum other than the published one ({delta_digest})")
+            last = self._entries[-1].get("digest_after")
+            problems.append(f"{LOG_NAME}: the last entry ends at {last}, not at {published} ({delta_digest})")
         return problems
 
     # ------------------------------------------------------------------ persistence

@@ -56,7 +56,7 @@ def test_entries_chain_and_end_at_the_sum():
     assert first["time"] == "2026-01-02T03:04:05.000000Z" and first["cost"] == {"steps": 3}
     assert delta.log.verify(delta.digest) == []
     assert delta.log.verify(merge(VECTORS).digest) == [
-        f"{LOG_NAME}: the last entry ends at a sum other than the published one ({merge(VECTORS).digest})"
+        f"{LOG_NAME}: the last entry ends at {delta.digest}, not at the published sum ({merge(VECTORS).digest})"
     ]
 
 

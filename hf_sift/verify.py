@@ -1,0 +1,182 @@
+"""Check every file of an artifact against the others: the sum, the masks, the config, the manifest and the log."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .artifact import (
+    CONFIG_NAME,
+    MANIFEST_NAME,
+    MASKS_DIR,
+    delta_files,
+    load_mask_file,
+    mask_filename,
+    read_config,
+    read_manifest,
+)
+from .digest import digest_lazy, file_digest
+from .errors import SiftError
+from .masks import popcount
+from .unlearning_log import UnlearningLog
+
+
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def _shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    shapes = config["parameters"]["shapes"]
+    if not isinstance(shapes, dict):
+        raise TypeError("'shapes' is not an object")
+    return {str(n): tuple(int(d) for d in s) for n, s in shapes.items()}
+
+
+def _sum_digest(directory: Path, shapes: dict[str, tuple[int, ...]], problems: list[str]) -> str | None:
+    """The digest of the stored sum, streamed tensor by tensor; None (with the problem) when it cannot be read."""
+    try:
+        files = delta_files(directory)
+    except SiftError as err:
+        problems.append(str(err))
+        return None
+    with contextlib.ExitStack() as stack:
+        where: dict[str, Any] = {}
+        for filename in files:
+            try:
+                handle = stack.enter_context(safe_open(directory / filename, framework="pt"))
+            except (SafetensorError, OSError) as err:
+                problems.append(f"{filename}: cannot be read ({err})")
+                return None
+            for name in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                if name in where or name not in shapes:
+                    problems.append(f"{filename}: holds an unexpected or repeated tensor {name!r}")
+                    return None
+                where[name] = (filename, handle)
+        missing = sorted(set(shapes) - set(where))
+        if missing:
+            problems.append(f"{', '.join(files)}: the sum lacks {len(missing)} tuned parameter(s), e.g. {missing[:3]}")
+            return None
+
+        def load(name: str) -> torch.Tensor:
+            filename, handle = where[name]
+            tensor = handle.get_tensor(name)
+            if tensor.dtype != torch.int64 or tuple(tensor.shape) != shapes[name]:
+                raise SiftError(
+                    f"{filename}: {name!r} is {tensor.dtype} {tuple(tensor.shape)}, not int64 {shapes[name]}"
+                )
+            return tensor
+
+        try:
+            return digest_lazy(shapes, load)
+        except (SiftError, SafetensorError, OSError) as err:
+            problems.append(str(err))
+            return None
+
+
+def _check_masks(directory: Path, manifest: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    problems = []
+    num_elements = 0
+    for shape in shapes.values():
+        count = 1
+        for dim in shape:
+            count *= dim
+        num_elements += count
+    for task_id, record in sorted(manifest.items()):
+        filename = mask_filename(task_id)
+        if not isinstance(record, dict):
+            problems.append(f"{MANIFEST_NAME}: the record of {task_id!r} is not an object")
+            continue
+        if not isinstance(record.get("digest"), str) or not _DIGEST.fullmatch(record["digest"]):
+            problems.append(f"{MANIFEST_NAME}: the record of {task_id!r} has no valid task digest")
+        path = directory / filename
+        if not path.is_file():
+            problems.append(f"{filename}: missing (task {task_id!r} is in {MANIFEST_NAME})")
+            continue
+        if file_digest(str(path)) != record.get("mask_digest"):
+            problems.append(f"{filename}: does not match the mask_digest recorded in {MANIFEST_NAME}")
+            continue
+        try:
+            masks = load_mask_file(path, record["mask_digest"], shapes)
+        except SiftError as err:
+            problems.append(f"{filename}: {err}")
+            continue
+        selected = sum(popcount(m) for m in masks.values())
+        expected = {
+            "num_elements": num_elements,
+            "num_selected": selected,
+            "mask_density": selected / num_elements if num_elements else 0.0,
+        }
+        for key, value in expected.items():
+            if record.get(key) != value:
+                problems.append(
+                    f"{MANIFEST_NAME}: {key} of {task_id!r} is {record.get(key)!r}, its mask gives {value!r}"
+                )
+    masks_dir = directory / MASKS_DIR
+    if masks_dir.is_dir():
+        for path in sorted(masks_dir.iterdir()):
+            if path.name.removesuffix(".safetensors") not in manifest:
+                problems.append(f"{MASKS_DIR}/{path.name}: belongs to no task of {MANIFEST_NAME}")
+    return problems
+
+
+def verify_artifact(directory: str | os.PathLike) -> list[str]:
+    """Check an artifact's files against each other and return what fails, one sentence each naming the file.
+
+    Recomputes the digest of the sum and of every mask file; checks the config (format, T, the tuned parameters,
+    the sum's digest), each manifest record (task digest, mask digest, element and mask counts, density), that
+    every mask belongs to a task, and that the unlearning log is an unbroken chain ending at the sum. An empty
+    list means every check holds. Reads the sum one tensor at a time.
+
+    Args:
+        directory (`str` or `os.PathLike`): The artifact's folder.
+    """
+    directory = Path(directory)
+    problems: list[str] = []
+    config = manifest = shapes = None
+    try:
+        config = read_config(directory)
+        shapes = _shapes(config)
+    except SiftError as err:
+        problems.append(f"{CONFIG_NAME}: {err}")
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        problems.append(f"{CONFIG_NAME}: malformed 'parameters' ({err})")
+    try:
+        manifest = read_manifest(directory)
+    except SiftError as err:
+        problems.append(f"{MANIFEST_NAME}: {err}")
+
+    digest = None
+    if shapes is not None:
+        digest = _sum_digest(directory, shapes, problems)
+        if config is not None and digest is not None and digest != config["delta_digest"]:
+            files = ", ".join(delta_files(directory))
+            problems.append(
+                f"{files}: the sum's digest {digest} differs from the delta_digest in {CONFIG_NAME} "
+                f"({config['delta_digest']})"
+            )
+        if manifest is not None:
+            problems.extend(_check_masks(directory, manifest, shapes))
+    if config is not None and manifest is not None and config["num_tasks"] != len(manifest):
+        problems.append(f"{CONFIG_NAME}: num_tasks is {config['num_tasks']}, {MANIFEST_NAME} lists {len(manifest)}")
+    if config is not None and not (
+        isinstance(config["base_digest"], str) and _DIGEST.fullmatch(config["base_digest"])
+    ):
+        problems.append(f"{CONFIG_NAME}: base_digest is not a sha256 digest")
+
+    try:
+        log = UnlearningLog.load(directory)
+    except SiftError as err:
+        problems.append(str(err))
+    else:
+        if digest is not None:
+            problems.extend(log.verify(digest, f"the sum in {', '.join(delta_files(directory))}"))
+        elif config is not None:
+            problems.extend(log.verify(config["delta_digest"], f"the delta_digest in {CONFIG_NAME}"))
+        else:
+            problems.extend(log.verify(None))
+    return problems

@@ -1,0 +1,99 @@
+"""verify_artifact: every file checked against the others; a flipped byte is found and its file named."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import perturbed
+
+from hf_sift import MergedDelta, TaskVector
+from hf_sift.artifact import CONFIG_NAME, DELTA_NAME, MANIFEST_NAME, mask_filename
+from hf_sift.unlearning_log import LOG_NAME
+from hf_sift.verify import verify_artifact
+
+
+SEED = 9
+BASE = {
+    "a.weight": torch.randn(30, 20, generator=torch.Generator().manual_seed(0)),
+    "b.bias": torch.randn(11, generator=torch.Generator().manual_seed(1)),
+}
+VECTORS = {f"t{i}": TaskVector.from_state_dicts(BASE, perturbed(BASE, i, scale=0.1), SEED) for i in range(3)}
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    """An artifact of t0 and t2, after unlearning t1 (so it has a log), written once per module."""
+    delta = MergedDelta(BASE, SEED)
+    for task_id, vector in VECTORS.items():
+        delta.add(task_id, vector)
+    before = delta.digest
+    delta.remove("t1", VECTORS["t1"])
+    delta.log.append("t1", digest_before=before, digest_after=delta.digest, cost={"steps": 0})
+    folder = tmp_path_factory.mktemp("good") / "artifact"
+    delta.save_pretrained(folder, max_shard_size=10**9)
+    return folder
+
+
+@pytest.fixture
+def artifact(good, tmp_path):
+    copy = tmp_path / "artifact"
+    shutil.copytree(good, copy)
+    return copy
+
+
+def flip(path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_good_artifact_passes(artifact):
+    assert verify_artifact(artifact) == []
+    merged = MergedDelta(BASE, SEED)  # and one without a log
+    merged.add("t0", VECTORS["t0"])
+    merged.save_pretrained(artifact.parent / "plain")
+    assert verify_artifact(artifact.parent / "plain") == []
+
+
+def offsets(path, text: str) -> int:
+    return path.read_bytes().index(text.encode())
+
+
+@pytest.mark.parametrize(
+    ("relative", "where"),
+    [
+        (DELTA_NAME, lambda p: -1),  # the last element of the sum
+        (DELTA_NAME, lambda p: 9),  # the safetensors header
+        (mask_filename("t2"), lambda p: -1),
+        (mask_filename("t0"), lambda p: 12),
+        (CONFIG_NAME, lambda p: offsets(p, json.loads(p.read_text())["delta_digest"]) + 20),
+        (CONFIG_NAME, lambda p: offsets(p, '"num_tasks": 2') + 13),
+        (CONFIG_NAME, lambda p: 0),
+        (MANIFEST_NAME, lambda p: offsets(p, '"num_selected": ') + 16),
+        (MANIFEST_NAME, lambda p: offsets(p, '"digest": "sha256:') + 8),
+        (LOG_NAME, lambda p: offsets(p, '"task_id":"t1"') + 12),  # t1 -> t0
+        (LOG_NAME, lambda p: offsets(p, '"digest_after":"sha256:') + 30),
+        (LOG_NAME, lambda p: offsets(p, '"cost":{"steps":0}') + 16),
+        (LOG_NAME, lambda p: -1),
+    ],
+)
+def test_one_flipped_byte_fails_naming_the_file(artifact, relative, where):
+    path = artifact / relative
+    flip(path, where(path))
+    problems = verify_artifact(artifact)
+    assert problems, relative
+    for problem in problems:
+        assert relative in problem, problems
+
+
+def test_missing_and_orphan_files_are_named(artifact):
+    (artifact / mask_filename("t0")).rename(artifact / "masks" / "stray.safetensors")
+    assert verify_artifact(artifact) == [
+        f"{mask_filename('t0')}: missing (task 't0' is in {MANIFEST_NAME})",
+        f"masks/stray.safetensors: belongs to no task of {MANIFEST_NAME}",
+    ]
+    (artifact / DELTA_NAME).unlink()
+    assert any(DELTA_NAME in p and "missing" in p for p in verify_artifact(artifact))

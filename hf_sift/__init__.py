@@ -69,4 +69,5 @@ __all__ = [
     "negmerge_unlearn",
     "train_tasks",
     "unlearn",
+    "verify_artifact",
 ]

@@ -128,6 +128,7 @@ def unlearn(
     model: torch.nn.Module | None = None,
     dataset: Any = None,
     task_column: str = "task",
+    args: Any = None,
     data_collator: Any = None,
     processing_class: Any = None,
     peft_config: Any = None,
@@ -160,6 +161,9 @@ def unlearn(
             the store.
         dataset (`datasets.Dataset`, *optional*): The training data, with the tasks' rows as they were trained.
         task_column (`str`, *optional*, defaults to `"task"`): Column holding each row's task id.
+        args (`SIFTConfig` or `TrainingArguments`, *optional*): The arguments given to `train_tasks`, checked
+            against each task's recorded ones (a difference is refused, naming it). By default each task replays
+            with the arguments its recipe records.
         data_collator, processing_class, peft_config, callbacks: As given to `train_tasks`.
         task_vector_store (`str` or `os.PathLike`, *optional*): The private store `train_tasks` kept the task
             vectors in; tasks found there are removed without training.
@@ -203,7 +207,7 @@ def unlearn(
             if output_dir is None:
                 output_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="hf_sift_replay_"))
             plan = _plan_replays(
-                delta, replays, model, dataset, task_column, data_collator, processing_class, peft_config,
+                delta, replays, model, dataset, task_column, args, data_collator, processing_class, peft_config,
                 allow_environment_mismatch, Path(output_dir),
             )  # fmt: skip
         vectors: dict[str, TaskVector] = {}
@@ -288,6 +292,7 @@ def _plan_replays(
     model: torch.nn.Module | None,
     dataset: Any,
     task_column: str,
+    args: Any,
     data_collator: Any,
     processing_class: Any,
     peft_config: Any,
@@ -295,7 +300,9 @@ def _plan_replays(
     output_dir: Path,
 ) -> _ReplayPlan:
     """Step 1: check everything a replay needs, before any training; raise naming what differs."""
-    from .trainer.recipe import Recipe, environment_differences, probe_environment
+    from .trainer import recipe as recipe_module
+    from .trainer.recipe import Recipe, environment_differences
+    from .trainer.sift_config import SIFTConfig
     from .trainer.task_sharding import ProcessLayout
     from .trainer.train_tasks import group_tasks, prepare_base
 
@@ -305,11 +312,15 @@ def _plan_replays(
             "(or a `task_vector_store` holding their task vectors)"
         )
     recipes = {t: Recipe.from_dict(delta.record(t).get("metadata", {}).get("recipe")) for t in task_ids}
-    arguments = {t: recipes[t].build_args(output_dir) for t in task_ids}
-    for task_id, args in arguments.items():
-        if args.sign_seed != delta.sign_seed:
+    arguments = {t: recipes[t].build_args(output_dir) for t in task_ids}  # checks that each recipe rebuilds
+    if args is not None:  # the caller's arguments, compared with the recorded ones below
+        given = SIFTConfig.from_training_arguments(args)
+        arguments = dict.fromkeys(task_ids, given.for_task(None, output_dir=str(output_dir)))
+    for task_id in task_ids:
+        recorded_seed = recipes[task_id].training_arguments.get("sign_seed")
+        if recorded_seed != delta.sign_seed:
             raise ReplayPreconditionError(
-                f"task {task_id!r} records sign_seed={args.sign_seed}, the artifact has {delta.sign_seed}"
+                f"task {task_id!r} records sign_seed={recorded_seed}, the artifact has {delta.sign_seed}"
             )
     groups = group_tasks(dataset, task_column)
     missing = [t for t in task_ids if t not in groups]
@@ -333,7 +344,7 @@ def _plan_replays(
         cpu = recorded.environment.get("cpu")
         threads[task_id] = cpu.get("threads") if device.type == "cpu" and isinstance(cpu, dict) else None
         with _threads(threads[task_id]):
-            differences = environment_differences(recorded.environment, probe_environment(device))
+            differences = environment_differences(recorded.environment, recipe_module.probe_environment(device))
         if differences and not allow_environment_mismatch:
             raise EnvironmentMismatchError(
                 f"task {task_id!r} was trained in another environment: " + "; ".join(differences) + ". A replay "

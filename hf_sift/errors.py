@@ -92,6 +92,10 @@ class EnvironmentMismatchError(ReplayPreconditionError):
     """The environment (library versions, device model, thread count) differs from the one a task was trained in."""
 
 
+class UnsupportedDataError(SiftError, ValueError):
+    """A training data file cannot be read (unknown format, missing file or column)."""
+
+
 class MixedRecipeError(SiftError, ValueError):
     """Resuming an artifact with another recipe (training arguments, data, tokenizer, adapter) than its tasks'."""
 
@@ -117,5 +121,6 @@ __all__ = [
     "TaskVectorStoreError",
     "UnknownTaskError",
     "UnlearningLogError",
+    "UnsupportedDataError",
     "UnsupportedOffloadError",
 ]

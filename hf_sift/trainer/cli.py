@@ -14,7 +14,12 @@ Under `accelerate launch`, tasks are sharded over the processes (see docs/traine
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import SiftError, UnsupportedDataError
 
 
 @dataclass
@@ -59,37 +64,68 @@ def run(namespace: argparse.Namespace) -> int:
         parser.print_help()
         return 0
     data_args, config = parser.parse_args_into_dataclasses(argv)
-    return train_from_arguments(data_args, config)
+    try:
+        return train_from_arguments(data_args, config)
+    except SiftError as err:
+        print(f"hf-sift: error: {err}", file=sys.stderr)
+        return 2
 
 
-def train_from_arguments(data_args: TrainDataArguments, config) -> int:
+DATA_BUILDERS = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}
+
+
+def load_data(path: str) -> Any:
+    """A `datasets.Dataset` from a JSON-lines, JSON, CSV or Parquet file, or a folder saved by `save_to_disk`."""
     import datasets
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .train_tasks import train_tasks
-
-    suffix = data_args.data.rsplit(".", 1)[-1].lower()
-    builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(suffix)
+    if os.path.isdir(path):
+        return datasets.load_from_disk(path)
+    builder = DATA_BUILDERS.get(path.rsplit(".", 1)[-1].lower())
     if builder is None:
-        raise ValueError(f"unsupported data file {data_args.data!r}: use JSON lines, JSON, CSV or Parquet")
-    raw = datasets.load_dataset(builder, data_files=data_args.data, split="train")
-    tokenizer = AutoTokenizer.from_pretrained(data_args.model)
+        raise UnsupportedDataError(
+            f"unsupported data file {path!r}: use JSON lines, JSON, CSV, Parquet or a saved datasets folder"
+        )
+    if not os.path.isfile(path):
+        raise UnsupportedDataError(f"no data file {path!r}")
+    return datasets.load_dataset(builder, data_files=path, split="train")
+
+
+def load_tokenizer(model: str) -> Any:
+    """The model's tokenizer, padding with EOS where it has no pad token (as `hf-sift train` trains with)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def tokenize_rows(raw: Any, tokenizer: Any, text_template: str, max_length: int, task_column: str) -> Any:
+    """Each row's text from `text_template`, tokenized to `max_length` (padded), labels on the real tokens."""
+    if task_column not in raw.column_names:
+        raise UnsupportedDataError(f"the data has no task column {task_column!r}: {raw.column_names}")
 
     def tokenize(row):
-        enc = tokenizer(
-            data_args.text_template.format(**row),
-            max_length=data_args.max_length,
-            truncation=True,
-            padding="max_length",
-        )
+        try:
+            text = text_template.format(**row)
+        except KeyError as err:
+            raise UnsupportedDataError(f"the text template names {err}, not a column of {raw.column_names}") from None
+        enc = tokenizer(text, max_length=max_length, truncation=True, padding="max_length")
         enc["labels"] = [t if m else -100 for t, m in zip(enc["input_ids"], enc["attention_mask"])]
         return enc
 
-    keep = {data_args.task_column}
-    data = raw.map(tokenize, remove_columns=[c for c in raw.column_names if c not in keep])
-    model = AutoModelForCausalLM.from_pretrained(data_args.model)
+    return raw.map(tokenize, remove_columns=[c for c in raw.column_names if c != task_column])
+
+
+def train_from_arguments(data_args: TrainDataArguments, config) -> int:
+    from transformers import AutoModelForCausalLM
+
+    from .train_tasks import train_tasks
+
+    raw = load_data(data_args.data)
+    tokenizer = load_tokenizer(data_args.model)
+    data = tokenize_rows(raw, tokenizer, data_args.text_template, data_args.max_length, data_args.task_column)
+    model = AutoModelForCausalLM.from_pretrained(data_args.model, trust_remote_code=False)
     delta = train_tasks(
         model,
         data,

@@ -6,7 +6,9 @@ refused inside an artifact folder (whose other files a save keeps and an upload 
 
 One file per task, `<task_id>.safetensors`, compressed without loss:
 
-- each tensor of q is stored in the smallest signed integer width that holds it (int8, int16, int32 or int64);
+- the low bits that every entry of a tensor of q has at zero are dropped (a weight's update is a multiple of its
+  ulp, which for most weights is far above 2**-S), and the rest is stored in the smallest signed integer width
+  that holds it (int8, int16, int32 or int64);
 - where that is smaller, only the nonzero entries are stored, in row-major order, with a packed bitmap of where
   they are (SIFT-trained task vectors are zero outside their mask, so that bitmap is the mask);
 - the mask is stored only where it differs from the bitmap of the nonzero entries.
@@ -55,26 +57,40 @@ def _narrowest(q: torch.Tensor) -> torch.dtype:
     return next(d for d in _WIDTHS if torch.iinfo(d).min <= low and high <= torch.iinfo(d).max)
 
 
+def _common_shift(nonzero: torch.Tensor) -> int:
+    """The largest k such that every entry is a multiple of 2**k (q is never -2**63, so -q exists)."""
+    if nonzero.numel() == 0:
+        return 0
+    lowest = int((nonzero & -nonzero).min())  # the lowest set bit of each entry, a power of two
+    return lowest.bit_length() - 1
+
+
 def _encode(q: torch.Tensor, packed_mask: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The stored tensors of one parameter, and how to decode them."""
     flat = q.detach().cpu().reshape(-1)
-    width = _narrowest(flat)
     support = flat != 0
-    nonzero = int(support.sum())
+    nonzero = flat[support]
+    # q = round(τ · 2**S) of float weights: near a weight of magnitude 2**e, τ is a multiple of its ulp, so q's low
+    # bits are zero wherever S exceeds the ulp's exponent; dropping the bits every entry shares is lossless.
+    shift = _common_shift(nonzero)
+    if shift:
+        nonzero = nonzero >> shift
+    width = _narrowest(nonzero)
     itemsize = torch.empty((), dtype=width).element_size()
     tensors: dict[str, torch.Tensor] = {}
-    if nonzero * itemsize + packed_size(flat.numel()) < flat.numel() * itemsize:
-        tensors["values"] = flat[support].to(width)
+    if nonzero.numel() * itemsize + packed_size(flat.numel()) < flat.numel() * itemsize:
+        tensors["values"] = nonzero.to(width)
         tensors["support"] = pack_bits(support)
         encoding = "sparse"
     else:
-        tensors["values"] = flat.to(width)
+        tensors["values"] = (flat >> shift).to(width)
         encoding = "dense"
     mask = packed_mask.detach().cpu()
     mask_is_support = torch.equal(mask, tensors["support"] if encoding == "sparse" else pack_bits(support))
     if not mask_is_support:
         tensors["mask"] = mask
-    return tensors, {"shape": list(q.shape), "encoding": encoding, "mask": "support" if mask_is_support else "stored"}
+    layout = {"shape": list(q.shape), "encoding": encoding, "shift": shift}
+    return tensors, {**layout, "mask": "support" if mask_is_support else "stored"}
 
 
 class TaskVectorStore:
@@ -243,13 +259,17 @@ def _decode(f: Any, name: str, layout: Mapping[str, Any]) -> tuple[torch.Tensor,
     values = f.get_tensor(f"values/{name}")
     if values.dtype not in _WIDTHS:
         raise ValueError(f"values of {name!r} are {values.dtype}")
+    shift = int(layout["shift"])
+    if not 0 <= shift < 63:
+        raise ValueError(f"invalid shift {shift} of {name!r}")
+    values = values.to(torch.int64) << shift
     if layout["encoding"] == "dense":
-        q = values.to(torch.int64).reshape(shape)
+        q = values.reshape(shape)
     elif layout["encoding"] == "sparse":
         support = f.get_tensor(f"support/{name}")
         where = unpack_bits(support, numel)
         flat = torch.zeros(numel, dtype=torch.int64)
-        flat[where] = values.to(torch.int64)
+        flat[where] = values
         q = flat.view(shape)
     else:
         raise ValueError(f"unknown encoding {layout['encoding']!r} of {name!r}")

@@ -65,11 +65,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _unlearn(args: argparse.Namespace):
-    from .artifact import read_config
-    from .errors import MissingBaseModelError, ReplayPreconditionError
+    from .artifact import read_config, read_manifest
+    from .errors import MissingBaseModelError, ReplayPreconditionError, UnknownTaskError
     from .task_vector_store import TaskVectorStore
     from .unlearn import unlearn
 
+    merged = read_manifest(args.artifact)  # fail fast, before loading a model
+    unknown = [task for task in args.task if task not in merged]
+    if unknown:
+        shown = ", ".join(repr(t) for t in sorted(merged)[:5])
+        raise UnknownTaskError(f"unknown task {unknown[0]!r}; merged tasks: {shown or 'none'}")
     model = dataset = tokenizer = None
     stored = TaskVectorStore(args.task_vector_store) if args.task_vector_store else None
     if stored is None or any(task not in stored for task in args.task):

@@ -128,3 +128,17 @@ def test_a_recipe_that_cannot_be_read_or_rebuilt_is_refused(tmp_path):
         Recipe.from_dict({**recipe, "training_arguments": {**recipe["training_arguments"], "no_such_field": 1}}).build_args(tmp_path)  # fmt: skip
     with pytest.raises(ReplayPreconditionError, match="does not derive"):
         Recipe.from_dict({**recipe, "task_seed": recipe["task_seed"] + 1}).build_args(tmp_path)
+
+
+def test_a_tokenizer_keeps_its_identity_after_being_called():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    def tokenizer(words):
+        backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[PAD]", "[UNK]", *words])}, "[UNK]"))
+        backend.pre_tokenizer = pre_tokenizers.Whitespace()
+        return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
+
+    used, fresh = tokenizer(["a", "b"]), tokenizer(["a", "b"])
+    used("a b", max_length=4, truncation=True, padding="max_length")  # fast tokenizers keep this state
+    assert object_identity(used) == object_identity(fresh) != object_identity(tokenizer(["a", "c"]))

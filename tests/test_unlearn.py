@@ -217,3 +217,43 @@ def test_a_crash_before_the_save_leaves_the_artifact_intact(trained, tmp_path, m
         unlearn(artifact, FORGET, task_vector_store=root / "store")
     assert folder_bytes(artifact) == before
     assert sorted(p.name for p in artifact.parent.iterdir()) == ["artifact"]  # no staging folder left behind
+
+
+def test_the_unlearn_command(tmp_path, capsys):
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from hf_sift.cli import main
+
+    words = [f"w{i}" for i in range(60)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[PAD]", "[UNK]", *words])}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
+    tiny_model().save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    rows = [{"text": " ".join(words[(i * 7 + j) % 60] for j in range(10)), "who": f"a{i % 2}"} for i in range(8)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["--model", str(tmp_path / "model"), "--data", str(data), "--task_column", "who", "--max_length", "12",
+              "--output_dir", str(tmp_path / "runs"), "--max_steps", "2", "--per_device_train_batch_size", "2",
+              "--use_cpu", "true", "--report_to", "none", "--disable_tqdm", "true"]  # fmt: skip
+    assert main(["train", *common, "--artifact_dir", str(tmp_path / "merged")]) == 0
+    assert main(["train", *common, "--artifact_dir", str(tmp_path / "a1"), "--tasks", "a1"]) == 0
+    unlearn_argv = ["unlearn", str(tmp_path / "merged"), "--task", "a0", "--data", str(data), "--task-column", "who",
+                    "--max-length", "12"]  # fmt: skip
+    before = folder_bytes(tmp_path / "merged")
+    capsys.readouterr()
+
+    assert main([*unlearn_argv[:4], "--task", "nobody", *unlearn_argv[4:]]) == 2
+    assert capsys.readouterr().err == "hf-sift: error: unknown task 'nobody'; merged tasks: 'a0', 'a1'\n"
+    assert main([*unlearn_argv, "--max-length", "11"]) == 2  # other rows than the recorded ones
+    assert "rows of task 'a0'" in capsys.readouterr().err
+    assert main([*unlearn_argv, "--dry-run"]) == 0
+    assert "dry run: would unlearn 1 task(s)" in capsys.readouterr().out
+    assert folder_bytes(tmp_path / "merged") == before
+
+    assert main(unlearn_argv) == 0
+    assert "unlearned 1 task(s)" in capsys.readouterr().out
+    assert folder_bytes(tmp_path / "merged", skip=(LOG_NAME,)) == folder_bytes(tmp_path / "a1")

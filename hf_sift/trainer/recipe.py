@@ -127,6 +127,25 @@ def _sha256_json(data: Any) -> str:
     return "sha256:" + hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
+def _saved_bytes(path: Path) -> bytes:
+    """A saved file's bytes; in a fast tokenizer's `tokenizer.json`, without the truncation and padding state.
+
+    A fast tokenizer keeps the truncation and padding of its last call and saves them: two copies of one tokenizer
+    would otherwise hash differently after being called differently (or a dataset map was read from its cache).
+    """
+    data = path.read_bytes()
+    if path.name != "tokenizer.json":
+        return data
+    try:
+        saved = json.loads(data)
+    except ValueError:
+        return data
+    if isinstance(saved, dict):
+        saved.pop("truncation", None)
+        saved.pop("padding", None)
+    return json.dumps(saved, sort_keys=True).encode()
+
+
 def object_identity(obj: Any) -> dict[str, str] | None:
     """Class and content hash of a collator, tokenizer or processor (None for None).
 
@@ -146,7 +165,7 @@ def object_identity(obj: Any) -> dict[str, str] | None:
             for path in sorted(Path(folder).rglob("*")):
                 if path.is_file():
                     digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
-                    digest.update(hashlib.sha256(path.read_bytes()).digest())
+                    digest.update(hashlib.sha256(_saved_bytes(path)).digest())
         identity["hash"] = "sha256:" + digest.hexdigest()
     else:
         state = vars(obj) if hasattr(obj, "__dict__") else {}

@@ -99,7 +99,7 @@ def main() -> None:
     model = LlamaForCausalLM.from_pretrained(out / "base")
     store = TaskVectorStore(out / "task_vectors")
     full = train_tasks(model, dataset, args=sift_args, output_dir=out / "all", task_vector_store=store.directory)
-    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights once
     tuned_bytes = sum(t.numel() * t.element_size() for n, t in model.state_dict().items() if n in full.shapes)
     stored = [store.nbytes(t) for t in full.task_ids]
     mean = sum(stored) / len(stored)

@@ -22,6 +22,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     verify.add_argument("artifact", help="artifact folder")
+    verify.add_argument(
+        "--task-vector-store",
+        "--task_vector_store",
+        metavar="DIR",
+        help="also check the artifact against the task vectors this private store holds (digests, masks, the sum)",
+    )
     verify.set_defaults(func=run_verify)
 
     info = subparsers.add_parser(
@@ -40,11 +46,16 @@ def _error(message: str) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
+    from .errors import SiftError
     from .verify import verify_artifact
 
-    if not Path(args.artifact).is_dir():
-        return _error(f"{args.artifact} is not a folder")
-    problems = verify_artifact(args.artifact)
+    for folder in (args.artifact, args.task_vector_store):
+        if folder is not None and not Path(folder).is_dir():
+            return _error(f"{folder} is not a folder")
+    try:
+        problems = verify_artifact(args.artifact, args.task_vector_store)
+    except SiftError as err:  # a store inside the artifact
+        return _error(str(err))
     if not problems:
         print(f"{args.artifact}: every check holds")
         return 0

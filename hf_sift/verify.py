@@ -16,11 +16,13 @@ from .artifact import (
     MANIFEST_NAME,
     MASKS_DIR,
     delta_files,
+    iter_delta,
     load_mask_file,
     mask_filename,
     read_config,
     read_manifest,
 )
+from .compatibility import Compatibility, check_compatible
 from .digest import digest_lazy, file_digest
 from .errors import SiftError
 from .masks import popcount
@@ -124,7 +126,42 @@ def _check_masks(directory: Path, manifest: dict[str, Any], shapes: dict[str, tu
     return problems
 
 
-def verify_artifact(directory: str | os.PathLike) -> list[str]:
+def _check_store(
+    directory: Path, config: dict[str, Any], manifest: dict[str, Any], shapes: dict[str, tuple[int, ...]], store: Any
+) -> list[str]:
+    """Check the artifact against the task vectors `store` (a TaskVectorStore) holds for its tasks."""
+    problems = []
+    merge = Compatibility(config["sign_seed"], config["scale_bits"], config["base_digest"], shapes)
+    residual = dict(iter_delta(directory, shapes))  # Q minus every stored q_t: zero when all tasks are stored
+    complete = True
+    for task_id, record in sorted(manifest.items()):
+        if task_id not in store:
+            complete = False
+            continue
+        try:
+            vector = store.get(task_id, expected_digest=record.get("digest"))
+            masks = load_mask_file(directory / mask_filename(task_id), record["mask_digest"], shapes)
+        except SiftError as err:
+            problems.append(str(err))
+            complete = False
+            continue
+        try:
+            check_compatible(merge, vector, f"the stored task vector {store.path(task_id)}")
+        except SiftError as err:
+            problems.append(f"{CONFIG_NAME} or the store: {err}")
+            complete = False
+            continue
+        if any(not torch.equal(masks[n], vector.packed_masks[n]) for n in shapes):
+            problems.append(f"{mask_filename(task_id)}: differs from the mask of {store.path(task_id)}")
+        for name in shapes:
+            residual[name].sub_(vector.q[name])
+    if complete and any(bool(t.any()) for t in residual.values()):
+        files = ", ".join(delta_files(directory))
+        problems.append(f"{files}: the sum is not the sum of the stored task vectors of its tasks")
+    return problems
+
+
+def verify_artifact(directory: str | os.PathLike, task_vector_store: str | os.PathLike | None = None) -> list[str]:
     """Check an artifact's files against each other and return what fails, one sentence each naming the file.
 
     Recomputes the digest of the sum and of every mask file; checks the config (format, T, the tuned parameters,
@@ -132,8 +169,13 @@ def verify_artifact(directory: str | os.PathLike) -> list[str]:
     every mask belongs to a task, and that the unlearning log is an unbroken chain ending at the sum. An empty
     list means every check holds. Reads the sum one tensor at a time.
 
+    With a task-vector store, also checks each stored task of the artifact: its digest against the record, its
+    sign seed, S, base digest and parameters against the config, its mask against the mask file, and, when every
+    task is stored, that the sum is exactly the sum of the stored task vectors.
+
     Args:
         directory (`str` or `os.PathLike`): The artifact's folder.
+        task_vector_store (`str` or `os.PathLike`, *optional*): A [`~hf_sift.TaskVectorStore`] folder.
     """
     directory = Path(directory)
     problems: list[str] = []
@@ -168,6 +210,10 @@ def verify_artifact(directory: str | os.PathLike) -> list[str]:
     ):
         problems.append(f"{CONFIG_NAME}: base_digest is not a sha256 digest")
 
+    if task_vector_store is not None and config is not None and manifest is not None and digest is not None:
+        from .task_vector_store import TaskVectorStore
+
+        problems.extend(_check_store(directory, config, manifest, shapes, TaskVectorStore(task_vector_store)))
     try:
         log = UnlearningLog.load(directory)
     except SiftError as err:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import perturbed
 
-from hf_sift import MergedDelta, TaskVector
+from hf_sift import MergedDelta, TaskVector, TaskVectorStore
 from hf_sift.artifact import DELTA_NAME, mask_filename
 from hf_sift.cli import main
 
@@ -83,3 +83,16 @@ def test_info_and_verify_do_not_import_transformers(artifact):
         "assert 'transformers' not in sys.modules, 'transformers imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_verify_against_a_task_vector_store(artifact, tmp_path, capsys):
+    store = TaskVectorStore(tmp_path / "store")
+    store.put("client-0", TaskVector.from_state_dicts(BASE, perturbed(BASE, 0, 0.1), SEED))
+    assert main(["verify", str(artifact), "--task-vector-store", str(store.directory)]) == 0
+    store.discard("client-0")
+    store.put("client-0", TaskVector.from_state_dicts(BASE, perturbed(BASE, 1, 0.1), SEED))
+    capsys.readouterr()
+    assert main(["verify", str(artifact), "--task-vector-store", str(store.directory)]) == 1
+    assert "holds a task vector with digest" in capsys.readouterr().out
+    assert main(["verify", str(artifact), "--task-vector-store", str(artifact / "store")]) == 2
+    assert capsys.readouterr().err == f"hf-sift: error: {artifact / 'store'} is not a folder\n"

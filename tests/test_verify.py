@@ -8,9 +8,11 @@ import shutil
 import pytest
 import torch
 from conftest import perturbed
+from safetensors.torch import load_file, save_file
 
-from hf_sift import MergedDelta, TaskVector
+from hf_sift import MergedDelta, TaskVector, TaskVectorStore
 from hf_sift.artifact import CONFIG_NAME, DELTA_NAME, MANIFEST_NAME, mask_filename
+from hf_sift.digest import digest_tensors
 from hf_sift.unlearning_log import LOG_NAME
 from hf_sift.verify import verify_artifact
 
@@ -97,3 +99,38 @@ def test_missing_and_orphan_files_are_named(artifact):
     ]
     (artifact / DELTA_NAME).unlink()
     assert any(DELTA_NAME in p and "missing" in p for p in verify_artifact(artifact))
+
+
+def test_with_a_store_the_sum_config_and_masks_are_checked_against_the_task_vectors(artifact, tmp_path):
+    store = TaskVectorStore(tmp_path / "store")
+    for task_id in ("t0", "t2"):
+        store.put(task_id, VECTORS[task_id])
+    assert verify_artifact(artifact, store.directory) == []
+
+    # Rewritten consistently (new sum, new delta_digest, new sign seed): only the task vectors can tell.
+    config = json.loads((artifact / CONFIG_NAME).read_text())
+    total = load_file(artifact / DELTA_NAME)
+    total["a.weight"][0, 0] += 1
+    save_file(total, artifact / DELTA_NAME, metadata={"format": "hf_sift-delta"})
+    config.update(delta_digest=digest_tensors(total), sign_seed=SEED + 1)
+    (artifact / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (artifact / LOG_NAME).unlink()
+    assert verify_artifact(artifact) == []
+    problems = verify_artifact(artifact, store.directory)
+    assert problems == [
+        f"{CONFIG_NAME} or the store: the stored task vector {store.path(t)} has sign_seed={SEED}, scale_bits=40; "
+        f"the merge has sign_seed={SEED + 1}, scale_bits=40"
+        for t in ("t0", "t2")
+    ]
+    config["sign_seed"] = SEED
+    (artifact / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    assert verify_artifact(artifact, store.directory) == [
+        f"{DELTA_NAME}: the sum is not the sum of the stored task vectors of its tasks"
+    ]
+
+    store.discard("t2")
+    store.put("t2", VECTORS["t1"])
+    assert verify_artifact(artifact, store.directory) == [
+        f"{store.path('t2')} holds a task vector with digest {VECTORS['t1'].digest}, not the expected "
+        f"{VECTORS['t2'].digest}"
+    ]

@@ -134,3 +134,14 @@ def test_with_a_store_the_sum_config_and_masks_are_checked_against_the_task_vect
         f"{store.path('t2')} holds a task vector with digest {VECTORS['t1'].digest}, not the expected "
         f"{VECTORS['t2'].digest}"
     ]
+
+
+def test_a_sharded_sum_is_verified_and_a_flipped_shard_named(tmp_path):
+    delta = MergedDelta(BASE, SEED)
+    delta.add("t0", VECTORS["t0"])
+    delta.save_pretrained(tmp_path / "sharded", max_shard_size=2000)
+    shards = sorted(p.name for p in tmp_path.glob("sharded/sift_delta-*.safetensors"))
+    assert len(shards) == 2 and verify_artifact(tmp_path / "sharded") == []
+    flip(tmp_path / "sharded" / shards[1], -1)
+    problems = verify_artifact(tmp_path / "sharded")
+    assert len(problems) == 1 and shards[1] in problems[0] and "differs from the delta_digest" in problems[0]

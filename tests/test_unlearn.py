@@ -257,3 +257,21 @@ def test_the_unlearn_command(tmp_path, capsys):
     assert main(unlearn_argv) == 0
     assert "unlearned 1 task(s)" in capsys.readouterr().out
     assert folder_bytes(tmp_path / "merged", skip=(LOG_NAME,)) == folder_bytes(tmp_path / "a1")
+
+
+def test_unlearning_a_task_trained_with_an_adapter(tmp_path):
+    from peft import LoraConfig
+
+    def lora(alpha: int = 4) -> LoraConfig:
+        return LoraConfig(r=2, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+
+    data = task_dataset(num_tasks=2, rows_per_task=4)
+    args = sift_args(tmp_path / "runs", max_steps=2)
+    train_tasks(tiny_model(), data, "task", args, tmp_path / "both", peft_config=lora())
+    train_tasks(tiny_model(), data, "task", args, tmp_path / "t1", peft_config=lora(), tasks=["t1"])
+    before = folder_bytes(tmp_path / "both")
+    with pytest.raises(ReplayPreconditionError, match="peft.default.lora_alpha: recorded 4, now 8"):
+        unlearn(tmp_path / "both", ["t0"], model=tiny_model(), dataset=data, peft_config=lora(8))
+    assert folder_bytes(tmp_path / "both") == before
+    unlearn(tmp_path / "both", ["t0"], model=tiny_model(), dataset=data, peft_config=lora())
+    assert folder_bytes(tmp_path / "both", skip=(LOG_NAME,)) == folder_bytes(tmp_path / "t1")

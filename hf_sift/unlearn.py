@@ -300,8 +300,8 @@ def _plan_replays(
     output_dir: Path,
 ) -> _ReplayPlan:
     """Step 1: check everything a replay needs, before any training; raise naming what differs."""
-    from .trainer import recipe as recipe_module
-    from .trainer.recipe import Recipe, environment_differences
+    from .trainer import environment
+    from .trainer.recipe import Recipe
     from .trainer.sift_config import SIFTConfig
     from .trainer.task_sharding import ProcessLayout
     from .trainer.train_tasks import group_tasks, prepare_base
@@ -344,7 +344,9 @@ def _plan_replays(
         cpu = recorded.environment.get("cpu")
         threads[task_id] = cpu.get("threads") if device.type == "cpu" and isinstance(cpu, dict) else None
         with _threads(threads[task_id]):
-            differences = environment_differences(recorded.environment, recipe_module.probe_environment(device))
+            differences = environment.environment_differences(
+                recorded.environment, environment.probe_environment(device)
+            )
         if differences and not allow_environment_mismatch:
             raise EnvironmentMismatchError(
                 f"task {task_id!r} was trained in another environment: " + "; ".join(differences) + ". A replay "

@@ -151,16 +151,16 @@ def test_refused_before_training_and_the_artifact_is_unchanged(trained, tmp_path
     elif change == "recorded_sign_seed":
         _edit_recipe(artifact, "t1", lambda r: r["training_arguments"].update(sign_seed=8))
     elif change == "threads":
-        from hf_sift.trainer import recipe
+        from hf_sift.trainer import environment
 
-        probe = recipe.probe_environment
+        probe = environment.probe_environment
 
         def other_threads(*args, **kwargs):
             environment = probe(*args, **kwargs)
             environment["cpu"]["threads"] += 5
             return environment
 
-        monkeypatch.setattr(recipe, "probe_environment", other_threads)
+        monkeypatch.setattr(environment, "probe_environment", other_threads)
     elif change == "collator":
         collator = None
     elif change == "unknown":

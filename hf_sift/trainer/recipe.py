@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import platform
 import tempfile
 import types
 from dataclasses import dataclass, field
@@ -23,8 +22,8 @@ from typing import Any
 
 import torch
 
-from .. import __version__
 from ..errors import ReplayPreconditionError
+from .environment import compare_flat, environment_differences, probe_environment
 from .sift_config import SIFTConfig, derive_seed
 
 
@@ -97,9 +96,6 @@ UNRECORDED_ARGUMENTS = frozenset(
         "torch_empty_cache_steps",
     }
 )
-# Environment entries a replay must match; the determinism switches are recorded but follow from the recorded
-# `full_determinism`, which the replay's arguments set again.
-COMPARED_ENVIRONMENT = ("versions", "device_type", "cpu", "gpu", "world_size")
 
 
 def _jsonable(value: Any) -> Any:
@@ -192,114 +188,6 @@ def peft_identity(model: torch.nn.Module) -> dict[str, Any] | None:
     if not isinstance(configs, dict) or not configs:
         return None
     return {name: _jsonable(config.to_dict()) for name, config in sorted(configs.items())}
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of the libraries a replay must hold fixed."""
-    import accelerate
-    import datasets
-    import safetensors
-    import transformers
-
-    versions = {
-        "accelerate": accelerate.__version__,
-        "datasets": datasets.__version__,
-        "hf_sift": __version__,
-        "python": platform.python_version(),
-        "safetensors": safetensors.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
-    try:
-        import peft
-
-        versions["peft"] = peft.__version__
-    except ImportError:  # pragma: no cover - peft is a dependency
-        pass
-    return versions
-
-
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo on Linux)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def probe_environment(device: torch.device | str = "cpu", world_size: int = 1) -> dict[str, Any]:
-    """What decides the bits of a training run here: versions, device model, threads, determinism switches."""
-    device = torch.device(device)
-    environment: dict[str, Any] = {
-        "versions": library_versions(),
-        "device_type": device.type,
-        "world_size": world_size,
-        "determinism": {
-            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-            "cudnn_deterministic": torch.backends.cudnn.deterministic,
-            "cudnn_benchmark": torch.backends.cudnn.benchmark,
-            "cuda_matmul_tf32": torch.backends.cuda.matmul.allow_tf32,
-            "cudnn_tf32": torch.backends.cudnn.allow_tf32,
-            "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
-        },
-    }
-    if device.type == "cpu":  # CPU kernels split reductions by thread count and pick kernels by instruction set
-        environment["cpu"] = {
-            "model": cpu_model(),
-            "instruction_set": torch.backends.cpu.get_cpu_capability(),
-            "threads": torch.get_num_threads(),
-        }
-    elif device.type == "cuda":
-        environment["gpu"] = {
-            "name": torch.cuda.get_device_name(device),
-            "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version(),
-        }
-    return environment
-
-
-def _describe_machine(environment: dict[str, Any]) -> str:
-    if "cpu" in environment:
-        cpu = environment["cpu"]
-        return f"{cpu['threads']} threads on {cpu['model']} ({cpu['instruction_set']})"
-    if "gpu" in environment:
-        gpu = environment["gpu"]
-        return f"{gpu['name']} (CUDA {gpu['cuda']}, cuDNN {gpu['cudnn']})"
-    return str(environment.get("device_type"))
-
-
-def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict) and data:
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            out.update(_flat(value, f"{prefix}{key}."))
-        return out
-    return {prefix.rstrip("."): data}
-
-
-def _compare(recorded: dict[str, Any], now: dict[str, Any], keys: tuple[str, ...] | None = None) -> list[str]:
-    """'key: recorded X, now Y' for each (flattened) entry that differs."""
-    if keys is not None:
-        recorded = {k: recorded.get(k) for k in keys}
-        now = {k: now.get(k) for k in keys}
-    left, right = _flat(recorded), _flat(now)
-    return [
-        f"{key}: recorded {left.get(key, '(absent)')!r}, now {right.get(key, '(absent)')!r}"
-        for key in sorted(set(left) | set(right))
-        if left.get(key, "(absent)") != right.get(key, "(absent)")
-    ]
-
-
-def environment_differences(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """What differs between a recorded environment and this one, machine first ("recorded 2 threads on ...")."""
-    problems = _compare(recorded, now, COMPARED_ENVIRONMENT)
-    if problems and _describe_machine(recorded) != _describe_machine(now):
-        problems.insert(0, f"machine: recorded {_describe_machine(recorded)}, now {_describe_machine(now)}")
-    return problems
 
 
 def training_arguments(args: SIFTConfig) -> dict[str, Any]:
@@ -405,7 +293,7 @@ class Recipe:
             raise ReplayPreconditionError(
                 f"the recorded training arguments no longer build a SIFTConfig: {err}"
             ) from None
-        problems = _compare(self.training_arguments, training_arguments(args))
+        problems = compare_flat(self.training_arguments, training_arguments(args))
         if problems:
             raise ReplayPreconditionError("the recorded training arguments do not rebuild: " + "; ".join(problems))
         if derive_seed(args.seed, self.task_id) != self.task_seed:
@@ -421,7 +309,7 @@ class Recipe:
         The environment is compared separately ([`environment_differences`]); with `data=False` the rows are not
         compared either.
         """
-        problems = _compare(self.training_arguments, other.training_arguments)
+        problems = compare_flat(self.training_arguments, other.training_arguments)
         if self.task_id == other.task_id and self.task_seed != other.task_seed:
             problems.append(f"task_seed: recorded {self.task_seed}, now {other.task_seed}")
         if data and self.rows is not None and other.rows is not None and self.rows != other.rows:
@@ -430,5 +318,17 @@ class Recipe:
                 f"now {other.rows['count']} rows ({other.rows['digest'][:19]}…)"
             )
         for name in ("data_collator", "processing_class", "peft"):
-            problems += _compare({name: getattr(self, name)}, {name: getattr(other, name)})
+            problems += compare_flat({name: getattr(self, name)}, {name: getattr(other, name)})
         return problems
+
+
+__all__ = [
+    "RECIPE_VERSION",
+    "Recipe",
+    "environment_differences",
+    "object_identity",
+    "peft_identity",
+    "probe_environment",
+    "rows_digest",
+    "training_arguments",
+]

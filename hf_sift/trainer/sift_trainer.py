@@ -11,8 +11,9 @@ from transformers.trainer_utils import get_last_checkpoint
 from ..errors import ParameterMismatchError, SiftError
 from ..selection import ParameterSelection
 from ..task_vector import TaskVector
+from .environment import probe_environment
 from .projection_callback import SIFTProjectionCallback
-from .recipe import Recipe, probe_environment
+from .recipe import Recipe
 from .sift_config import SIFTConfig
 from .sign_constraint import SignConstraint, load_reference, tuned_parameters
 

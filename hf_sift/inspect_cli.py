@@ -150,7 +150,9 @@ def run_info(args: argparse.Namespace) -> int:
         f"log {sizes['log']} B)",
         f"unlearning log:  {len(info['log'])} entr{'y' if len(info['log']) == 1 else 'ies'}",
     ]
-    for entry in info["log"]:
+    if len(info["log"]) > _SHOWN_TASKS:
+        lines.append(f"  ... {len(info['log']) - _SHOWN_TASKS} earlier")
+    for entry in info["log"][-_SHOWN_TASKS:]:
         task = entry.get("task_id", f"(redacted) {str(entry.get('task_hash'))[:24]}...")
         lines.append(f"  {entry.get('time')}  removed {task}  -> {entry.get('digest_after')}")
     print("\n".join(lines))

@@ -91,9 +91,12 @@ class UnlearningLog:
             time (`datetime.datetime`, *optional*): When the removal happened; defaults to now (UTC).
 
         Raises:
-            [`~hf_sift.errors.UnlearningLogError`] when `digest_before` is not where the log ends, or `cost` is not
-            a JSON object.
+            [`~hf_sift.errors.UnlearningLogError`] when the log is not an unbroken chain, `digest_before` is not where
+            it ends, or `cost` is not a JSON object.
         """
+        broken = self.verify(None)
+        if broken:
+            raise UnlearningLogError(f"cannot extend a broken unlearning log: {broken[0]}")
         if self._entries and self._entries[-1].get("digest_after") != digest_before:
             raise UnlearningLogError(
                 f"the log ends at {self._entries[-1].get('digest_after')}, not at digest_before={digest_before}"

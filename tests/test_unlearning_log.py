@@ -68,6 +68,9 @@ def test_append_refuses_an_entry_that_does_not_continue_the_chain():
     with pytest.raises(UnlearningLogError, match="JSON"):
         delta.log.append("t0", digest_before=delta.digest, digest_after=delta.digest, cost={"x": object()})
     assert delta.log.entries == entries
+    altered = UnlearningLog([{**entries[0], "cost": {"steps": 4}}, entries[1]])
+    with pytest.raises(UnlearningLogError, match="cannot extend a broken unlearning log: .* entry 0 does not match"):
+        altered.append("t0", digest_before=delta.digest, digest_after=delta.digest, cost={})
 
 
 def test_redacted_entries_hold_only_a_salted_hash():

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CorruptArtifactError, UnlearningLogError
+from .task_id import validate_task_id
 
 
 LOG_NAME = "sift_unlearning_log.jsonl"
@@ -91,9 +92,10 @@ class UnlearningLog:
             time (`datetime.datetime`, *optional*): When the removal happened; defaults to now (UTC).
 
         Raises:
-            [`~hf_sift.errors.UnlearningLogError`] when the log is not an unbroken chain, `digest_before` is not where
-            it ends, or `cost` is not a JSON object.
+            [`~hf_sift.errors.InvalidTaskIdError`], or [`~hf_sift.errors.UnlearningLogError`] when the log is not an
+            unbroken chain, `digest_before` is not where it ends, or `cost` is not a JSON object.
         """
+        task_id = validate_task_id(task_id)
         broken = self.verify(None)
         if broken:
             raise UnlearningLogError(f"cannot extend a broken unlearning log: {broken[0]}")

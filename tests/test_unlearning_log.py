@@ -131,3 +131,23 @@ def test_a_corrupted_log_file_is_named(tmp_path):
     with pytest.raises(CorruptArtifactError, match="not in canonical form"):
         UnlearningLog.from_bytes(data.replace(b'":', b'": '))
     assert UnlearningLog.from_bytes(data).to_bytes() == data
+
+
+def test_the_log_is_written_in_the_same_atomic_save(tmp_path, monkeypatch):
+    delta = unlearned(removed=("t1",))
+    delta.save_pretrained(tmp_path / "artifact")
+    before = files(tmp_path / "artifact")
+    before_digest = delta.digest
+    delta.remove("t3", VECTORS["t3"])
+    delta.log.append("t3", digest_before=before_digest, digest_after=delta.digest, cost={}, time=WHEN)
+
+    def crash(data, path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("hf_sift.artifact._dump_json", crash)
+    with pytest.raises(OSError, match="disk full"):
+        delta.save_pretrained(tmp_path / "artifact")
+    assert files(tmp_path / "artifact") == before
+    monkeypatch.undo()
+    delta.save_pretrained(tmp_path / "artifact")
+    assert len(MergedDelta.from_pretrained(tmp_path / "artifact").log) == 2

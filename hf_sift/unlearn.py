@@ -192,15 +192,19 @@ def unlearn(
     records = {t: delta.record(t) for t in requested}  # UnknownTaskError for a task not merged
     report = UnlearningReport(artifact=str(artifact), digest_before=delta.digest, dry_run=dry_run)
 
-    stored: dict[str, TaskVector] = {}
+    store = None
     if task_vector_store is not None:
         from .task_vector_store import TaskVectorStore
 
         store = TaskVectorStore(task_vector_store)
         for task_id in requested:
-            if task_id in store:
-                stored[task_id] = store.get(task_id, expected_digest=records[task_id]["digest"])
-                check_compatible(delta, stored[task_id], f"the stored task vector of {task_id!r}")
+            kept = store.record(task_id) if task_id in store else None
+            if kept is not None and kept.get("digest") != records[task_id]["digest"]:
+                raise TaskDigestMismatchError(
+                    f"the task-vector store holds another task vector for {task_id!r} (digest {kept.get('digest')}) "
+                    f"than the one merged ({records[task_id]['digest']}); nothing was changed"
+                )
+    stored = [t for t in requested if store is not None and t in store]
     replays = [t for t in requested if t not in stored]
     with contextlib.ExitStack() as stack:
         if replays:
@@ -210,7 +214,7 @@ def unlearn(
                 delta, replays, model, dataset, task_column, args, data_collator, processing_class, peft_config,
                 allow_environment_mismatch, Path(output_dir),
             )  # fmt: skip
-        vectors: dict[str, TaskVector] = {}
+        digest = report.digest_before
         for task_id in requested:
             task_started = time.perf_counter()
             steps = int(records[task_id].get("metadata", {}).get("global_step", 0)) if task_id in replays else 0
@@ -219,30 +223,28 @@ def unlearn(
             if dry_run:
                 continue
             if task_id in stored:
-                vectors[task_id] = stored.pop(task_id)
+                vector = store.get(task_id, expected_digest=records[task_id]["digest"])
             else:
-                vectors[task_id] = plan.replay(task_id, callbacks)
-                _check_replay(delta, task_id, vectors[task_id])
+                vector = plan.replay(task_id, callbacks)
+                _check_replay(delta, task_id, vector)
             removal.wall_time_s = time.perf_counter() - task_started
-        if dry_run:
-            report.wall_time_s = time.perf_counter() - started
-            return report
-
-    for removal in report.tasks:
-        removal.digest_before = delta.digest
-        delta.remove(removal.task_id, vectors.pop(removal.task_id))
-        removal.digest_after = delta.digest
-        cost = {"source": removal.source, "replay_steps": removal.replay_steps, "wall_time_s": removal.wall_time_s}
-        delta.log.append(
-            removal.task_id,
-            digest_before=removal.digest_before,
-            digest_after=removal.digest_after,
-            cost=cost,
-            redact=redact,
-            salt=salt,
-        )
-    delta.save_pretrained(artifact)
-    report.digest_after = delta.digest
+            # Subtracted in memory at once (one task vector held at a time); nothing is saved before every task
+            # has been obtained and checked, so a later refusal still leaves the artifact as it was.
+            delta.remove(task_id, vector)
+            del vector
+            removal.digest_before, removal.digest_after = digest, delta.digest
+            digest = removal.digest_after
+            delta.log.append(
+                task_id,
+                digest_before=removal.digest_before,
+                digest_after=removal.digest_after,
+                cost={"source": removal.source, "replay_steps": steps, "wall_time_s": round(removal.wall_time_s, 3)},
+                redact=redact,
+                salt=salt,
+            )
+    if not dry_run:
+        delta.save_pretrained(artifact)
+        report.digest_after = digest
     report.wall_time_s = time.perf_counter() - started
     return report
 

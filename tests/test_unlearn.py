@@ -275,3 +275,21 @@ def test_unlearning_a_task_trained_with_an_adapter(tmp_path):
     assert folder_bytes(tmp_path / "both") == before
     unlearn(tmp_path / "both", ["t0"], model=tiny_model(), dataset=data, peft_config=lora())
     assert folder_bytes(tmp_path / "both", skip=(LOG_NAME,)) == folder_bytes(tmp_path / "t1")
+
+
+def test_a_stored_task_vector_of_another_task_is_refused(trained, tmp_path):
+    from hf_sift import TaskVectorStore
+
+    root, _ = trained
+    artifact = copy_of(trained, tmp_path)
+    before = folder_bytes(artifact)
+    source = TaskVectorStore(root / "store")
+    wrong = TaskVectorStore(tmp_path / "wrong")
+    wrong.put("t1", source.get("t0"), record=source.record("t0"))
+    with pytest.raises(TaskDigestMismatchError, match="another task vector for 't1'"):
+        unlearn(artifact, ["t1"], task_vector_store=tmp_path / "wrong")
+    wrong.discard("t1")
+    wrong.put("t1", source.get("t0"))  # no record kept with it: the digest check of `get` refuses it
+    with pytest.raises(TaskDigestMismatchError):
+        unlearn(artifact, ["t1"], task_vector_store=tmp_path / "wrong")
+    assert folder_bytes(artifact) == before

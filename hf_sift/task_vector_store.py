@@ -7,8 +7,9 @@ refused inside an artifact folder (whose other files a save keeps and an upload 
 One file per task, `<task_id>.safetensors`, compressed without loss:
 
 - the low bits that every entry of a tensor of q has at zero are dropped (a weight's update is a multiple of its
-  ulp, which for most weights is far above 2**-S), and the rest is stored in the smallest signed integer width
-  that holds it (int8, int16, int32 or int64);
+  ulp, which for most weights is far above 2**-S), and the rest is stored in the narrowest dtype that holds every
+  entry exactly: int8, int16, bfloat16 (the updates of 16-bit weights have few significant bits), int32, float32
+  or int64;
 - where that is smaller, only the nonzero entries are stored, in row-major order, with a packed bitmap of where
   they are (SIFT-trained task vectors are zero outside their mask, so that bitmap is the mask);
 - the mask is stored only where it differs from the bitmap of the nonzero entries.
@@ -47,14 +48,26 @@ from .task_vector import TaskVector
 
 STORE_FORMAT_VERSION = 1
 _METADATA_KEY = "hf_sift_task_vector"
-_WIDTHS = (torch.int8, torch.int16, torch.int32, torch.int64)
+# Candidate storage dtypes, narrowest first. A float dtype is used only where it holds every value exactly: the
+# update of a bfloat16 or float16 weight has at most 8 or 11 significant bits, so its q fits in 2 bytes as a float
+# however large it is, where an integer would need 4.
+_WIDTHS = (torch.int8, torch.int16, torch.bfloat16, torch.int32, torch.float32, torch.int64)
 
 
-def _narrowest(q: torch.Tensor) -> torch.dtype:
-    if q.numel() == 0:
+def _narrowest(values: torch.Tensor) -> torch.dtype:
+    """The first dtype of `_WIDTHS` that holds every entry of the int64 tensor `values` exactly."""
+    if values.numel() == 0:
         return torch.int8
-    low, high = int(q.min()), int(q.max())
-    return next(d for d in _WIDTHS if torch.iinfo(d).min <= low and high <= torch.iinfo(d).max)
+    low, high = int(values.min()), int(values.max())
+    for dtype in _WIDTHS:
+        if not dtype.is_floating_point:
+            if torch.iinfo(dtype).min <= low and high <= torch.iinfo(dtype).max:
+                return dtype
+        elif max(-low, high) < 2**100:  # far inside both ranges: the round trip below is then well defined
+            converted = values.to(dtype)
+            if torch.equal(converted.to(torch.int64), values):
+                return dtype
+    return torch.int64
 
 
 def _common_shift(nonzero: torch.Tensor) -> int:

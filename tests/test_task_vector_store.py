@@ -38,6 +38,22 @@ def sift_tuned(seed: int, scale: float) -> dict[str, torch.Tensor]:
     return out
 
 
+def expected_dtype(values: list[int]) -> torch.dtype:
+    """The narrowest of int8, int16, bfloat16, int32, float32, int64 holding every value exactly."""
+    largest = max((abs(v) for v in values), default=0)
+    significant = max(((abs(v) >> ((v & -v).bit_length() - 1)).bit_length() for v in values), default=0)
+    for dtype, fits in [
+        (torch.int8, largest < 2**7),
+        (torch.int16, largest < 2**15),
+        (torch.bfloat16, significant <= 8),
+        (torch.int32, largest < 2**31),
+        (torch.float32, significant <= 24),
+    ]:
+        if fits:
+            return dtype
+    return torch.int64
+
+
 def assert_same_vector(a: TaskVector, b: TaskVector) -> None:
     assert a.q.keys() == b.q.keys() and a.packed_masks.keys() == b.packed_masks.keys()
     for name in a.q:
@@ -77,9 +93,8 @@ def test_sift_task_vectors_round_trip_in_the_narrowest_width_with_the_mask_as_su
     for name, q in vector.q.items():
         nonzero = [v for v in q.flatten().tolist() if v]
         shift = min(((v & -v).bit_length() - 1 for v in nonzero), default=0)  # low bits every entry has at zero
-        largest = max((abs(v) >> shift for v in nonzero), default=0)
-        fits = [d for d in (torch.int8, torch.int16, torch.int32, torch.int64) if largest < 2 ** (8 * d.itemsize - 1)]
-        assert widths[name] == fits[0], name
+        stored = [v >> shift for v in nonzero]
+        assert widths[name] == expected_dtype(stored), name
         assert not has_tensor(store, "alice", f"mask/{name}"), name
     dense_bytes = sum(t.numel() for t in vector.q.values()) * 8
     packed = sum(vector.q[n].numel() * widths[n].itemsize for n in vector.q) * vector.density + dense_bytes / 64
@@ -150,3 +165,27 @@ def test_unlearning_through_the_store_equals_a_fresh_merge(tmp_path):
             fresh.add(task_id, vector)
     delta.remove("b", store.get("b", expected_digest=delta.record("b")["digest"]))
     assert delta.digest == fresh.digest and delta.task_ids == ["a", "c"]
+
+
+def test_updates_of_16_bit_weights_are_stored_in_two_bytes(tmp_path):
+    gen = torch.Generator().manual_seed(4)
+    # bfloat16 weights of very different magnitudes, each moved by a few ulps along v: q has few significant bits
+    # but no low zero bits in common, so as an integer it would need 4 bytes.
+    base = {"w": (torch.randn(64, 64, generator=gen) * 2.0 ** torch.randint(-12, 4, (64, 64), generator=gen))}
+    base["w"] = base["w"].to(torch.bfloat16)
+    v = SignVector(SEED).for_parameter("w", (64, 64), dtype=torch.float32)
+    step = torch.rand(64, 64, generator=gen) * 0.05 * base["w"].float().abs()
+    tuned = {"w": (base["w"].float() + v * step).to(torch.bfloat16)}
+    vector = TaskVector.from_state_dicts(base, tuned, SEED)
+    nonzero = [x for x in vector.q["w"].flatten().tolist() if x]
+    shift = min((x & -x).bit_length() - 1 for x in nonzero)
+    assert (
+        max(abs(x) >> shift for x in nonzero) >= 2**15
+        and expected_dtype([x >> shift for x in nonzero]) == torch.bfloat16
+    )
+
+    store = TaskVectorStore(tmp_path)
+    written = store.put("w", vector)
+    assert stored_dtype(store, "w", "values/w") == torch.bfloat16
+    assert_same_vector(store.get("w"), vector)
+    assert written < 2 * len(nonzero) + 64 * 64 // 8 + 1024

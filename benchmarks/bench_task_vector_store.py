@@ -1,10 +1,10 @@
 """Bytes a TaskVectorStore keeps per task, against the model's size, on SmolLM2-135M trained on TOFU authors.
 
-Trains `--tasks` authors with `train_tasks(..., task_vector_store=...)` (fp32 weights, CPU) and prints, per task,
+Trains `--tasks` authors with `train_tasks(..., task_vector_store=...)` (fp32 or bf16 weights, CPU) and prints, per task,
 the stored bytes next to the model's and the tuned parameters' size, the mask density and the integer widths
 chosen, and the time to store and to rebuild one task vector.
 
-    python benchmarks/bench_task_vector_store.py [--tasks 1] [--steps 5] [--batch-size 4] [--lr 1e-4]
+    python benchmarks/bench_task_vector_store.py [--tasks 1] [--steps 5] [--batch-size 4] [--lr 1e-4] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=80)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the weights")
     opts = parser.parse_args()
     hf_logging.set_verbosity_error()
     logging.getLogger("hf_sift").setLevel(logging.WARNING)
@@ -42,13 +43,13 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, opts.dtype))
     data = tofu_dataset(tokenizer, opts.tasks, opts.seq_len)
     state = model.state_dict()
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights counted once
     args = SIFTConfig(**{**common_args("unused", opts.steps, opts.batch_size), "learning_rate": opts.lr})
     print(
-        f"SmolLM2-135M-Instruct (fp32, {model_bytes:,} bytes), {opts.tasks} TOFU author(s) x {opts.steps} steps, "
+        f"SmolLM2-135M-Instruct ({opts.dtype}, {model_bytes:,} bytes), {opts.tasks} TOFU author(s) x {opts.steps} steps, "
         f"batch {opts.batch_size} x {opts.seq_len} tokens, lr {opts.lr}, torch threads {torch.get_num_threads()}",
         flush=True,
     )

@@ -7,9 +7,9 @@ refused inside an artifact folder (whose other files a save keeps and an upload 
 One file per task, `<task_id>.safetensors`, compressed without loss:
 
 - the low bits that every entry of a tensor of q has at zero are dropped (a weight's update is a multiple of its
-  ulp, which for most weights is far above 2**-S), and the rest is stored in the narrowest dtype that holds every
-  entry exactly: int8, int16, bfloat16 (the updates of 16-bit weights have few significant bits), int32, float32
-  or int64;
+  ulp, which for most weights is far above 2**-S), and the rest is stored in whichever of int8, int16,
+  bfloat16 (the updates of 16-bit weights have few significant bits), int32, float32 or int64 takes the fewest
+  bytes, the few entries it cannot hold exactly kept aside with their index;
 - where that is smaller, only the nonzero entries are stored, in row-major order, with a packed bitmap of where
   they are (SIFT-trained task vectors are zero outside their mask, so that bitmap is the mask);
 - the mask is stored only where it differs from the bitmap of the nonzero entries.
@@ -48,26 +48,34 @@ from .task_vector import TaskVector
 
 STORE_FORMAT_VERSION = 1
 _METADATA_KEY = "hf_sift_task_vector"
-# Candidate storage dtypes, narrowest first. A float dtype is used only where it holds every value exactly: the
-# update of a bfloat16 or float16 weight has at most 8 or 11 significant bits, so its q fits in 2 bytes as a float
-# however large it is, where an integer would need 4.
+# Candidate storage dtypes. A float dtype holds an entry only where it does so exactly: the update of a bfloat16
+# weight has at most 8 significant bits within a binade, so its q fits in 2 bytes as a float however large it is,
+# where an integer would need 4.
 _WIDTHS = (torch.int8, torch.int16, torch.bfloat16, torch.int32, torch.float32, torch.int64)
+# Bytes an entry costs when no candidate holds it and it is kept aside, exactly: its index and value, both int64.
+_OUTLIER_BYTES = 16
 
 
-def _narrowest(values: torch.Tensor) -> torch.dtype:
-    """The first dtype of `_WIDTHS` that holds every entry of the int64 tensor `values` exactly."""
-    if values.numel() == 0:
-        return torch.int8
-    low, high = int(values.min()), int(values.max())
-    for dtype in _WIDTHS:
-        if not dtype.is_floating_point:
-            if torch.iinfo(dtype).min <= low and high <= torch.iinfo(dtype).max:
-                return dtype
-        elif max(-low, high) < 2**100:  # far inside both ranges: the round trip below is then well defined
-            converted = values.to(dtype)
-            if torch.equal(converted.to(torch.int64), values):
-                return dtype
-    return torch.int64
+def _holds(dtype: torch.dtype, values: torch.Tensor) -> torch.Tensor:
+    """Where `dtype` holds the int64 entries of `values` exactly."""
+    if not dtype.is_floating_point:
+        return (values >= torch.iinfo(dtype).min) & (values <= torch.iinfo(dtype).max)
+    # |q| < 2**63 is finite in both float dtypes, and a float that rounds to ±2**63 never converts back equal.
+    return values.to(dtype).to(torch.int64) == values
+
+
+def _narrowest(values: torch.Tensor) -> tuple[torch.dtype, torch.Tensor]:
+    """The dtype of `_WIDTHS` storing `values` in the fewest bytes, the few entries it cannot hold kept aside as
+    outliers; returns it and where it holds the entries. Ties go to the earlier dtype."""
+    best, best_cost = (torch.int64, torch.ones_like(values, dtype=torch.bool)), float("inf")
+    for dtype in _WIDTHS:  # by size: once the best costs no more than this size alone, nothing after can win
+        if values.numel() * dtype.itemsize >= best_cost:
+            break
+        holds = _holds(dtype, values) if dtype != torch.int64 else torch.ones_like(values, dtype=torch.bool)
+        cost = values.numel() * dtype.itemsize + int((~holds).sum()) * _OUTLIER_BYTES
+        if cost < best_cost:
+            best, best_cost = (dtype, holds), cost
+    return best
 
 
 def _common_shift(nonzero: torch.Tensor) -> int:
@@ -88,21 +96,24 @@ def _encode(q: torch.Tensor, packed_mask: torch.Tensor) -> tuple[dict[str, torch
     shift = _common_shift(nonzero)
     if shift:
         nonzero = nonzero >> shift
-    width = _narrowest(nonzero)
-    itemsize = torch.empty((), dtype=width).element_size()
+    width, holds = _narrowest(nonzero)
     tensors: dict[str, torch.Tensor] = {}
-    if nonzero.numel() * itemsize + packed_size(flat.numel()) < flat.numel() * itemsize:
-        tensors["values"] = nonzero.to(width)
+    if nonzero.numel() * width.itemsize + packed_size(flat.numel()) < flat.numel() * width.itemsize:
+        values, encoding = nonzero, "sparse"
         tensors["support"] = pack_bits(support)
-        encoding = "sparse"
-    else:
-        tensors["values"] = (flat >> shift).to(width)
-        encoding = "dense"
+    else:  # zeros fit every dtype: the same entries are outliers
+        values, encoding = flat >> shift, "dense"
+        holds = torch.ones_like(flat, dtype=torch.bool).masked_scatter_(support, holds)
+    outliers = (~holds).nonzero().reshape(-1)
+    tensors["values"] = values.masked_fill(~holds, 0).to(width)
+    if outliers.numel():
+        tensors["outlier_index"] = outliers
+        tensors["outlier_value"] = values[outliers]
     mask = packed_mask.detach().cpu()
     mask_is_support = torch.equal(mask, tensors["support"] if encoding == "sparse" else pack_bits(support))
     if not mask_is_support:
         tensors["mask"] = mask
-    layout = {"shape": list(q.shape), "encoding": encoding, "shift": shift}
+    layout = {"shape": list(q.shape), "encoding": encoding, "shift": shift, "outliers": int(outliers.numel())}
     return tensors, {**layout, "mask": "support" if mask_is_support else "stored"}
 
 
@@ -275,7 +286,13 @@ def _decode(f: Any, name: str, layout: Mapping[str, Any]) -> tuple[torch.Tensor,
     shift = int(layout["shift"])
     if not 0 <= shift < 63:
         raise ValueError(f"invalid shift {shift} of {name!r}")
-    values = values.to(torch.int64) << shift
+    values = values.to(torch.int64)
+    if int(layout["outliers"]):
+        index, exact = f.get_tensor(f"outlier_index/{name}"), f.get_tensor(f"outlier_value/{name}")
+        if index.dtype != torch.int64 or exact.dtype != torch.int64 or index.numel() != int(layout["outliers"]):
+            raise ValueError(f"malformed outliers of {name!r}")
+        values[index] = exact
+    values <<= shift
     if layout["encoding"] == "dense":
         q = values.reshape(shape)
     elif layout["encoding"] == "sparse":

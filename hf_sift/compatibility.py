@@ -27,6 +27,8 @@ class Compatibility:
         base_digest (`str`, *optional*): Digest of θ0 over the tuned parameters (None: not known, not checked).
         shapes (`dict[str, tuple[int, ...]]`): Shape of each tuned parameter.
         dtypes (`dict[str, torch.dtype]`, *optional*): θ0's dtype of each tuned parameter (None: not known).
+        base_model_digest (`str`, *optional*): Digest of the whole base model's state dict, embeddings and LM head
+            included (None: not known, not checked).
     """
 
     sign_seed: int
@@ -34,6 +36,7 @@ class Compatibility:
     base_digest: str | None
     shapes: Mapping[str, tuple[int, ...]]
     dtypes: Mapping[str, torch.dtype] | None = None
+    base_model_digest: str | None = None
 
     @classmethod
     def of(cls, source: Any) -> Compatibility:
@@ -46,6 +49,7 @@ class Compatibility:
             base_digest=source.base_digest,
             shapes={n: tuple(s) for n, s in source.shapes.items()},
             dtypes=None if getattr(source, "dtypes", None) is None else dict(source.dtypes),
+            base_model_digest=getattr(source, "base_model_digest", None),
         )
 
 
@@ -61,7 +65,7 @@ def check_compatible(merge: Any, other: Any, what: str = "the task vector") -> N
     Raises:
         [`~hf_sift.errors.SignSeedMismatchError`] (sign seed or S), [`~hf_sift.errors.ParameterMismatchError`]
         (names, shapes or dtypes of the tuned parameters) or [`~hf_sift.errors.BaseModelMismatchError`] (θ0's
-        digest; only when both sides know it).
+        digest over the tuned parameters, or over the whole base model; each only when both sides know it).
     """
     ours, theirs = Compatibility.of(merge), Compatibility.of(other)
     if (theirs.sign_seed, theirs.scale_bits) != (ours.sign_seed, ours.scale_bits):
@@ -87,4 +91,12 @@ def check_compatible(merge: Any, other: Any, what: str = "the task vector") -> N
     if ours.base_digest is not None and theirs.base_digest is not None and theirs.base_digest != ours.base_digest:
         raise BaseModelMismatchError(
             f"{what} was computed on a base with digest {theirs.base_digest}, the merge's base has {ours.base_digest}"
+        )
+    if (
+        None not in (ours.base_model_digest, theirs.base_model_digest)
+        and ours.base_model_digest != theirs.base_model_digest
+    ):
+        raise BaseModelMismatchError(
+            f"{what} was computed on another base model (its whole state dict, embeddings or LM head included, has "
+            f"digest {theirs.base_model_digest}, the merge's {ours.base_model_digest})"
         )

@@ -214,7 +214,7 @@ class TaskVectorStore:
             "tensors": layout,
         }
         text = json.dumps(header, sort_keys=True, ensure_ascii=False)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)  # private: only its owner reads it
         write_file_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={_METADATA_KEY: text}))
         return path.stat().st_size
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import perturbed
@@ -94,3 +96,14 @@ def test_absorb_refuses_what_add_refuses_with_the_same_error(tiny_llama_state, t
         with pytest.raises(error):
             check_compatible(merge, MergedDelta.from_pretrained(tmp_path / what), "the artifact to resume")
         assert merge.digest == digest and merge.task_ids == ["t0"], what
+
+
+def test_the_whole_base_model_is_compared_when_both_sides_know_it(tiny_llama_state):
+    merge = Compatibility.of(MergedDelta(tiny_llama_state, 3))
+    same = Compatibility(merge.sign_seed, merge.scale_bits, merge.base_digest, merge.shapes, merge.dtypes)
+    known = dataclasses.replace(same, base_model_digest="sha256:" + "a" * 64)
+    other = dataclasses.replace(same, base_model_digest="sha256:" + "b" * 64)
+    check_compatible(merge, known)  # unknown on one side: not compared
+    check_compatible(known, dataclasses.replace(known))
+    with pytest.raises(BaseModelMismatchError, match="another base model"):
+        check_compatible(known, other, "the artifact to resume")

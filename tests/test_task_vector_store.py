@@ -118,6 +118,7 @@ def test_store_contents_and_refusals(tmp_path):
     store.put("bob", bob)
     store.put("alice", alice)
     assert store.task_ids == ["alice", "bob"] and "alice" in store and len(store) == 2
+    assert store.directory.stat().st_mode & 0o777 == 0o700  # created private
     before = store.path("alice").read_bytes()
     assert store.put("alice", alice) == len(before)  # the same vector again: nothing written
     with pytest.raises(DuplicateTaskError, match="already holds another task vector"):

@@ -79,11 +79,12 @@ def _narrowest(values: torch.Tensor) -> tuple[torch.dtype, torch.Tensor]:
 
 
 def _common_shift(nonzero: torch.Tensor) -> int:
-    """The largest k such that every entry is a multiple of 2**k (q is never -2**63, so -q exists)."""
+    """The largest k such that every (nonzero) entry is a multiple of 2**k."""
     if nonzero.numel() == 0:
         return 0
-    lowest = int((nonzero & -nonzero).min())  # the lowest set bit of each entry, a power of two
-    return lowest.bit_length() - 1
+    lowest = nonzero & -nonzero  # the lowest set bit of each entry; -2**63 maps to itself, a multiple of 2**63
+    lowest = lowest[lowest > 0]
+    return int(lowest.min()).bit_length() - 1 if lowest.numel() else 63
 
 
 def _encode(q: torch.Tensor, packed_mask: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -284,7 +285,7 @@ def _decode(f: Any, name: str, layout: Mapping[str, Any]) -> tuple[torch.Tensor,
     if values.dtype not in _WIDTHS:
         raise ValueError(f"values of {name!r} are {values.dtype}")
     shift = int(layout["shift"])
-    if not 0 <= shift < 63:
+    if not 0 <= shift <= 63:
         raise ValueError(f"invalid shift {shift} of {name!r}")
     values = values.to(torch.int64)
     if int(layout["outliers"]):

@@ -211,3 +211,15 @@ def test_a_few_large_entries_are_kept_aside_as_outliers(tmp_path, sparse):
         assert torch.equal(f.get_tensor("outlier_index/w"), big)
     assert_same_vector(store.get("t"), vector)
     assert written < 2 * q.numel() + 3 * 16 + 50 * 40 // 8 + 1024
+
+
+@pytest.mark.parametrize(
+    "values",
+    [[-(2**63), 0, 2**63 - 1, 1], [-(2**63), 0, -(2**63), 0], [-(2**63), 2**62, 0, 0], [2**62, -(2**62), 0, 0]],
+)
+def test_the_int64_extremes_round_trip(tmp_path, values):
+    q = torch.tensor(values, dtype=torch.int64)
+    vector = TaskVector(q={"w": q}, packed_masks={"w": pack_bits(q > 0)}, sign_seed=SEED)
+    store = TaskVectorStore(tmp_path)
+    store.put("t", vector)
+    assert_same_vector(store.get("t"), vector)

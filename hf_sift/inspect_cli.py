@@ -116,8 +116,11 @@ def artifact_info(directory: str | Path) -> dict[str, Any]:
     }
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.2f} MiB"
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
 
 
 def run_info(args: argparse.Namespace) -> int:
@@ -146,8 +149,8 @@ def run_info(args: argparse.Namespace) -> int:
         f"tuned:           {info['tuned_elements']:,} elements in {info['tuned_parameters']} tensors",
         f"mask density:    {'-' if density is None else f'{density:.4f} (mean over tasks)'}",
         f"sum digest:      {info['delta_digest']}",
-        f"size on disk:    {_mib(sizes['total'])} (sum {_mib(sizes['sum'])}, masks {_mib(sizes['masks'])}, "
-        f"log {sizes['log']} B)",
+        f"size on disk:    {_size(sizes['total'])} (sum {_size(sizes['sum'])}, masks {_size(sizes['masks'])}, "
+        f"log {_size(sizes['log'])})",
         f"unlearning log:  {len(info['log'])} entr{'y' if len(info['log']) == 1 else 'ies'}",
     ]
     if len(info["log"]) > _SHOWN_TASKS:

@@ -145,3 +145,19 @@ def test_a_sharded_sum_is_verified_and_a_flipped_shard_named(tmp_path):
     flip(tmp_path / "sharded" / shards[1], -1)
     problems = verify_artifact(tmp_path / "sharded")
     assert len(problems) == 1 and shards[1] in problems[0] and "differs from the delta_digest" in problems[0]
+
+
+def test_an_artifact_unlearned_through_the_store_verifies(tmp_path):
+    from trainer_fixtures import sift_args, task_dataset, tiny_model
+
+    from hf_sift import train_tasks, unlearn
+
+    data = task_dataset(num_tasks=3, rows_per_task=4)
+    args = sift_args(tmp_path / "runs", max_steps=2)
+    train_tasks(tiny_model(), data, args=args, output_dir=tmp_path / "merged", task_vector_store=tmp_path / "tv")
+    unlearn(tmp_path / "merged", ["t1"], task_vector_store=tmp_path / "tv")
+    assert len(MergedDelta.from_pretrained(tmp_path / "merged").log) == 1
+    assert verify_artifact(tmp_path / "merged") == []
+    assert verify_artifact(tmp_path / "merged", tmp_path / "tv") == []  # t1, still stored, is no task of it
+    flip(tmp_path / "merged" / LOG_NAME, offsets(tmp_path / "merged" / LOG_NAME, '"task_id":"t1"') + 12)  # t1 -> t0
+    assert verify_artifact(tmp_path / "merged") == [f"{LOG_NAME}: entry 0 does not match its own hash (altered)"]

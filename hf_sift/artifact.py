@@ -319,7 +319,5 @@ def write_artifact(
         _dump_json({"tasks": records}, stage / MANIFEST_NAME)
         _dump_json(dict(config), stage / CONFIG_NAME)
         for relative, data in (extra_files or {}).items():
-            if not is_artifact_file(relative):
-                raise ValueError(f"{relative!r} is not an artifact file")
             (stage / relative).write_bytes(data)
     return mask_digests

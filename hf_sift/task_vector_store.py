@@ -277,21 +277,22 @@ class TaskVectorStore:
 
 
 def _decode(f: Any, name: str, layout: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and the packed mask of one parameter (a malformed file raises; [`TaskVectorStore.get`] names it)."""
     shape = tuple(int(d) for d in layout["shape"])
     numel = 1
     for dim in shape:
         numel *= dim
     values = f.get_tensor(f"values/{name}")
     if values.dtype not in _WIDTHS:
-        raise ValueError(f"values of {name!r} are {values.dtype}")
+        raise CorruptArtifactError(f"values of {name!r} are {values.dtype}")
     shift = int(layout["shift"])
     if not 0 <= shift <= 63:
-        raise ValueError(f"invalid shift {shift} of {name!r}")
+        raise CorruptArtifactError(f"invalid shift {shift} of {name!r}")
     values = values.to(torch.int64)
     if int(layout["outliers"]):
         index, exact = f.get_tensor(f"outlier_index/{name}"), f.get_tensor(f"outlier_value/{name}")
         if index.dtype != torch.int64 or exact.dtype != torch.int64 or index.numel() != int(layout["outliers"]):
-            raise ValueError(f"malformed outliers of {name!r}")
+            raise CorruptArtifactError(f"malformed outliers of {name!r}")
         values[index] = exact
     values <<= shift
     if layout["encoding"] == "dense":
@@ -303,11 +304,11 @@ def _decode(f: Any, name: str, layout: Mapping[str, Any]) -> tuple[torch.Tensor,
         flat[where] = values
         q = flat.view(shape)
     else:
-        raise ValueError(f"unknown encoding {layout['encoding']!r} of {name!r}")
+        raise CorruptArtifactError(f"unknown encoding {layout['encoding']!r} of {name!r}")
     if layout["mask"] == "support":
         mask = pack_bits(q != 0) if layout["encoding"] == "dense" else f.get_tensor(f"support/{name}")
     else:
         mask = f.get_tensor(f"mask/{name}")
     if mask.dtype != torch.uint8 or tuple(mask.shape) != (packed_size(numel),):
-        raise ValueError(f"the mask of {name!r} has the wrong packed layout")
+        raise CorruptArtifactError(f"the mask of {name!r} has the wrong packed layout")
     return q, mask

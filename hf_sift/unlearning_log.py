@@ -163,15 +163,13 @@ class UnlearningLog:
     @classmethod
     def from_bytes(cls, data: bytes, source: str = LOG_NAME) -> UnlearningLog:
         """Parse a log file; raise [`~hf_sift.errors.CorruptArtifactError`] naming `source` if it is not one."""
-        entries = []
         try:
-            for number, line in enumerate(data.decode("utf-8").splitlines(keepends=True), start=1):
-                entry = json.loads(line)
-                if not isinstance(entry, dict):
-                    raise ValueError(f"line {number} is not a JSON object")
-                entries.append(entry)
+            entries = [json.loads(line) for line in data.decode("utf-8").splitlines(keepends=True)]
         except (UnicodeDecodeError, ValueError) as err:
             raise CorruptArtifactError(f"{source} is not a valid unlearning log: {err}") from None
+        for number, entry in enumerate(entries, start=1):
+            if not isinstance(entry, dict):
+                raise CorruptArtifactError(f"{source} is not a valid unlearning log: line {number} is not an object")
         log = cls(entries)
         if log.to_bytes() != data:
             raise CorruptArtifactError(f"{source} is not in canonical form (edited by hand or corrupted)")

@@ -130,6 +130,8 @@ def test_a_corrupted_log_file_is_named(tmp_path):
         UnlearningLog.from_bytes(data[:-5] + b"\n")
     with pytest.raises(CorruptArtifactError, match="not in canonical form"):
         UnlearningLog.from_bytes(data.replace(b'":', b'": '))
+    with pytest.raises(CorruptArtifactError, match="line 2 is not an object"):
+        UnlearningLog.from_bytes(data.splitlines(keepends=True)[0] + b"[1]\n")
     assert UnlearningLog.from_bytes(data).to_bytes() == data
 
 

@@ -19,6 +19,7 @@ import torch
 
 from hf_sift import MergedDelta, SignVector, TaskVector, kernels
 from hf_sift.masks import pack_bits
+from hf_sift.served_weights import served_tensor
 
 
 def timed(fn, repeats: int) -> float:
@@ -90,14 +91,17 @@ def main() -> None:
     delta.add("t", tv)
     out = {k: torch.empty_like(v) for k, v in base.items()}
     mask = delta.load_mask("t")
+    scale = delta.default_scale()
 
     def materialise() -> None:
         for name in delta.names:
-            delta.served_parameter(name, base[name], mask[name], out=out[name])
+            served_tensor(
+                base[name], delta.sum[name], mask[name], scale=scale, scale_bits=delta.scale_bits, out=out[name]
+            )
 
     def materialise_plain() -> None:
         for name in delta.names:
-            delta.served_parameter(name, base[name], None, out=out[name])
+            served_tensor(base[name], delta.sum[name], scale=scale, scale_bits=delta.scale_bits, out=out[name])
 
     # The fused kernels (hf_sift/_kernels.c) when built, and the pure-torch path they replace, side by side.
     paths = [("", "0")] + ([(", torch path", "1")] if kernels.available() else [])

@@ -1,43 +1,54 @@
 """hf_sift: exact unlearning of finetuning data through model merging (SIFT-Masks, NegMerge and baselines).
 
-The core (sign vectors, task vectors, the exact merged delta) is imported eagerly; the parts built on
-transformers and peft (trainer, masked model, merging methods) are imported on first use, so that
-`import hf_sift` and `hf-sift --help` stay fast.
+Every public name is imported on first use (PEP 562), so that `import hf_sift` and `hf-sift --help` stay fast:
+the core (sign vectors, task vectors, the exact merged delta) needs torch, and the trainer, the masked model and
+the merging methods need transformers and peft.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
-
-__version__ = "0.1.0"
-
-from .errors import SiftError  # noqa: E402
-from .merged_delta import MergedDelta  # noqa: E402
-from .selection import ParameterSelection  # noqa: E402
-from .sign_vector import SignVector  # noqa: E402
-from .task_vector import TaskVector  # noqa: E402
-from .task_vector_store import TaskVectorStore  # noqa: E402
-from .unlearn import UnlearningReport, unlearn  # noqa: E402
-from .unlearning_log import UnlearningLog  # noqa: E402
-from .verify import verify_artifact  # noqa: E402
+from .errors import SiftError
+from .version import __version__
 
 
 _LAZY = {
+    "ArtifactConfig": ".artifact_config",
+    "MergedDelta": ".merged_delta",
     "MergedMaskedModel": ".masked_model",
+    "ParameterSelection": ".selection",
     "SIFTConfig": ".trainer",
     "SIFTTrainer": ".trainer",
+    "SignVector": ".sign_vector",
+    "TaskVector": ".task_vector",
+    "TaskVectorStore": ".task_vector_store",
+    "UnlearningLog": ".unlearning_log",
+    "UnlearningReport": ".unlearn",
     "merge_checkpoints": ".merging",
     "negmerge_unlearn": ".merging.negmerge_driver",
-    "train_tasks": ".trainer",
+    "train_tasks": ".trainer.train_tasks",
+    "unlearn": ".unlearn",
+    "verify_artifact": ".verify",
 }
 
 if TYPE_CHECKING:
+    from .artifact_config import ArtifactConfig
     from .masked_model import MergedMaskedModel
+    from .merged_delta import MergedDelta
     from .merging import merge_checkpoints
     from .merging.negmerge_driver import negmerge_unlearn
+    from .selection import ParameterSelection
+    from .sign_vector import SignVector
+    from .task_vector import TaskVector
+    from .task_vector_store import TaskVectorStore
     from .trainer import SIFTConfig, SIFTTrainer, train_tasks
+    from .unlearn import UnlearningReport, unlearn
+    from .unlearning_log import UnlearningLog
+    from .verify import verify_artifact
 
 
 def __getattr__(name: str) -> Any:
@@ -52,7 +63,20 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 
+class _Package(types.ModuleType):
+    """Keeps `hf_sift.unlearn` the function when the import system binds the submodule of that name."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _LAZY and isinstance(value, types.ModuleType) and hasattr(value, name):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
 __all__ = [
+    "ArtifactConfig",
     "MergedDelta",
     "MergedMaskedModel",
     "ParameterSelection",

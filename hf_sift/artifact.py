@@ -14,8 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -26,36 +25,22 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
-from .atomic import link_or_copy, staged_folder
+from .artifact_config import CONFIG_NAME, MANIFEST_NAME, ArtifactConfig, validate_record
+from .artifact_config import FORMAT_VERSION as FORMAT_VERSION
+from .artifact_state import ArtifactState
+from .atomic import apply_umask, link_or_copy, staged_folder
 from .digest import file_digest
-from .errors import CorruptArtifactError, IncompatibleArtifactError
+from .errors import CorruptArtifactError
 from .masks import packed_size
+from .shard_size import DEFAULT_MAX_SHARD_SIZE
 from .task_id import validate_task_id
 from .unlearning_log import LOG_NAME
 
 
-FORMAT_VERSION = 1
-CONFIG_NAME = "sift_config.json"
-MANIFEST_NAME = "sift_manifest.json"
 DELTA_NAME = "sift_delta.safetensors"
 DELTA_INDEX_NAME = "sift_delta.safetensors.index.json"
 DELTA_PATTERN = "sift_delta{suffix}.safetensors"
 MASKS_DIR = "masks"
-DEFAULT_MAX_SHARD_SIZE = "2GB"
-
-CONFIG_KEYS = (
-    "base_digest",
-    "base_model",
-    "base_revision",
-    "delta_digest",
-    "format",
-    "format_version",
-    "hf_sift_version",
-    "num_tasks",
-    "parameters",
-    "scale_bits",
-    "sign_seed",
-)
 
 
 def mask_filename(task_id: str) -> str:
@@ -89,36 +74,42 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def read_config(folder: str | os.PathLike) -> dict[str, Any]:
-    """Read and check `sift_config.json`; unknown keys are dropped with a warning (forward compatibility)."""
+def read_config(folder: str | os.PathLike) -> ArtifactConfig:
+    """Read and check `sift_config.json` (every field typed and range-checked; unknown keys dropped with a warning).
+
+    Raises:
+        [`~hf_sift.errors.CorruptArtifactError`] naming a missing or malformed field, or
+        [`~hf_sift.errors.IncompatibleArtifactError`] for a newer format version.
+    """
     path = Path(folder) / CONFIG_NAME
-    config = _read_json(path)
-    if config.get("format") != "hf_sift":
-        raise CorruptArtifactError(f"{path} is not an hf_sift config")
-    version = config.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise IncompatibleArtifactError(
-            f"{path} has format version {version!r}; this hf_sift reads versions up to {FORMAT_VERSION}: upgrade hf_sift"
-        )
-    unknown = sorted(set(config) - set(CONFIG_KEYS))
-    if unknown:
-        warnings.warn(f"ignoring unknown keys in {CONFIG_NAME}: {unknown}", stacklevel=2)
-        for key in unknown:
-            del config[key]
-    missing = sorted(set(CONFIG_KEYS) - set(config))
-    if missing:
-        raise CorruptArtifactError(f"{path} lacks the key(s) {missing}")
-    return config
+    return ArtifactConfig.from_dict(_read_json(path), source=str(path))
 
 
 def read_manifest(folder: str | os.PathLike) -> dict[str, dict[str, Any]]:
-    """Read `sift_manifest.json`: task id -> record."""
-    tasks = _read_json(Path(folder) / MANIFEST_NAME).get("tasks")
+    """Read `sift_manifest.json`: task id -> record, each record checked field by field."""
+    path = Path(folder) / MANIFEST_NAME
+    tasks = _read_json(path).get("tasks")
     if not isinstance(tasks, dict):
-        raise CorruptArtifactError(f"{MANIFEST_NAME} in {folder} has no 'tasks' object")
-    for task_id in tasks:
-        validate_task_id(task_id)
-    return tasks
+        raise CorruptArtifactError(f"{path} has no 'tasks' object")
+    return {validate_task_id(t): validate_record(t, r, str(path)) for t, r in tasks.items()}
+
+
+def read_artifact(folder: str | os.PathLike) -> tuple[ArtifactConfig, dict[str, dict[str, Any]]]:
+    """Read the config and the manifest, and check them against each other and against the binding digest.
+
+    Raises:
+        [`~hf_sift.errors.CorruptArtifactError`] if a field is malformed, T differs from the manifest's task count,
+        or a field bound by `binding_digest` was edited; [`~hf_sift.errors.IncompatibleArtifactError`].
+    """
+    config = read_config(folder)
+    records = read_manifest(folder)
+    if config.num_tasks != len(records):
+        raise CorruptArtifactError(
+            f"{Path(folder) / CONFIG_NAME}: field 'num_tasks' says {config.num_tasks} tasks, "
+            f"{MANIFEST_NAME} lists {len(records)}"
+        )
+    config.check_binding(records, str(Path(folder) / CONFIG_NAME))
+    return config, records
 
 
 def delta_files(folder: str | os.PathLike) -> dict[str, list[str]]:
@@ -209,7 +200,7 @@ def _map_uint8_safetensors(path: Path) -> dict[str, torch.Tensor]:
         with open(path, "rb") as f:
             header_size = int.from_bytes(f.read(8), "little")
             if size < 8 or header_size > min(size - 8, 100_000_000):
-                raise ValueError("header size out of bounds")
+                raise CorruptArtifactError("header size out of bounds")
             header = json.loads(f.read(header_size))
         entries = sorted(
             ((info["data_offsets"], name, info) for name, info in header.items() if name != "__metadata__"),
@@ -220,11 +211,11 @@ def _map_uint8_safetensors(path: Path) -> dict[str, torch.Tensor]:
         end = 0
         for (start, stop), name, info in entries:
             if info["dtype"] != "U8" or len(info["shape"]) != 1 or start != end or stop - start != info["shape"][0]:
-                raise ValueError(f"unexpected entry for {name!r}")
+                raise CorruptArtifactError(f"unexpected entry for {name!r}")
             views[name] = data[8 + header_size + start : 8 + header_size + stop]
             end = stop
         if 8 + header_size + end != size:
-            raise ValueError("the data does not fill the file")
+            raise CorruptArtifactError("the data does not fill the file")
     except (ValueError, TypeError, KeyError, OSError, RuntimeError) as err:
         raise CorruptArtifactError(f"cannot read mask file {path}: {err}") from None
     return views
@@ -269,27 +260,33 @@ def save_mask_file(path: Path, masks: Mapping[str, torch.Tensor]) -> str:
         # make the bytes of equal artifacts differ.
         metadata={"format": "hf_sift-mask"},
     )
+    apply_umask(path)
     return file_digest(str(path))
 
 
 def write_artifact(
     folder: str | os.PathLike,
-    config: Mapping[str, Any],
+    config: ArtifactConfig,
     manifest: Mapping[str, Mapping[str, Any]],
     delta: Mapping[str, torch.Tensor],
     masks: Mapping[str, Path | Mapping[str, torch.Tensor]],
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     extra_files: Mapping[str, bytes] | None = None,
-) -> dict[str, str]:
+    *,
+    precondition: Callable[[Path], None] | None = None,
+) -> tuple[dict[str, str], ArtifactState]:
     """Write a whole artifact atomically into `folder`, keeping the user's other files there.
 
     `masks` maps every task id to either an existing mask file (hard-linked, not rewritten) or its packed masks.
     `extra_files` maps more artifact files (relative paths [`is_artifact_file`] knows, e.g. the unlearning log) to
-    their bytes, written in the same atomic step. Returns the digest of each mask file written or linked.
+    their bytes, written in the same atomic step. The config's `binding_digest` is computed here, once the mask
+    digests are known. `precondition` is checked under the folder's lock right before the swap (see
+    [`~hf_sift.atomic.staged_folder`] and [`~hf_sift.artifact_state`]). Returns the digest of each mask file
+    written or linked, and the state written.
     """
     folder = Path(folder)
     mask_digests: dict[str, str] = {}
-    with staged_folder(folder) as stage:
+    with staged_folder(folder, precondition) as stage:
         if folder.is_dir():
             for path in folder.rglob("*"):
                 relative = path.relative_to(folder).as_posix()
@@ -299,7 +296,13 @@ def write_artifact(
             target = stage / mask_filename(task_id)
             source = masks[task_id]
             if isinstance(source, Path):
-                link_or_copy(source, target)
+                try:
+                    link_or_copy(source, target)
+                except OSError as err:
+                    raise CorruptArtifactError(
+                        f"mask file {source} of task {task_id!r} cannot be read ({err.strerror or err}); nothing was "
+                        "written: restore it, or remove the task with its replayed task vector before saving"
+                    ) from None
                 mask_digests[task_id] = manifest[task_id]["mask_digest"]
             else:
                 mask_digests[task_id] = save_mask_file(target, source)
@@ -309,6 +312,7 @@ def write_artifact(
         )
         for filename, names in split.filename_to_tensors.items():
             save_file({n: cpu_delta[n] for n in names}, stage / filename, metadata={"format": "hf_sift-delta"})
+            apply_umask(stage / filename)
         if split.is_sharded:
             index = {
                 "metadata": {"format": "hf_sift-delta"},
@@ -317,7 +321,10 @@ def write_artifact(
             _dump_json(index, stage / DELTA_INDEX_NAME)
         records = {t: {**manifest[t], "mask_digest": mask_digests[t]} for t in sorted(manifest)}
         _dump_json({"tasks": records}, stage / MANIFEST_NAME)
-        _dump_json(dict(config), stage / CONFIG_NAME)
+        config.binding_digest = config.compute_binding(records)
+        (stage / CONFIG_NAME).write_text(config.to_json_string(), encoding="utf-8")
         for relative, data in (extra_files or {}).items():
             (stage / relative).write_bytes(data)
-    return mask_digests
+            apply_umask(stage / relative)
+        written = ArtifactState.read(stage)
+    return mask_digests, written

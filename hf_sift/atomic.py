@@ -4,6 +4,9 @@ An artifact is several files that must change together. It is written into a fre
 into place: on Linux with ``renameat2(RENAME_EXCHANGE)``, a single atomic step, so a crash at any point leaves
 either the old or the new artifact; elsewhere with two renames and a short window in which only the backup exists
 (it is restored on the next save). Files of the old folder that the new one keeps are hard-linked, not copied.
+
+The swap runs under the folder's lock ([`~hf_sift.folder_lock.folder_lock`]), after an optional precondition that
+can refuse it: that is how a save becomes a compare-and-swap (see [`~hf_sift.artifact_state`]).
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ import ctypes
 import ctypes.util
 import os
 import shutil
+import stat
 import sys
-import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from .folder_lock import folder_lock
 
 
 _RENAME_EXCHANGE = 2
@@ -55,9 +60,48 @@ def link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def _umask() -> int:
+    """The process's umask (read from /proc where possible: setting it to read it back is not thread-safe)."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | os.PathLike) -> None:
+    """Give a file hf_sift wrote the mode a plain `open()` would (0666 less the umask).
+
+    safetensors creates its files 0600 whatever the umask, so a separate serving user could not read an artifact.
+    """
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _make_stage(target: Path) -> Path:
+    """A new empty sibling of `target`, with `target`'s mode if it exists, else the umask's (not mkdtemp's 0700)."""
+    while True:
+        stage = target.parent / f".{target.name}.staging-{uuid.uuid4().hex[:12]}"
+        try:
+            os.mkdir(stage, 0o777)  # the umask applies
+        except FileExistsError:
+            continue
+        if target.is_dir():
+            os.chmod(stage, stat.S_IMODE(target.stat().st_mode))
+        return stage
+
+
 @contextlib.contextmanager
-def staged_folder(target: str | os.PathLike) -> Iterator[Path]:
+def staged_folder(target: str | os.PathLike, precondition: Callable[[Path], None] | None = None) -> Iterator[Path]:
     """Yield an empty staging folder; on success it replaces `target` atomically, on error it is deleted.
+
+    Args:
+        target (`str` or `os.PathLike`): The folder to replace (or create).
+        precondition (`Callable[[Path], None]`, *optional*): Called with `target` before staging (to fail early)
+            and again under the folder's lock right before the swap; whatever it raises aborts the write and
+            leaves `target` as it is. If staging itself fails (e.g. a file to link from `target` vanished), the
+            precondition is asked again so that a change of `target` is reported as such.
 
     Example:
 
@@ -66,18 +110,30 @@ def staged_folder(target: str | os.PathLike) -> Iterator[Path]:
         (stage / "a.json").write_text("{}")
     ```
     """
-    target = Path(target).absolute()
+    target = Path(target).resolve()  # through a symlink: replace (and lock) the folder it points to
     target.parent.mkdir(parents=True, exist_ok=True)
-    _recover(target)
-    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    with folder_lock(target):
+        _recover(target)
+    if precondition is not None:
+        precondition(target)
+    stage = _make_stage(target)
     try:
-        yield stage
+        try:
+            yield stage
+        except Exception:  # e.g. an OSError, or a missing file reported as a corrupt artifact
+            if precondition is not None:
+                precondition(target)  # raises (chained to the failure) if `target` changed meanwhile
+            raise
         for root, _, files in os.walk(stage):
             for name in files:
                 with open(os.path.join(root, name), "rb+") as f:
                     os.fsync(f.fileno())
         _fsync_dir(stage)
-        _swap_into_place(stage, target)
+        with folder_lock(target):
+            _recover(target)
+            if precondition is not None:
+                precondition(target)
+            _swap_into_place(stage, target)
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
@@ -100,9 +156,7 @@ def _recover(target: Path) -> None:
 def _swap_into_place(stage: Path, target: Path) -> None:
     if not target.exists():
         os.rename(stage, target)
-    elif _renameat2_exchange(stage, target):
-        shutil.rmtree(stage)  # `stage` now holds the previous contents
-    else:
+    elif not _renameat2_exchange(stage, target):  # (on success `stage` holds the old contents: the caller deletes it)
         backup = _backup_path(target)
         os.rename(target, backup)
         os.rename(stage, target)
@@ -116,6 +170,7 @@ def write_file_atomic(path: str | os.PathLike, write: Callable[[Path], None]) ->
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     try:
         write(tmp)
+        apply_umask(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

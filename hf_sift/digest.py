@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
+from .errors import InvalidArgumentError
+
 
 _TAG = b"hf_sift-digest-v1\n"
 
@@ -39,7 +41,9 @@ class TensorDigest:
 
     def update(self, name: str, tensor: torch.Tensor) -> None:
         if self._last is not None and name <= self._last:
-            raise ValueError(f"tensors must be digested in sorted name order ({name!r} after {self._last!r})")
+            raise InvalidArgumentError(
+                f"tensors must be digested in sorted name order ({name!r} after {self._last!r})"
+            )
         self._last = name
         header = json.dumps([name, _dtype_name(tensor.dtype), list(tensor.shape)]) + "\n"
         self._hash.update(header.encode("utf-8"))
@@ -52,6 +56,14 @@ class TensorDigest:
 def digest_tensors(tensors: Mapping[str, torch.Tensor], names: Iterable[str] | None = None) -> str:
     """Digest of `tensors` restricted to `names` (default: all)."""
     return digest_lazy(sorted(tensors if names is None else names), tensors.__getitem__)
+
+
+def state_dict_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Digest of every tensor of a model's state dict: the base model digest of docs/FORMAT.md.
+
+    Tied weights appear under each of their names, as `model.state_dict()` lists them.
+    """
+    return digest_tensors(state_dict)
 
 
 def digest_lazy(names: Iterable[str], load: Callable[[str], torch.Tensor]) -> str:

@@ -134,7 +134,7 @@ def serve_(
 ) -> bool:
     """Write the served weights of one flat parameter into `out`; `False` (nothing written) if unsupported.
 
-    Computes ``dtype(float64(θ0) + float64(±Q·m) · factor)`` per element, as `MergedDelta.served_parameter`
+    Computes ``dtype(float64(θ0) + float64(±Q·m) · factor)`` per element, as `hf_sift.served_weights.served_tensor`
     defines it (`negate` selects ``-Q``). `out` may be `base` itself. Supported: CPU, contiguous, `out` and
     `base` of one dtype, float32 or bfloat16.
     """

@@ -6,7 +6,6 @@ import contextlib
 import fnmatch
 import json
 import os
-import warnings
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,23 +14,26 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel
 
-from . import __version__
 from .arena import release_file_pages
-from .artifact import read_config
-from .atomic import link_or_copy, staged_folder
+from .atomic import apply_umask, link_or_copy, staged_folder
+from .base_check import check_base_digests, loaded_base_model_digest
 from .digest import digest_tensors
 from .errors import (
-    BaseModelMismatchError,
     CorruptArtifactError,
     DeltaNotKeptError,
+    InvalidArgumentTypeError,
     MissingBaseModelError,
     ReservedArgumentError,
     ServingDtypeError,
+    UnsupportedHubPushError,
 )
 from .hub.download import TOKENIZER_PATTERNS, ResolvedArtifact, resolve_artifact
 from .merged_delta import MergedDelta
 from .offload import materialized, offload_slots
-from .served_weights import check_cast, plain_weights, serve
+from .remote_code import refuse_remote_code
+from .served_weights import check_cast, check_scale, plain_weights, serve
+from .shard_size import DEFAULT_MAX_SHARD_SIZE
+from .version import __version__
 
 
 EXPORT_RECORD_NAME = "sift_export.json"
@@ -84,7 +86,7 @@ def _check_model_kwargs(model_kwargs: Mapping[str, Any] | None) -> dict[str, Any
     if model_kwargs is None:
         return {}
     if not isinstance(model_kwargs, Mapping):
-        raise TypeError(f"model_kwargs must be a dict, not {type(model_kwargs).__name__}")
+        raise InvalidArgumentTypeError(f"model_kwargs must be a dict, not {type(model_kwargs).__name__}")
     refused = sorted(set(model_kwargs) & _RESERVED_MODEL_KWARGS)
     if refused:
         raise ReservedArgumentError(
@@ -174,7 +176,8 @@ class MergedMaskedModel(torch.nn.Module):
                 one bitwise select per parameter. With `False` the sum and θ0 are dropped once the weights are
                 served (the pages of θ0 that map the checkpoint are released): the model then takes the memory of the
                 plain model, and cannot switch task.
-            scale (`float`, *optional*): Scale of the merged update; defaults to 1/T.
+            scale (`float`, *optional*): Scale of the merged update; defaults to 1/T. NaN and infinite scales are
+                refused ([`~hf_sift.errors.InvalidScaleError`]).
             allow_base_mismatch (`bool`, *optional*, defaults to `False`): Serve on a base whose weights differ
                 from the recorded digest, with a warning (shapes and dtypes must still match).
             verify (`bool`, *optional*, defaults to `True`): Check the sum against its recorded digest.
@@ -195,15 +198,16 @@ class MergedMaskedModel(torch.nn.Module):
         """
         target_dtype = _resolve_dtype(dtype)
         model_kwargs = _check_model_kwargs(model_kwargs)
+        scale = None if scale is None else check_scale(scale)
         artifact = resolve_artifact(path_or_repo_id, task, revision, **hub_kwargs)
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="hf_sift-digest") as pool:
             delta = MergedDelta.from_pretrained(artifact.folder, verify=False)
-            recorded_digest = read_config(artifact.folder)["delta_digest"]
+            recorded_digest = delta.recorded_digest
             # The sum's digest (a sha256 over ~8 bytes per tuned element) is checked in a background thread while the
             # base model loads and the weights are served; nothing is returned before it matches.
             checking = pool.submit(digest_tensors, delta.sum) if verify else None
             masks = cls._read_mask(delta, artifact, task)
-            scale = delta.default_scale() if scale is None else float(scale)
+            scale = delta.default_scale() if scale is None else scale
 
             if base_model is None and delta.base_model is None:
                 raise MissingBaseModelError(
@@ -212,8 +216,11 @@ class MergedMaskedModel(torch.nn.Module):
             base_name = str(base_model) if base_model is not None else delta.base_model
             base_revision = None if base_model is not None else delta.base_revision
             base_kwargs = {k: hub_kwargs[k] for k in _BASE_HUB_KWARGS if k in hub_kwargs}
+            refuse_remote_code(base_name, base_revision, **base_kwargs)
             if model_class is None:
-                config = AutoConfig.from_pretrained(base_name, revision=base_revision, **base_kwargs)
+                config = AutoConfig.from_pretrained(
+                    base_name, revision=base_revision, trust_remote_code=False, **base_kwargs
+                )
                 model_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
             recorded = set(delta.dtypes.values())
             base_dtype = recorded.pop() if len(recorded) == 1 else "auto"
@@ -224,6 +231,7 @@ class MergedMaskedModel(torch.nn.Module):
                     revision=base_revision,
                     dtype=load_dtype,
                     device_map=load_device_map,
+                    trust_remote_code=False,
                     **base_kwargs,
                     **model_kwargs,
                 )
@@ -238,6 +246,8 @@ class MergedMaskedModel(torch.nn.Module):
             base_weights = materialized(base_state, offload_slots(reference, delta.names), delta.names)
             # θ0's digest (a sha256 over the tuned weights) is checked alongside the serving pass, below.
             base_digest = pool.submit(digest_tensors, base_weights)
+            # The whole base (embeddings and LM head too) against the recorded base model digest, alongside as well.
+            model_digest = pool.submit(loaded_base_model_digest, reference, base_state, base_weights)
             if reference is not model:
                 check_cast(model, base_state, set(delta.names))
             del reference, base_state
@@ -245,7 +255,7 @@ class MergedMaskedModel(torch.nn.Module):
             # the parameters are then pointed at. The plain-merge weights that make switches cheap come at the first
             # switch.
             serve(model, delta, base_weights, masks, scale, fresh=True)
-            cls._check_base_digest(delta, base_digest.result(), allow_base_mismatch)
+            check_base_digests(delta, base_digest.result(), model_digest.result(), allow_base_mismatch)
             if not keep_delta:  # θ0 is not needed any more: release the pages of it that map the checkpoint file
                 release_file_pages(base_weights.values())
 
@@ -275,18 +285,6 @@ class MergedMaskedModel(torch.nn.Module):
     def _read_mask(delta: MergedDelta, artifact: ResolvedArtifact, task: str | None) -> dict[str, torch.Tensor] | None:
         MergedMaskedModel._fetch_mask(delta, artifact, task)
         return None if task is None else delta.load_mask(task)
-
-    @staticmethod
-    def _check_base_digest(delta: MergedDelta, digest: str, allow_mismatch: bool) -> None:
-        if digest == delta.base_digest:
-            return
-        message = "the base model's weights differ from the ones this delta was built on"
-        if not allow_mismatch:
-            raise BaseModelMismatchError(
-                f"{message}; pass allow_base_mismatch=True to serve on it anyway (the served weights are then "
-                "not the merge's)"
-            )
-        warnings.warn(f"{message}; serving anyway because allow_base_mismatch=True", stacklevel=3)
 
     # ------------------------------------------------------------------ tasks
 
@@ -361,8 +359,10 @@ class MergedMaskedModel(torch.nn.Module):
             save_directory (`str` or `os.PathLike`): Where to write the checkpoint.
             task (`str`, *optional*): The task to export; defaults to the one being served (`None`: plain merge).
                 Another task is switched in for the export and switched back afterwards.
-            kwargs: Passed to the model's `save_pretrained` (e.g. `max_shard_size`).
+            kwargs: Passed to the model's `save_pretrained` (e.g. `max_shard_size`, which defaults to hf_sift's
+                `DEFAULT_MAX_SHARD_SIZE`, 2GB, as every file hf_sift writes).
         """
+        kwargs.setdefault("max_shard_size", DEFAULT_MAX_SHARD_SIZE)
         if task is _CURRENT:
             task = self._task
         previous = self._task
@@ -377,6 +377,9 @@ class MergedMaskedModel(torch.nn.Module):
     def _export(self, folder: Path, task: str | None, **kwargs: Any) -> None:
         with staged_folder(folder) as stage:
             self.model.save_pretrained(stage, **kwargs)
+            for path in stage.rglob("*"):  # transformers writes its safetensors files 0600
+                if path.is_file():
+                    apply_umask(path)
             for path in sorted(self._artifact.folder.iterdir()):
                 if any(fnmatch.fnmatch(path.name, p) for p in TOKENIZER_PATTERNS) and not (stage / path.name).exists():
                     link_or_copy(path.resolve(), stage / path.name)
@@ -401,6 +404,16 @@ class MergedMaskedModel(torch.nn.Module):
         """
         self.model.to(*args, **kwargs)
         return self
+
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
+        """Refused with [`~hf_sift.errors.UnsupportedHubPushError`]: the wrapped model would be pushed without the
+        SIFT files. Upload the folder of [`MergedDelta.save_pretrained`] (`huggingface_hub.upload_folder`) instead."""
+        raise UnsupportedHubPushError(
+            "MergedMaskedModel.push_to_hub is refused: it would push the wrapped transformers model without the "
+            "SIFT artifact (sum, masks, config), so tasks could not be served or removed. Publishing artifacts to "
+            "the Hub is not available yet: upload the artifact folder written by MergedDelta.save_pretrained with "
+            "huggingface_hub.upload_folder, or export one task with save_pretrained(folder, task=...) and upload that"
+        )
 
     def __getattr__(self, name: str) -> Any:
         """Forward missing attributes (`generate`, `config`, `device`, ...) to the wrapped model."""

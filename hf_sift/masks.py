@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .errors import ParameterMismatchError
+
 
 def packed_size(numel: int) -> int:
     """Number of bytes a mask of `numel` elements packs into."""
@@ -21,6 +23,11 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     flat = mask.reshape(-1).to(torch.bool)
     if flat.device.type == "cpu":
         return torch.from_numpy(np.packbits(flat.numpy(), bitorder="little"))
+    return _pack_bits_torch(flat)
+
+
+def _pack_bits_torch(flat: torch.Tensor) -> torch.Tensor:
+    """[`pack_bits`] of a flat boolean tensor in torch operations, for devices numpy cannot reach."""
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
@@ -32,15 +39,24 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 def unpack_bits(packed: torch.Tensor, numel: int, shape: tuple[int, ...] | torch.Size | None = None) -> torch.Tensor:
     """Inverse of [`pack_bits`]: the first `numel` bits as a boolean tensor (reshaped to `shape` if given)."""
     if packed.dtype != torch.uint8 or packed.dim() != 1:
-        raise ValueError(f"a packed mask is a 1-D uint8 tensor, got {packed.dtype} with shape {tuple(packed.shape)}")
+        raise ParameterMismatchError(
+            f"a packed mask is a 1-D uint8 tensor, got {packed.dtype} with shape {tuple(packed.shape)}"
+        )
     if packed.numel() != packed_size(numel):
-        raise ValueError(f"a packed mask of {numel} elements has {packed_size(numel)} bytes, got {packed.numel()}")
+        raise ParameterMismatchError(
+            f"a packed mask of {numel} elements has {packed_size(numel)} bytes, got {packed.numel()}"
+        )
     if packed.device.type == "cpu":
         flat = torch.from_numpy(np.unpackbits(packed.numpy(), count=numel, bitorder="little").view(np.bool_))
     else:
-        shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-        flat = ((packed.unsqueeze(1) >> shifts) & 1).to(torch.bool).view(-1)[:numel]
+        flat = _unpack_bits_torch(packed, numel)
     return flat.view(tuple(shape)) if shape is not None else flat
+
+
+def _unpack_bits_torch(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """[`unpack_bits`] in torch operations, for devices numpy cannot reach."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    return ((packed.unsqueeze(1) >> shifts) & 1).to(torch.bool).view(-1)[:numel]
 
 
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

@@ -4,26 +4,27 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import __version__, kernels
+from . import kernels
 from .artifact import (
     DEFAULT_MAX_SHARD_SIZE,
-    FORMAT_VERSION,
     iter_delta,
     load_mask_file,
     mapped_mask_file,
     mask_filename,
-    read_config,
-    read_manifest,
+    read_artifact,
     write_artifact,
 )
+from .artifact_config import ArtifactConfig
+from .artifact_state import ArtifactStates, read_consistently
 from .compatibility import Compatibility, check_compatible
-from .digest import digest_tensors
+from .digest import digest_tensors, state_dict_digest
 from .errors import (
     BaseModelMismatchError,
     CorruptArtifactError,
@@ -33,22 +34,12 @@ from .errors import (
     UnknownTaskError,
 )
 from .fixed_point import INT64_MAX, SCALE_BITS, check_no_overflow, max_abs
-from .masks import packed_size, select_bits_, unpack_bits
+from .masks import packed_size
 from .selection import ParameterSelection, resolve_parameters
+from .served_weights import check_scale, served_tensor
 from .task_id import validate_task_id
 from .task_vector import TaskVector, check_same_parameters
 from .unlearning_log import LOG_NAME, UnlearningLog
-
-
-# Elements served per step in `served_parameter`; a multiple of 8 so mask bytes split cleanly.
-_SERVE_CHUNK = 1 << 18
-
-
-def _dtype_from_name(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise CorruptArtifactError(f"unknown dtype {name!r} in the artifact")
-    return dtype
 
 
 class MergedDelta:
@@ -66,6 +57,8 @@ class MergedDelta:
         scale_bits (`int`, *optional*, defaults to 40): The fixed-point scale S.
         base_model (`str`, *optional*): Name or path of the base model, recorded in `sift_config.json`.
         base_revision (`str`, *optional*): Revision of the base model, recorded likewise.
+        base_model_digest (`str`, *optional*): Digest of every tensor of the base model (not only P), from
+            [`~hf_sift.digest.state_dict_digest`]; recorded, and checked by [`check_base_model`] and on serving.
         device (`torch.device`, *optional*, defaults to CPU): Where the sum lives.
     """
 
@@ -78,8 +71,10 @@ class MergedDelta:
         scale_bits: int = SCALE_BITS,
         base_model: str | None = None,
         base_revision: str | None = None,
+        base_model_digest: str | None = None,
         device: torch.device | str = "cpu",
     ):
+        self._artifact_states = ArtifactStates()  # folders loaded from or saved to, for compare-and-swap saves
         selection, names = resolve_parameters(base_state_dict, parameters)
         self.sign_seed = sign_seed
         self.scale_bits = scale_bits
@@ -89,6 +84,8 @@ class MergedDelta:
         self.shapes = {n: tuple(base_state_dict[n].shape) for n in names}
         self.dtypes = {n: base_state_dict[n].dtype for n in names}
         self.base_digest = digest_tensors(base_state_dict, names)
+        self.base_model_digest = base_model_digest
+        self.recorded_digest: str | None = None  # the digest of Q recorded in the artifact last loaded or saved
         self._sum = {n: torch.zeros(self.shapes[n], dtype=torch.int64, device=device) for n in names}
         self._bounds = dict.fromkeys(names, 0)
         self._records: dict[str, dict[str, Any]] = {}
@@ -297,78 +294,27 @@ class MergedDelta:
         if verify_digest and digest_tensors(base_state_dict, self.names) != self.base_digest:
             raise BaseModelMismatchError("the base model's weights differ from the ones this delta was built on")
 
-    def served_parameter(
-        self,
-        name: str,
-        base: torch.Tensor,
-        packed_mask: torch.Tensor | None = None,
-        scale: float | None = None,
-        out: torch.Tensor | None = None,
-        plain: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Served weights of one parameter (see docs/FORMAT.md).
+    def check_base_model(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Raise unless every tensor of `state_dict` (the whole base model) matches the recorded base model digest.
 
-        Wherever ``Q · m`` is 0 (the mask is 0, or nothing moved): θ0 cast to `out`'s dtype, bit for bit. Elsewhere:
-        ``dtype(float64(θ0) + float64(Q) · (scale · 2**-S))``, evaluated in float64 in that order and rounded once to
-        `out`'s dtype (default: the base's). The work runs in chunks with reused buffers, so the extra memory is a
-        few MiB whatever the parameter's size; `out` may be `base` itself (in-place serving).
+        Call it before a replay: embeddings and the LM head are not tuned but shape training. Artifacts written
+        without that digest only get a warning (their tuned parameters are still checked by [`check_base`]).
 
-        `plain` may hold the plain-merge weights of this parameter computed earlier (same dtype as `out`); the
-        masked result is then a bitwise select between `plain` and θ0, without touching Q: this is how a
-        [`~hf_sift.MergedMaskedModel`] switches tasks in one cheap pass.
+        Raises:
+            [`~hf_sift.errors.BaseModelMismatchError`].
         """
-        factor = (self.default_scale() if scale is None else float(scale)) * 2.0 ** (-self.scale_bits)
-        total = self._sum[name].reshape(-1)
-        base_flat = base.detach().reshape(-1)
-        if out is None:
-            out = torch.empty_like(base)
-        out_flat = out.view(-1)
-        numel = out_flat.numel()
-        if factor == 0.0 or numel == 0:
-            return out.copy_(base)
-        # The masked term is computed as float64(±Q·m) · (∓factor) with the sign chosen so that a zero term is
-        # -0.0: θ0 + (-0.0) is θ0 bit for bit (θ0 + 0.0 would turn -0.0 into +0.0). Q·m is masked as an integer
-        # (exact), and ±Q never overflows since the sum stays within ±(2**63 - 1).
-        negate = factor > 0
-        # The fused kernels (one pass, threaded) give the same bits as the torch path below, which serves whatever
-        # they do not support (other dtypes, devices or layouts, or a build without a C compiler).
-        if plain is not None and packed_mask is not None:
-            merged = plain.reshape(-1)
-            if kernels.select_(out_flat, merged, base_flat, packed_mask):
-                return out
-        elif plain is None and kernels.serve_(
-            out_flat, base_flat, total, packed_mask, -factor if negate else factor, negate
-        ):
-            return out
-        if plain is None:  # reusable chunk buffers, only needed when Q is read
-            size = min(_SERVE_CHUNK, numel)
-            work = torch.empty(size, dtype=torch.int64, device=out.device)
-            wide = torch.empty(size, dtype=torch.float64, device=out.device)
-            bits = torch.empty(size, dtype=torch.int64, device=out.device) if packed_mask is not None else None
-        for lo in range(0, numel, _SERVE_CHUNK):
-            hi = min(lo + _SERVE_CHUNK, numel)
-            keep = None
-            if packed_mask is not None:
-                keep = unpack_bits(packed_mask[lo // 8 : packed_size(hi)], hi - lo).to(out.device).view(torch.uint8)
-            if plain is not None:
-                merged = plain.reshape(-1)[lo:hi]
-                if keep is None:
-                    out_flat[lo:hi].copy_(merged)
-                else:
-                    select_bits_(out_flat[lo:hi], merged, base_flat[lo:hi].to(out.dtype), keep)
-                continue
-            q = work[: hi - lo]
-            q.copy_(total[lo:hi])
-            if negate:
-                q.neg_()
-            if keep is not None:
-                m = bits[: hi - lo]
-                m.copy_(keep).neg_()  # 1 -> all ones, 0 -> 0
-                q.bitwise_and_(m)
-            w = wide[: hi - lo]
-            w.copy_(q).mul_(-factor if negate else factor).add_(base_flat[lo:hi])
-            out_flat[lo:hi].copy_(w)
-        return out
+        if self.base_model_digest is None:
+            warnings.warn(
+                "this delta records no digest of the whole base model (written by an older hf_sift, or built without "
+                "base_model_digest=): only the tuned parameters can be checked",
+                stacklevel=2,
+            )
+            return
+        if state_dict_digest(state_dict) != self.base_model_digest:
+            raise BaseModelMismatchError(
+                "the base model differs from the one this delta was built on (some tensor of its state dict, e.g. "
+                "the embeddings or the LM head, has other values, names, shapes or dtypes)"
+            )
 
     def materialize(
         self,
@@ -379,56 +325,75 @@ class MergedDelta:
     ) -> dict[str, torch.Tensor]:
         """The full served state dict for `task` (or the plain merge when `task` is None).
 
-        Tuned parameters become ``θ0 + scale · (Q · 2**-S masked by m_task)`` (see [`served_parameter`]); every
-        other entry of `base_state_dict` is returned as is. `scale` defaults to 1/T.
+        Tuned parameters become ``θ0 + scale · (Q · 2**-S masked by m_task)`` (see
+        [`~hf_sift.served_weights.served_tensor`], the one place that computes served weights); every other entry of
+        `base_state_dict` is returned as is. `scale` defaults to 1/T and must be finite.
         """
+        scale = self.default_scale() if scale is None else check_scale(scale)
         masks = self.load_mask(task) if task is not None else None
         self.check_base(base_state_dict, verify_digest=verify_base)
         served = dict(base_state_dict)
         with kernels.deferred():
             for name in self.names:
-                served[name] = self.served_parameter(
-                    name, base_state_dict[name], None if masks is None else masks[name], scale
+                mask = None if masks is None else masks[name]
+                served[name] = served_tensor(
+                    base_state_dict[name], self._sum[name], mask, scale=scale, scale_bits=self.scale_bits
                 )
         return served
 
     # ------------------------------------------------------------------ persistence
 
-    def _config(self) -> dict[str, Any]:
-        return {
-            "format": "hf_sift",
-            "format_version": FORMAT_VERSION,
-            "hf_sift_version": __version__,
-            "base_model": self.base_model,
-            "base_revision": self.base_revision,
-            "base_digest": self.base_digest,
-            "sign_seed": self.sign_seed,
-            "scale_bits": self.scale_bits,
-            "parameters": {
-                "selection": None if self.selection is None else self.selection.to_dict(),
-                "shapes": {n: list(s) for n, s in sorted(self.shapes.items())},
-                "dtypes": {n: str(d).removeprefix("torch.") for n, d in sorted(self.dtypes.items())},
-            },
-            "num_tasks": self.num_tasks,
-            "delta_digest": self.digest,
-        }
+    def _config(self) -> ArtifactConfig:
+        return ArtifactConfig(
+            base_digest=self.base_digest,
+            sign_seed=self.sign_seed,
+            scale_bits=self.scale_bits,
+            shapes=dict(self.shapes),
+            dtypes=dict(self.dtypes),
+            selection=self.selection,
+            num_tasks=self.num_tasks,
+            delta_digest=self.digest,
+            base_model=self.base_model,
+            base_revision=self.base_revision,
+            base_model_digest=self.base_model_digest,
+        )
 
     def save_pretrained(
-        self, save_directory: str | os.PathLike, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
+        self,
+        save_directory: str | os.PathLike,
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+        *,
+        overwrite: bool = False,
     ) -> None:
         """Write the artifact to `save_directory` atomically (see docs/FORMAT.md).
 
         Other files in the folder (a tokenizer, a README) are kept. A crash at any point leaves the previous
-        artifact intact. Masks already on disk are hard-linked rather than rewritten.
+        artifact intact. Masks already on disk are hard-linked rather than rewritten. The save is a compare-and-swap:
+        into a folder this delta was loaded from or saved to, it succeeds only if the folder still holds that state;
+        into any other folder (always, for a delta built fresh), only if it holds no artifact. See docs/FORMAT.md.
+
+        Args:
+            save_directory (`str` or `os.PathLike`): The artifact folder.
+            max_shard_size (`int` or `str`, *optional*, defaults to `"2GB"`): Shard the sum above this size.
+            overwrite (`bool`, *optional*, defaults to `False`): Replace whatever artifact the folder holds.
+
+        Raises:
+            [`~hf_sift.errors.ConcurrentUpdateError`]: the folder changed (another writer saved it) or holds another
+            artifact; it names what changed and the folder is left as it is. Reload with [`from_pretrained`],
+            reapply the change and save again.
         """
         save_directory = Path(save_directory).absolute()
+        config = self._config()
+        check = self._artifact_states.precondition(save_directory, overwrite)
         log = {LOG_NAME: self.log.to_bytes()} if len(self.log) else None
-        write_artifact(save_directory, self._config(), self._records, self._sum, self._masks, max_shard_size, log)
-        for task_id in self._records:
-            self._masks[task_id] = save_directory / mask_filename(task_id)
-        saved = read_manifest(save_directory)
+        mask_digests, written = write_artifact(
+            save_directory, config, self._records, self._sum, self._masks, max_shard_size, log, precondition=check
+        )
+        self._artifact_states.remember(save_directory, written)
         for task_id, record in self._records.items():
-            record["mask_digest"] = saved[task_id]["mask_digest"]
+            self._masks[task_id] = save_directory / mask_filename(task_id)
+            record["mask_digest"] = mask_digests[task_id]
+        self.recorded_digest = config.delta_digest
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, verify: bool = True) -> MergedDelta:
@@ -436,32 +401,35 @@ class MergedDelta:
 
         Masks stay on disk and are read one task at a time by [`load_mask`]. With `verify`, the sum is checked
         against its recorded digest (missing, truncated or corrupted files raise
-        [`~hf_sift.errors.CorruptArtifactError`]).
+        [`~hf_sift.errors.CorruptArtifactError`]). Every field of the config and the manifest is checked, and so is
+        the binding digest that ties the fields deciding the served weights together. A load that overlaps a save
+        starts over, so the delta holds one saved state, which it remembers: [`save_pretrained`] into `directory`
+        succeeds only if it is still there.
+
+        Raises:
+            [`~hf_sift.errors.CorruptArtifactError`] (a missing, truncated, malformed or edited file, naming the file
+            and field) or [`~hf_sift.errors.IncompatibleArtifactError`].
         """
         directory = Path(directory).absolute()
-        config = read_config(directory)
-        records = read_manifest(directory)
+        self, state = read_consistently(directory, lambda: cls._read(directory, verify))
+        self._artifact_states = ArtifactStates()
+        self._artifact_states.remember(directory, state)
+        return self
+
+    @classmethod
+    def _read(cls, directory: Path, verify: bool) -> MergedDelta:
+        config, records = read_artifact(directory)
         self = cls.__new__(cls)
-        params = config["parameters"]
-        try:
-            self.shapes = {n: tuple(int(d) for d in s) for n, s in params["shapes"].items()}
-            self.dtypes = {n: _dtype_from_name(d) for n, d in params["dtypes"].items()}
-            selection = params.get("selection")
-            self.selection = None if selection is None else ParameterSelection.from_dict(selection)
-        except (KeyError, TypeError, AttributeError, ValueError) as err:
-            raise CorruptArtifactError(f"malformed 'parameters' in the config of {directory}: {err}") from None
-        self.sign_seed = config["sign_seed"]
-        self.scale_bits = config["scale_bits"]
-        self.base_model = config["base_model"]
-        self.base_revision = config["base_revision"]
-        self.base_digest = config["base_digest"]
+        self.shapes, self.dtypes, self.selection = config.shapes, config.dtypes, config.selection
+        self.sign_seed, self.scale_bits = config.sign_seed, config.scale_bits
+        self.base_model, self.base_revision = config.base_model, config.base_revision
+        self.base_digest, self.base_model_digest = config.base_digest, config.base_model_digest
+        self.recorded_digest = config.delta_digest
         self._sum = dict(iter_delta(directory, self.shapes))
         self._bounds = {}  # filled by `_bound` when tasks are added or removed; serving never needs them
-        self._records = {t: dict(r) for t, r in records.items()}
+        self._records = records
         self._masks = {t: directory / mask_filename(t) for t in records}
         self.log = UnlearningLog.load(directory)
-        if config["num_tasks"] != len(records):
-            raise CorruptArtifactError(f"config says {config['num_tasks']} tasks, the manifest lists {len(records)}")
-        if verify and self.digest != config["delta_digest"]:
+        if verify and self.digest != config.delta_digest:
             raise CorruptArtifactError(f"the sum in {directory} does not match its recorded digest")
         return self

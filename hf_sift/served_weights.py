@@ -1,17 +1,126 @@
-"""Write the served weights of a merged SIFT delta into a transformers model (used by `MergedMaskedModel`)."""
+"""Served weights: the one place where θ0, the merged sum Q, a task's mask and the scale become weights.
+
+[`served_tensor`] implements the arithmetic of docs/FORMAT.md ("Served weights") for one parameter, with the
+fused kernels where they apply; [`~hf_sift.MergedDelta.materialize`], [`~hf_sift.MergedMaskedModel`], the `sift`
+merge method and `task_state_dict` all call it, so they cannot disagree. [`serve`] and [`plain_weights`] write
+them into a transformers model.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PreTrainedModel
 
 from . import kernels
 from .arena import empty_tensors
-from .errors import ServingDtypeError
-from .merged_delta import MergedDelta
+from .errors import InvalidScaleError, ServingDtypeError
+from .masks import packed_size, select_bits_, unpack_bits
 from .offload import offload_slots
+
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from .merged_delta import MergedDelta
+
+
+# Elements served per step by the torch path; a multiple of 8 so mask bytes split cleanly.
+_SERVE_CHUNK = 1 << 18
+
+
+def check_scale(scale: float) -> float:
+    """`scale` as a float, or [`~hf_sift.errors.InvalidScaleError`] if it is not a finite real number."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise InvalidScaleError(f"scale must be a finite number, got {scale!r}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise InvalidScaleError(f"scale must be a finite number, got {scale!r}: the served weights would be {scale}")
+    return scale
+
+
+def served_tensor(
+    base: torch.Tensor,
+    total: torch.Tensor,
+    packed_mask: torch.Tensor | None = None,
+    *,
+    scale: float,
+    scale_bits: int,
+    out: torch.Tensor | None = None,
+    plain: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Served weights of one parameter (see docs/FORMAT.md).
+
+    Wherever ``Q · m`` is 0 (the mask is 0, or nothing moved): θ0 cast to `out`'s dtype, bit for bit. Elsewhere:
+    ``dtype(float64(θ0) + float64(Q) · (scale · 2**-S))``, evaluated in float64 in that order and rounded once to
+    `out`'s dtype (default: the base's). The work runs in chunks with reused buffers, so the extra memory is a few
+    MiB whatever the parameter's size; `out` may be `base` itself (in-place serving).
+
+    Args:
+        base (`torch.Tensor`): θ0 of the parameter.
+        total (`torch.Tensor`): The int64 sum Q of the parameter, same shape.
+        packed_mask (`torch.Tensor`, *optional*): The task's bit-packed mask; `None` serves the plain merge.
+        scale (`float`): Scale of the merged update (1/T in the paper); must be finite.
+        scale_bits (`int`): The fixed-point scale S.
+        out (`torch.Tensor`, *optional*): Where to write; a new tensor like `base` by default.
+        plain (`torch.Tensor`, *optional*): The plain-merge weights of this parameter computed earlier (same dtype
+            as `out`); the masked result is then a bitwise select between `plain` and θ0, without touching Q: this
+            is how a [`~hf_sift.MergedMaskedModel`] switches tasks in one cheap pass.
+    """
+    factor = check_scale(scale) * 2.0 ** (-scale_bits)
+    total = total.reshape(-1)
+    base_flat = base.detach().reshape(-1)
+    if out is None:
+        out = torch.empty_like(base)
+    out_flat = out.view(-1)
+    numel = out_flat.numel()
+    if factor == 0.0 or numel == 0:
+        return out.copy_(base)
+    # The masked term is computed as float64(±Q·m) · (∓factor) with the sign chosen so that a zero term is
+    # -0.0: θ0 + (-0.0) is θ0 bit for bit (θ0 + 0.0 would turn -0.0 into +0.0). Q·m is masked as an integer
+    # (exact), and ±Q never overflows since the sum stays within ±(2**63 - 1).
+    negate = factor > 0
+    # The fused kernels (one pass, threaded) give the same bits as the torch path below, which serves whatever
+    # they do not support (other dtypes, devices or layouts, or a build without a C compiler).
+    if plain is not None and packed_mask is not None:
+        merged = plain.reshape(-1)
+        if kernels.select_(out_flat, merged, base_flat, packed_mask):
+            return out
+    elif plain is None and kernels.serve_(
+        out_flat, base_flat, total, packed_mask, -factor if negate else factor, negate
+    ):
+        return out
+    if plain is None:  # reusable chunk buffers, only needed when Q is read
+        size = min(_SERVE_CHUNK, numel)
+        work = torch.empty(size, dtype=torch.int64, device=out.device)
+        wide = torch.empty(size, dtype=torch.float64, device=out.device)
+        bits = torch.empty(size, dtype=torch.int64, device=out.device) if packed_mask is not None else None
+    for lo in range(0, numel, _SERVE_CHUNK):
+        hi = min(lo + _SERVE_CHUNK, numel)
+        keep = None
+        if packed_mask is not None:
+            keep = unpack_bits(packed_mask[lo // 8 : packed_size(hi)], hi - lo).to(out.device).view(torch.uint8)
+        if plain is not None:
+            merged = plain.reshape(-1)[lo:hi]
+            if keep is None:
+                out_flat[lo:hi].copy_(merged)
+            else:
+                select_bits_(out_flat[lo:hi], merged, base_flat[lo:hi].to(out.dtype), keep)
+            continue
+        q = work[: hi - lo]
+        q.copy_(total[lo:hi])
+        if negate:
+            q.neg_()
+        if keep is not None:
+            m = bits[: hi - lo]
+            m.copy_(keep).neg_()  # 1 -> all ones, 0 -> 0
+            q.bitwise_and_(m)
+        w = wide[: hi - lo]
+        w.copy_(q).mul_(-factor if negate else factor).add_(base_flat[lo:hi])
+        out_flat[lo:hi].copy_(w)
+    return out
 
 
 def is_finite(tensor: torch.Tensor) -> bool:
@@ -51,7 +160,7 @@ def plain_weights(
     buffers = empty_tensors([(state[n].shape, state[n].dtype) for n in delta.names])
     with kernels.deferred():
         return {
-            name: delta.served_parameter(name, base_weights[name], None, scale, out=out)
+            name: served_tensor(base_weights[name], delta.sum[name], scale=scale, scale_bits=delta.scale_bits, out=out)
             for name, out in zip(delta.names, buffers)
         }
 
@@ -96,10 +205,11 @@ def serve(
             merged = None if plain is None else plain[name]
             base = base_weights[name]
             if name in outputs or target.device.type == "cpu":
-                delta.served_parameter(name, base, mask, scale, out=outputs.get(name, target), plain=merged)
+                out = outputs.get(name, target)
             else:  # computed on the CPU so that the bits do not depend on the device
                 out = torch.empty(target.shape, dtype=target.dtype)
-                on_device.append((target, delta.served_parameter(name, base, mask, scale, out, merged)))
+                on_device.append((target, out))
+            served_tensor(base, delta.sum[name], mask, scale=scale, scale_bits=delta.scale_bits, out=out, plain=merged)
     for target, out in on_device:
         target.copy_(out)
     for name in checked:

@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -7,6 +9,7 @@ from conftest import perturbed
 
 from hf_sift import MergedDelta, TaskVector
 from hf_sift.artifact import CONFIG_NAME, DELTA_NAME, MANIFEST_NAME
+from hf_sift.digest import state_dict_digest
 from hf_sift.errors import CorruptArtifactError, IncompatibleArtifactError, InvalidTaskIdError, SiftError
 
 
@@ -107,14 +110,12 @@ def corrupt_byte(path: Path, offset: int = -1) -> None:
         (lambda f: (f / DELTA_NAME).write_bytes(b"\x01"), "cannot read"),
     ],
 )
-def test_damaged_artifacts_are_refused_and_left_alone(saved, damage, match):
+def test_damaged_artifacts_are_refused(saved, damage, match):
     folder, _, _ = saved
     damage(folder)
-    before = snapshot(folder)
     with pytest.raises(CorruptArtifactError, match=match) as err:
         MergedDelta.from_pretrained(folder)
     assert isinstance(err.value, ValueError)
-    assert snapshot(folder) == before
 
 
 def test_damaged_masks_are_refused(saved):
@@ -146,7 +147,8 @@ def test_newer_format_and_bad_manifest(saved):
         MergedDelta.from_pretrained(folder)
 
 
-def test_failed_operations_leave_files_untouched(saved, tiny_llama_state):
+def test_failed_operations_leave_the_merge_and_its_files_untouched(saved, tiny_llama_state):
+    # A failed operation changes nothing in memory: saving after it rewrites exactly the previous bytes.
     folder, _, tvs = saved
     before = snapshot(folder)
     loaded = MergedDelta.from_pretrained(folder)
@@ -161,6 +163,57 @@ def test_failed_operations_leave_files_untouched(saved, tiny_llama_state):
     for fail in failures:
         with pytest.raises(SiftError):
             fail()
+        loaded.save_pretrained(folder)
+        assert snapshot(folder) == before
+    # A failed save (a kept task's mask cannot be read) leaves the folder as it was.
+    loaded.remove("carol", tvs["carol"])
+    loaded._masks["alice"] = folder / "nowhere.safetensors"
+    with pytest.raises(CorruptArtifactError, match="nowhere"):
+        loaded.save_pretrained(folder)
     assert snapshot(folder) == before
-    loaded.save_pretrained(folder)
-    assert snapshot(folder) == before  # a no-op save rewrites the same bytes
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_files_and_folders_respect_the_umask(tmp_path, tiny_llama_state, umask):
+    from conftest import tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    from hf_sift import MergedMaskedModel
+
+    torch.manual_seed(0)
+    previous = os.umask(umask)
+    try:
+        LlamaForCausalLM(tiny_llama_config()).save_pretrained(tmp_path / "base")
+        base = LlamaForCausalLM.from_pretrained(tmp_path / "base").state_dict()
+        delta = MergedDelta(
+            base, sign_seed=SEED, base_model=str(tmp_path / "base"), base_model_digest=state_dict_digest(base)
+        )
+        delta.add("alice", TaskVector.from_state_dicts(base, perturbed(base, 1), SEED))
+        delta.save_pretrained(tmp_path / "merged")
+        delta.save_pretrained(tmp_path / "merged")  # a second save replaces the folder: same modes
+        MergedMaskedModel.from_pretrained(tmp_path / "merged", task="alice").save_pretrained(tmp_path / "export")
+    finally:
+        os.umask(previous)
+    for folder in (tmp_path / "merged", tmp_path / "export"):
+        paths = [folder, *folder.rglob("*")]
+        modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in paths}
+        expected = {n: (0o777 if (tmp_path / n).is_dir() else 0o666) & ~umask for n in modes}
+        assert modes == expected
+
+
+def test_saving_with_a_kept_task_mask_deleted_is_refused_naming_the_file(saved):
+    folder, _, tvs = saved
+    loaded = MergedDelta.from_pretrained(folder)
+    (folder / "masks" / "alice.safetensors").unlink()
+    before = snapshot(folder)
+    loaded.remove("carol", tvs["carol"])
+    with pytest.raises(CorruptArtifactError, match="masks/alice.safetensors of task 'alice'"):
+        loaded.save_pretrained(folder)
+    assert snapshot(folder) == before
+    # Removing the task whose own mask was deleted needs no mask: it succeeds.
+    (folder / "masks" / "bob.safetensors").unlink()
+    fresh = MergedDelta.from_pretrained(folder)
+    fresh.remove("bob", tvs["bob"])
+    fresh.remove("alice", tvs["alice"])
+    fresh.save_pretrained(folder)
+    assert sorted(p.name for p in (folder / "masks").iterdir()) == ["carol.safetensors"]

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from hf_sift import MergedDelta, TaskVector, kernels
 from hf_sift.masks import pack_bits
+from hf_sift.served_weights import served_tensor
 
 
 needs_kernels = pytest.mark.skipif(
@@ -140,7 +141,17 @@ def test_kernels_and_torch_path_serve_identical_bits(monkeypatch, dtype):
         plain = delta.materialize(base)
         results = [plain, delta.materialize(base, task="t1"), delta.materialize(base, task="t2", scale=-0.7)]
         mask = delta.load_mask("t0")
-        results += [delta.served_parameter(n, base[n], mask[n], plain=plain[n]) for n in delta.names]
+        results += [
+            served_tensor(
+                base[n],
+                delta.sum[n],
+                mask[n],
+                scale=delta.default_scale(),
+                scale_bits=delta.scale_bits,
+                plain=plain[n],
+            )
+            for n in delta.names
+        ]
         return [t for r in results for t in (r.values() if isinstance(r, dict) else [r])]
 
     fast = serve_all()

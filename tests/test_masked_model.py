@@ -28,21 +28,25 @@ from transformers import (
 
 from hf_sift import MergedDelta, MergedMaskedModel, TaskVector
 from hf_sift.artifact import CONFIG_NAME, DELTA_NAME, mask_filename
-from hf_sift.digest import digest_tensors
+from hf_sift.digest import digest_tensors, state_dict_digest
 from hf_sift.errors import (
     BaseModelMismatchError,
     CorruptArtifactError,
     DeltaNotKeptError,
+    InvalidScaleError,
     MissingBaseModelError,
     ParameterMismatchError,
+    RemoteCodeError,
     ReservedArgumentError,
     ServingDtypeError,
     UnknownTaskError,
+    UnsupportedHubPushError,
     UnsupportedOffloadError,
 )
 from hf_sift.hub import download
 from hf_sift.masked_model import EXPORT_RECORD_NAME
 from hf_sift.offload import offload_slots
+from hf_sift.served_weights import served_tensor
 
 
 SMALL = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
@@ -96,7 +100,12 @@ def build_artifact(
     base_dir = folder / f"base-{arch}-{seed}"
     model.save_pretrained(base_dir)
     base = {k: v.clone() for k, v in model.state_dict().items()}
-    delta = MergedDelta(base, sign_seed=7, base_model=str(base_dir) if record_base else None)
+    delta = MergedDelta(
+        base,
+        sign_seed=7,
+        base_model=str(base_dir) if record_base else None,
+        base_model_digest=state_dict_digest(base),
+    )
     for i, task in enumerate(tasks):
         delta.add(task, TaskVector.from_state_dicts(base, perturbed(base, 100 + i), 7))
     artifact = folder / f"artifact-{arch}-{seed}"
@@ -219,7 +228,14 @@ def test_bfloat16_rounds_once_from_float64(llama):
         out = dict(vanilla)
         for name in delta.names:
             target = torch.empty(base[name].shape, dtype=torch.bfloat16)
-            out[name] = delta.served_parameter(name, base[name], masks[name], out=target)
+            out[name] = served_tensor(
+                base[name],
+                delta.sum[name],
+                masks[name],
+                scale=delta.default_scale(),
+                scale_bits=delta.scale_bits,
+                out=target,
+            )
         return out
 
     assert_serves(model, expected_for())
@@ -510,15 +526,56 @@ def test_switch_that_overflows_restores_the_previous_task(tmp_path):
         assert torch.equal(tensor, before[key]), key
 
 
+@pytest.mark.parametrize("name", ["model.embed_tokens.weight", "lm_head.weight"])
+def test_base_with_other_embeddings_or_lm_head_is_refused(llama, tmp_path, name):
+    artifact, base_dir, delta, base = llama
+    assert name not in delta.names  # not tuned, but served as they are
+    other = AutoModelForCausalLM.from_pretrained(base_dir)
+    with torch.no_grad():
+        other.get_parameter(name).add_(1.0)
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(BaseModelMismatchError, match="embeddings or LM head"):
+        MergedMaskedModel.from_pretrained(artifact, task="t1", base_model=tmp_path / "other")
+    with pytest.warns(UserWarning, match="serving anyway"):
+        MergedMaskedModel.from_pretrained(artifact, task="t1", base_model=tmp_path / "other", allow_base_mismatch=True)
+    with pytest.raises(BaseModelMismatchError):
+        delta.check_base_model(other.state_dict())
+    delta.check_base_model(AutoModelForCausalLM.from_pretrained(base_dir).state_dict())
+
+
+def test_artifact_without_a_base_model_digest_warns_and_serves(tmp_path):
+    artifact, _, delta, base = build_artifact(tmp_path, tasks=["a"])
+    config = json.loads((artifact / CONFIG_NAME).read_text())
+    del config["base_model_digest"], config["binding_digest"]
+    (artifact / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="no digest of the whole base model"):
+        model = MergedMaskedModel.from_pretrained(artifact, task="a")
+    assert_serves(model, delta.materialize(base, "a"))
+
+
 # ---------------------------------------------------------------------- Hub resolution
 
 
-def test_allow_patterns_name_only_the_needed_files():
-    patterns = download.artifact_allow_patterns("t3")
-    assert mask_filename("t3") in patterns
-    assert not any(fnmatch.fnmatch(mask_filename("t4"), p) for p in patterns)
-    assert not any(p.startswith("masks/") for p in download.artifact_allow_patterns(None))
-    assert fnmatch.fnmatch("sift_delta-00001-of-00002.safetensors", "sift_delta*.safetensors")
+def test_allow_patterns_name_only_the_needed_files(llama):
+    from huggingface_hub.utils import filter_repo_objects
+
+    # The listing of a repo holding the artifact (plus a sharded sum, a look-alike mask and unrelated files),
+    # filtered by huggingface_hub's own matcher, the one snapshot_download applies to `allow_patterns`.
+    artifact, _, _, _ = llama
+    listing = [p.relative_to(artifact).as_posix() for p in artifact.rglob("*") if p.is_file()]
+    shards = ["sift_delta-00001-of-00002.safetensors", "sift_delta-00002-of-00002.safetensors"]
+    extra = [*shards, "sift_delta.safetensors.index.json", "masks/t30.safetensors", "masks/xt3.safetensors"]
+    listing += [*extra, "README.md", ".gitattributes", "model.safetensors", "notes/t3.safetensors"]
+    needed = {"sift_config.json", "sift_manifest.json", DELTA_NAME, *shards, "sift_delta.safetensors.index.json"}
+    tokenizer = {name for name in listing if name.startswith("tokenizer")}
+    assert tokenizer  # the fixture saved one
+    for task in (None, "t3"):
+        patterns = download.artifact_allow_patterns(task)
+        selected = set(filter_repo_objects(listing, allow_patterns=patterns))
+        mask = set() if task is None else {mask_filename(task)}
+        assert selected == needed | tokenizer | mask
+        bare = set(filter_repo_objects(listing, allow_patterns=download.artifact_allow_patterns(task, False)))
+        assert bare == needed | mask
 
 
 def test_repo_id_downloads_only_config_sum_and_one_mask(llama, tmp_path, monkeypatch):
@@ -649,8 +706,9 @@ def test_cli_export_matches_the_api(llama, tmp_path, capsys):
     assert plain.dtype == torch.bfloat16
     api = MergedMaskedModel.from_pretrained(artifact, dtype=torch.bfloat16)
     assert_serves(vanilla_as_served(plain), api.model.state_dict())
-    with pytest.raises(UnknownTaskError):
-        main(["export", str(artifact), "--task", "nope", "-o", str(tmp_path / "bad")])
+    capsys.readouterr()
+    assert main(["export", str(artifact), "--task", "nope", "-o", str(tmp_path / "bad")]) == 2  # UnknownTaskError
+    assert "hf-sift: error: unknown task 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
 
@@ -671,9 +729,78 @@ def test_cli_export_device_map_and_model_kwargs(llama, tmp_path, capsys):
         ("--model-kwargs", "[1]", "expected a JSON object"),
         ("--device-map", "{", "not valid JSON"),
     ):
-        with pytest.raises(SystemExit):
-            main(["export", str(artifact), "-o", str(tmp_path / "bad"), flag, value])
+        assert main(["export", str(artifact), "-o", str(tmp_path / "bad"), flag, value]) == 2
         assert message in capsys.readouterr().err
-    with pytest.raises(ReservedArgumentError):
-        main(["export", str(artifact), "-o", str(tmp_path / "bad"), "--model-kwargs", '{"trust_remote_code": true}'])
+    reserved = '{"trust_remote_code": true}'
+    assert main(["export", str(artifact), "-o", str(tmp_path / "bad"), "--model-kwargs", reserved]) == 2
+    assert "model_kwargs cannot set ['trust_remote_code']" in capsys.readouterr().err  # ReservedArgumentError
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_scales_are_refused(llama, tmp_path, scale, capsys):
+    from hf_sift.cli import main
+
+    artifact, _, delta, base = llama
+    with pytest.raises(InvalidScaleError, match="finite"):
+        MergedMaskedModel.from_pretrained(artifact, task="t1", scale=scale)
+    with pytest.raises(InvalidScaleError, match="finite"):
+        delta.materialize(base, task="t1", scale=scale)
+    capsys.readouterr()
+    assert main(["export", str(artifact), "--task", "t1", "-o", str(tmp_path / "nan"), f"--scale={scale}"]) == 2
+    assert "hf-sift: error: scale must be a finite number" in capsys.readouterr().err  # InvalidScaleError
+    assert not (tmp_path / "nan").exists()
+    with pytest.raises(InvalidScaleError):
+        MergedMaskedModel.from_pretrained(artifact, task="t1", scale="0.5")
+
+
+def test_push_to_hub_is_refused_not_forwarded(llama, monkeypatch):
+    artifact, _, _, _ = llama
+    model = MergedMaskedModel.from_pretrained(artifact, task="t1")
+    pushed = []
+    monkeypatch.setattr(type(model.model), "push_to_hub", lambda *a, **k: pushed.append(a), raising=False)
+    with pytest.raises(UnsupportedHubPushError, match="upload_folder"):
+        model.push_to_hub("me/merged")
+    assert pushed == []
+
+
+def test_one_default_shard_size_everywhere(llama, tmp_path, monkeypatch):
+    import inspect
+
+    from hf_sift.cli import build_parser
+    from hf_sift.merging import merge_checkpoints
+    from hf_sift.shard_size import DEFAULT_MAX_SHARD_SIZE
+
+    export = build_parser("export").parse_args(["export", "art", "-o", "out"])
+    merge = build_parser("merge").parse_args(["merge", "--method", "soup", "--base", "b", "m", "-o", "out"])
+    assert export.max_shard_size == merge.max_shard_size == DEFAULT_MAX_SHARD_SIZE
+    for function in (merge_checkpoints, MergedDelta.save_pretrained):
+        assert inspect.signature(function).parameters["max_shard_size"].default == DEFAULT_MAX_SHARD_SIZE
+    artifact, _, _, _ = llama
+    model = MergedMaskedModel.from_pretrained(artifact, task="t1")
+    seen = {}
+    monkeypatch.setattr(type(model.model), "save_pretrained", lambda self, folder, **kw: seen.update(kw))
+    model.save_pretrained(tmp_path / "export")
+    assert seen["max_shard_size"] == DEFAULT_MAX_SHARD_SIZE
+
+
+def test_base_asking_for_custom_code_is_refused_and_nothing_runs(llama, tmp_path):
+    from hf_sift.merging.negmerge_driver import negmerge_unlearn
+    from hf_sift.remote_code import refuse_remote_code
+
+    artifact, base_dir, _, _ = llama
+    evil = tmp_path / "evil"
+    shutil.copytree(base_dir, evil)
+    marker = tmp_path / "code-ran"
+    (evil / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    config = json.loads((evil / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    (evil / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RemoteCodeError, match="auto_map"):
+        MergedMaskedModel.from_pretrained(artifact, task="t1", base_model=evil)
+    with pytest.raises(RemoteCodeError, match="custom code"):
+        negmerge_unlearn(str(evil), None, None, grid={"learning_rate": [1e-5]})
+    with pytest.raises(RemoteCodeError):
+        refuse_remote_code(evil)
+    assert not marker.exists()
+    refuse_remote_code(base_dir)  # a plain config passes

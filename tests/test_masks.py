@@ -4,6 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hf_sift import masks
 from hf_sift.masks import agreement_mask, pack_bits, packed_size, popcount, unpack_bits
 
 
@@ -24,14 +25,17 @@ def test_bit_order_is_lsb_first():
     assert pack_bits(mask).tolist() == [0b00001001, 0b00000010]
 
 
-def test_torch_path_matches_numpy_path():
-    # The non-CPU path is pure torch; check it against the numpy one on CPU by calling its pieces directly.
-    mask = torch.rand(1237) < 0.5
-    flat = torch.cat([mask, mask.new_zeros((-mask.numel()) % 8)]).view(-1, 8).to(torch.uint8)
-    weights = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)
-    torch_packed = (flat * weights).sum(dim=1, dtype=torch.uint8)
+@pytest.mark.parametrize("numel", [0, 1, 7, 8, 9, 1237])
+def test_torch_path_matches_numpy_path(numel):
+    # Off the CPU, masks are packed and unpacked by torch operations; run those very functions on CPU tensors and
+    # compare them with the numpy path (and numpy's own bit order) that the CPU uses.
+    mask = torch.rand(numel, generator=torch.Generator().manual_seed(numel)) < 0.5
+    torch_packed = masks._pack_bits_torch(mask)
+    assert torch_packed.dtype == torch.uint8
     assert torch.equal(torch_packed, pack_bits(mask))
     assert np.array_equal(np.packbits(mask.numpy(), bitorder="little"), torch_packed.numpy())
+    assert torch.equal(masks._unpack_bits_torch(torch_packed, numel), mask)
+    assert torch.equal(masks._unpack_bits_torch(torch_packed, numel), unpack_bits(torch_packed, numel))
 
 
 def test_shape_is_restored():

@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
 from hf_sift.cli import main
-from hf_sift.errors import ParameterMismatchError
-from hf_sift.masks import packed_size
+from hf_sift.errors import ParameterMismatchError, SiftError
+from hf_sift.masks import pack_bits, packed_size
 from hf_sift.merging import (
     CheckpointReader,
     NegMergeAccumulator,
@@ -82,7 +82,7 @@ def test_streaming_writer_round_trips(tmp_path):
     assert set(index["weight_map"]) == set(tensors)
 
 
-@pytest.mark.parametrize("method_name", ["task_arithmetic", "ties", "dare", "magmax", "soup", "negmerge", "sift"])
+@pytest.mark.parametrize("method_name", ["task_arithmetic", "ties", "dare", "magmax", "soup", "negmerge"])
 def test_checkpoint_merge_equals_in_memory_merge(checkpoints, tmp_path, method_name):
     root, base_state, states = checkpoints
     method = create_method(method_name)
@@ -120,7 +120,7 @@ def test_checkpoint_negmerge_equals_streaming_accumulator(checkpoints, tmp_path)
         assert torch.equal(tensor, expected[name]), name
 
 
-@pytest.mark.parametrize("method_name", ["tall_masks", "emr", "sift"])
+@pytest.mark.parametrize("method_name", ["tall_masks", "emr"])
 def test_masks_round_trip_through_bit_packing(checkpoints, tmp_path, method_name):
     root, base_state, states = checkpoints
     out = merge_checkpoints(
@@ -189,3 +189,92 @@ def test_cli_merge(checkpoints, tmp_path):
     assert all(torch.equal(cli_state[n], api_state[n]) for n in api_state)
     config = json.loads((tmp_path / "cli" / "merging_config.json").read_text())
     assert config["parameters"]["density"] == 0.5 and config["removal_cost"] == "all remaining"
+
+
+def test_truncated_model_is_refused_naming_the_file(checkpoints, tmp_path):
+    from hf_sift.merging.streaming import CheckpointError
+
+    root, _, _ = checkpoints
+    bad = tmp_path / "truncated"
+    bad.mkdir()
+    data = (root / "ft0" / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=f"cannot read {bad / 'model.safetensors'}") as err:
+        merge_checkpoints("soup", root / "base", [root / "ft0", bad], tmp_path / "out")
+    assert isinstance(err.value, SiftError) and isinstance(err.value, ValueError)
+    assert not (tmp_path / "out").exists()
+
+
+def artifact_files(folder) -> dict[str, bytes]:
+    from hf_sift.artifact import is_artifact_file
+
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and is_artifact_file(p.relative_to(folder).as_posix())
+    }
+
+
+def test_sift_merge_writes_a_real_artifact_that_serves_exports_and_unlearns(checkpoints, tmp_path, capsys):
+    from hf_sift import MergedDelta, MergedMaskedModel, TaskVector
+    from hf_sift.artifact import CONFIG_NAME, DELTA_NAME
+    from hf_sift.digest import state_dict_digest
+    from hf_sift.selection import DEFAULT_EXCLUDE
+
+    root, _, states = checkpoints
+    models = [str(root / f"ft{i}") for i in range(3)]
+    out = tmp_path / "sift"
+    args = ["merge", "--method", "sift", "--base", str(root / "base"), *models, "-o", str(out)]
+    assert main([*args, "--param", "sign_seed=5"]) == 0
+    assert (out / CONFIG_NAME).is_file() and not (out / "model.safetensors").exists()
+    assert load_file(out / DELTA_NAME)["model.norm.weight"].dtype == torch.int64
+
+    # The same artifact as MergedDelta built in memory from θ0 as transformers loads it (tied lm_head included).
+    base_state = LlamaForCausalLM.from_pretrained(root / "base").state_dict()
+    expected = MergedDelta(
+        base_state,
+        sign_seed=5,
+        base_model=str((root / "base").absolute()),
+        base_model_digest=state_dict_digest(base_state),
+    )
+    vectors = {f"ft{i}": TaskVector.from_state_dicts(base_state, states[i], 5) for i in range(3)}
+    for task_id, vector in vectors.items():
+        expected.add(task_id, vector)
+    expected.save_pretrained(tmp_path / "expected")
+    assert artifact_files(out) == artifact_files(tmp_path / "expected")
+    loaded = MergedDelta.from_pretrained(out)
+    assert not any(name.split(".")[-2] in DEFAULT_EXCLUDE for name in loaded.names)  # no embeddings, no LM head
+    assert "model.embed_tokens.weight" not in loaded.names and "lm_head.weight" not in loaded.names
+
+    # Served and exported.
+    served = MergedMaskedModel.from_pretrained(out, task="ft1")
+    reference = expected.materialize(base_state, "ft1")
+    for name, tensor in served.model.state_dict().items():
+        assert torch.equal(tensor, reference[name]), name
+    assert main(["export", str(out), "--task", "ft1", "-o", str(tmp_path / "export")]) == 0
+    exported = LlamaForCausalLM.from_pretrained(tmp_path / "export").state_dict()
+    assert all(torch.equal(exported[n], reference[n]) for n in reference)
+    served_task = task_state_dict(out, root / "base", "ft1")  # the base file's tensors (tied lm_head dropped)
+    assert set(served_task) == set(CheckpointReader(root / "base").names())
+    assert all(torch.equal(served_task[n], reference[n]) for n in served_task)
+    masks = load_task_masks(out, "ft2")
+    assert all(torch.equal(pack_bits(masks[n]), vectors["ft2"].packed_masks[n]) for n in loaded.names)
+
+    # The card's claim is true: removing a task from its checkpoint gives the bytes of a fresh merge of the others.
+    card = (out / "README.md").read_text()
+    assert "Exact removal supported: yes" in card
+    loaded.remove("ft1", TaskVector.from_state_dicts(base_state, folder_state(root / "ft1"), 5, loaded.names))
+    loaded.save_pretrained(out)
+    others = [models[0], models[2]]
+    assert main(["merge", "--method", "sift", "--base", str(root / "base"), *others, "-o", str(tmp_path / "fresh"),
+                 "--param", "sign_seed=5"]) == 0  # fmt: skip
+    assert artifact_files(out) == artifact_files(tmp_path / "fresh")
+
+
+def test_sift_merge_refuses_a_scaling(checkpoints, tmp_path):
+    from hf_sift.merging import InvalidMergeParameterError
+
+    root, _, _ = checkpoints
+    with pytest.raises(InvalidMergeParameterError, match="chosen when it is served"):
+        merge_checkpoints("sift", root / "base", [root / "ft0"], tmp_path / "out", params={"scaling": 0.5})
+    assert not (tmp_path / "out").exists()

@@ -203,3 +203,21 @@ def test_typed_parameters():
         create_method("ties", bogus=1)
     with pytest.raises(InvalidMergeParameterError):
         create_method("task_arithmetic", weights=(1.0,)).merge_tensor("w", BASE, TUNED)
+
+
+def test_sift_method_keeps_negative_zero_of_theta0_where_nothing_moved():
+    # θ0 = -0.0 where no task moves (Q = 0): docs/FORMAT.md serves θ0's bits, the float sum θ0 + 0.0 gives +0.0.
+    from hf_sift import MergedDelta, TaskVector
+
+    base = torch.tensor([-0.0, -0.0, 1.5, -0.0])
+    tuned = [torch.tensor([-0.0, 0.25, 1.5, -0.0]), torch.tensor([-0.0, -0.5, 1.0, -0.0])]
+    method = create_method("sift", sign_seed=3)
+    method.begin(["a", "b"])
+    served = method.merge_tensor("w", base, tuned).tensor
+    delta = MergedDelta({"w": base}, sign_seed=3)
+    for task_id, tensor in zip(["a", "b"], tuned):
+        delta.add(task_id, TaskVector.from_state_dicts({"w": base}, {"w": tensor}, sign_seed=3))
+    expected = delta.materialize({"w": base})["w"]
+    assert torch.equal(served.view(torch.int32), expected.view(torch.int32))
+    assert served[0].view(torch.int32) == torch.tensor(-0.0).view(torch.int32)
+    assert served[3].view(torch.int32) == torch.tensor(-0.0).view(torch.int32)

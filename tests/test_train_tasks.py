@@ -11,7 +11,8 @@ from trainer_fixtures import free_port, set_distributed_env, sift_args, task_dat
 from transformers import TrainerCallback
 
 from hf_sift import MergedDelta, TaskVectorStore
-from hf_sift.errors import MixedRecipeError
+from hf_sift.digest import state_dict_digest
+from hf_sift.errors import BaseModelMismatchError, MixedRecipeError
 from hf_sift.trainer import SIFTTrainer, train_tasks
 from hf_sift.trainer.recipe import Recipe, rows_digest
 from hf_sift.trainer.sift_config import derive_seed
@@ -31,6 +32,12 @@ def test_each_task_matches_a_lone_run_and_the_model_is_reset(tmp_path):
         assert torch.equal(tensor, before[name]), name
     loaded = MergedDelta.from_pretrained(tmp_path / "merged")
     assert loaded.digest == delta.digest and loaded.task_ids == delta.task_ids
+    # The whole base (embeddings, LM head) at θ0 is recorded and checkable before a replay.
+    assert loaded.base_model_digest == state_dict_digest(before)
+    loaded.check_base_model(model.state_dict())
+    other = {k: v + 1 if k == "model.embed_tokens.weight" else v for k, v in before.items()}
+    with pytest.raises(BaseModelMismatchError):
+        loaded.check_base_model(other)
     total = None
     for task_id in delta.task_ids:
         subset = data.select([i for i, t in enumerate(data["task"]) if t == task_id])
@@ -82,6 +89,9 @@ def test_peft_tasks_share_the_adapter_initialisation(tmp_path):
     assert delta.names and all("lora_" in n for n in delta.names)
     again = train_tasks(tiny_model(), data, "task", sift_args(tmp_path / "runs"), tmp_path / "m2", peft_config=lora)
     assert again.base_digest == delta.base_digest and again.digest == delta.digest
+    # The base model digest is of the model before the adapter wraps it (names without peft's prefixes).
+    assert delta.base_model_digest == state_dict_digest(tiny_model().state_dict())
+    assert MergedDelta.from_pretrained(tmp_path / "m").base_model_digest == delta.base_model_digest
 
 
 def _rank_main(rank: int, world_size: int, port: int, runs: str, output: str) -> None:

@@ -19,13 +19,19 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from .. import __version__
+from ..artifact import CONFIG_NAME
 from ..atomic import staged_folder
 from ..errors import ParameterMismatchError
 from ..masks import pack_bits, packed_size, unpack_bits
+from ..merged_delta import MergedDelta
+from ..output_dir import check_output_dir
 from ..selection import ParameterSelection
+from ..shard_size import DEFAULT_MAX_SHARD_SIZE
 from ..task_id import validate_task_id
+from ..version import __version__
 from .registry import MergeMethod, create_method
+from .sift import SiftMasks
+from .sift_artifact import merge_sift_artifact
 from .streaming import CheckpointReader, StreamingCheckpointWriter
 
 
@@ -103,21 +109,27 @@ def merge_checkpoints(
     params: Mapping[str, Any] | None = None,
     task_ids: Sequence[str] | None = None,
     parameters: ParameterSelection | None = None,
-    max_shard_size: int | str = "2GB",
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ) -> MergeResult:
     """Merge finetuned checkpoints of `base` with `method`, streaming tensor by tensor.
+
+    The `sift` method writes a SIFT artifact instead of a plain checkpoint (see `hf_sift.merging.sift_artifact`):
+    `MergedMaskedModel` and `hf-sift export` serve it, and `MergedDelta.remove` removes a task from it exactly.
 
     Args:
         method (`MergeMethod` or `str`): A method instance, or a registered name (then built from `params`).
         base (`str` or `os.PathLike`): The base checkpoint folder θ0 (for NegMerge: the model to unlearn from).
         models (`Sequence[str | os.PathLike]`): The finetuned checkpoint folders.
-        output_dir (`str` or `os.PathLike`): Where to write the merged checkpoint (replaced atomically).
+        output_dir (`str` or `os.PathLike`): Where to write the merged checkpoint (replaced atomically). It must not
+            be, hold or lie inside `base` or one of the `models` ([`~hf_sift.errors.OutputDirError`]).
         params (`Mapping[str, Any]`, *optional*): Method parameters when `method` is a name.
         task_ids (`Sequence[str]`, *optional*): One id per model (mask file names); the folder names by default.
         parameters (`ParameterSelection`, *optional*):
-            Which floating-point tensors are merged; all of them by default. Others are copied from the base.
+            Which floating-point tensors are merged; all of them by default (for `sift`: all but input embeddings and
+            the LM head, as docs/FORMAT.md defines P). Others are copied from the base.
         max_shard_size (`int` or `str`, *optional*, defaults to `"2GB"`): Shard size of the output weights.
     """
+    check_output_dir(output_dir, [base, *models], overwrite=True, flag="output_dir")
     if isinstance(method, str):
         method = create_method(method, params)
     elif params:
@@ -127,6 +139,9 @@ def merge_checkpoints(
     task_ids = default_task_ids(models) if task_ids is None else [validate_task_id(t) for t in task_ids]
     if len(task_ids) != len(models) or len(set(task_ids)) != len(task_ids):
         raise ParameterMismatchError("task ids must be unique, one per model")
+    if isinstance(method, SiftMasks):  # a real SIFT artifact, not a plain checkpoint with masks
+        config = merge_sift_artifact(method.params, base, models, output_dir, task_ids, parameters, max_shard_size)
+        return MergeResult(Path(output_dir), config)
     selection = parameters if parameters is not None else ParameterSelection(exclude=())
     base_reader = CheckpointReader(base)
     readers = [CheckpointReader(m) for m in models]
@@ -197,6 +212,10 @@ def _numel(shape: Sequence[int]) -> int:
 def load_task_masks(merged_dir: str | os.PathLike, task_id: str) -> dict[str, torch.Tensor]:
     """The boolean per-task masks written by a localisation method, unpacked to the tensors' shapes."""
     merged_dir = Path(merged_dir)
+    if (merged_dir / CONFIG_NAME).is_file():  # a SIFT artifact
+        delta = MergedDelta.from_pretrained(merged_dir, verify=False)
+        packed = delta.load_mask(task_id)
+        return {n: unpack_bits(packed[n], _numel(delta.shapes[n]), delta.shapes[n]) for n in delta.names}
     config = json.loads((merged_dir / MERGING_CONFIG).read_text())
     if validate_task_id(task_id) not in config.get("masks", {}):
         raise ParameterMismatchError(f"{merged_dir} has no mask for task {task_id!r}")
@@ -214,9 +233,16 @@ def task_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Serve one task from a localised merge: ``θ0 + r_t · m_t ∘ (θ_merged - θ0)`` on the masked tensors.
 
-    `r_t` defaults to the task's recorded rescaler (EMR) or 1.0 (TALL-masks, SIFT).
+    `r_t` defaults to the task's recorded rescaler (EMR) or 1.0 (TALL-masks). For a SIFT artifact (written by the
+    `sift` method) the task's served weights are those of `MergedDelta.materialize`, computed by
+    `hf_sift.served_weights.served_tensor`, with `rescale` as the scale (1/T by default).
     """
     merged_dir = Path(merged_dir)
+    if (merged_dir / CONFIG_NAME).is_file():
+        delta = MergedDelta.from_pretrained(merged_dir)
+        reader = CheckpointReader(base)
+        base_state = {n: reader.get(n) for n in reader.names()}
+        return delta.materialize(base_state, task_id, scale=rescale)
     config = json.loads((merged_dir / MERGING_CONFIG).read_text())
     if rescale is None:
         rescale = float(config.get("rescalers", {}).get(task_id, 1.0))

@@ -1,10 +1,12 @@
 """SIFT-Masks as a merge method: the exact integer sum of task vectors with each task's sign mask.
 
 Per tensor this computes what [`~hf_sift.MergedDelta`] holds: ``Q = Σ_t round(τ_t 2**S)`` in int64 (overflow is
-raised, never wrapped) and ``m_t = 1{v ∘ τ_t > 0}`` for the seeded sign vector v. The written checkpoint is the
-plain merge ``θ0 + scale · Q 2**-S`` (scale defaults to 1/T), rounded once from float64 exactly as
-`MergedDelta.served_parameter` does, and the masks are bit-packed next to it. Because Q is an integer sum, one task
-is removed exactly by re-training it alone (cost 1): use `MergedDelta` for that workflow.
+raised, never wrapped) and ``m_t = 1{v ∘ τ_t > 0}`` for the seeded sign vector v. The plain merge of a tensor is
+``θ0 + scale · Q 2**-S`` (scale defaults to 1/T), computed by `hf_sift.served_weights.served_tensor`, the one
+function that computes served weights (so it keeps θ0's bits where nothing moved, as docs/FORMAT.md says).
+
+`merge_checkpoints` does not write a plain checkpoint for this method: it writes a real SIFT artifact
+(`hf_sift.merging.sift_artifact`), from which one task is removed exactly at the cost of that task alone.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 from ..fixed_point import SCALE_BITS, check_no_overflow, quantize
 from ..masks import agreement_mask
+from ..served_weights import served_tensor
 from ..sign_vector import SignVector
 from .registry import REMOVAL_COST_ONE, MergeMethod, MergeParams, TensorMerge, register_method
 
@@ -55,6 +58,5 @@ class SiftMasks(MergeMethod):
             check_no_overflow(total, q, name)
             total += q
             masks.append(agreement_mask(q, positive))
-        scale = 1.0 / len(tuned) if p.scaling is None else float(p.scaling)
-        served = total.to(torch.float64).mul_(scale * 2.0 ** (-p.scale_bits)).add_(base.to(torch.float64))
-        return TensorMerge(served.to(base.dtype), masks)
+        scale = 1.0 / len(tuned) if p.scaling is None else p.scaling
+        return TensorMerge(served_tensor(base, total, scale=scale, scale_bits=p.scale_bits), masks)

@@ -22,12 +22,11 @@ from typing import Any
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from huggingface_hub.constants import SAFETENSORS_INDEX_FILE, SAFETENSORS_SINGLE_FILE, SAFETENSORS_WEIGHTS_FILE_PATTERN
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from ..errors import ParameterMismatchError, SiftError
+from ..errors import CheckpointError, ParameterMismatchError, PathNotFoundError
+from ..shard_size import DEFAULT_MAX_SHARD_SIZE
 
-
-DEFAULT_MERGE_SHARD_SIZE = "2GB"
 
 # safetensors dtype codes (https://github.com/huggingface/safetensors, format spec).
 _DTYPE_CODES: dict[torch.dtype, str] = {
@@ -50,10 +49,6 @@ TIED_ALIASES: dict[str, tuple[str, ...]] = {
 }
 
 
-class CheckpointError(SiftError, ValueError):
-    """A checkpoint folder is missing, unreadable, or lacks a tensor the merge needs."""
-
-
 class CheckpointReader:
     """Lazy reader of one safetensors checkpoint: a file, or a folder with one file or an index of shards.
 
@@ -63,6 +58,8 @@ class CheckpointReader:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        if not self.path.exists():
+            raise PathNotFoundError(f"checkpoint {str(path)!r}: no such folder or file")
         if self.path.is_file():
             self.folder = self.path.parent
             files = {self.path.name: self.path}
@@ -93,11 +90,14 @@ class CheckpointReader:
                         piece = handle.get_slice(name)
                         self._location[name] = file
                         self._specs[name] = (tuple(piece.get_shape()), _CODE_DTYPES.get(piece.get_dtype()))
-            except (OSError, RuntimeError) as err:
-                raise CheckpointError(f"cannot read {file}: {err}") from None
+            except (OSError, RuntimeError, SafetensorError) as err:
+                raise CheckpointError(f"cannot read {file} (truncated or not a safetensors file?): {err}") from None
         self.config: dict[str, Any] | None = None
         if (self.folder / "config.json").is_file():
-            self.config = json.loads((self.folder / "config.json").read_text())
+            try:
+                self.config = json.loads((self.folder / "config.json").read_text())
+            except (OSError, ValueError) as err:
+                raise CheckpointError(f"cannot read {self.folder / 'config.json'}: {err}") from None
 
     def names(self) -> list[str]:
         """Names of the stored tensors, in file order."""
@@ -130,8 +130,11 @@ class CheckpointReader:
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor (a tied weight missing from the file is read from its source)."""
         name = self._resolve(name)
-        with safe_open(self._location[name], framework="pt") as handle:
-            return handle.get_tensor(name)
+        try:
+            with safe_open(self._location[name], framework="pt") as handle:
+                return handle.get_tensor(name)
+        except (OSError, RuntimeError, SafetensorError) as err:
+            raise CheckpointError(f"cannot read {name!r} from {self._location[name]}: {err}") from None
 
     def __repr__(self) -> str:
         return f"CheckpointReader({str(self.path)!r}, tensors={len(self._location)})"
@@ -169,7 +172,7 @@ class StreamingCheckpointWriter:
         self,
         directory: str | os.PathLike,
         specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
-        max_shard_size: int | str = DEFAULT_MERGE_SHARD_SIZE,
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
         metadata: Mapping[str, str] | None = None,
         filename_pattern: str = SAFETENSORS_WEIGHTS_FILE_PATTERN,
     ):

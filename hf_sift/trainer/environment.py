@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .. import __version__
+from ..version import __version__
 
 
 # Environment entries a replay must match; the determinism switches are recorded but follow from the recorded

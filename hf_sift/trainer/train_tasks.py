@@ -20,7 +20,8 @@ from transformers.trainer_utils import SaveStrategy
 
 from ..artifact import CONFIG_NAME
 from ..compatibility import Compatibility, check_compatible
-from ..errors import MixedRecipeError, ParameterMismatchError
+from ..digest import state_dict_digest
+from ..errors import InvalidArgumentError, MixedRecipeError, ParameterMismatchError
 from ..merged_delta import MergedDelta
 from ..task_id import validate_task_id
 from ..task_vector import TaskVector
@@ -60,6 +61,10 @@ def _partial_dir(output_dir: Path, layout: ProcessLayout) -> Path:
     return output_dir.parent / f".{output_dir.name}.rank{layout.rank}-of-{layout.world_size}"
 
 
+def _is_peft_model(model: torch.nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
 def _load_or(directory: Path, fresh: MergedDelta) -> MergedDelta:
     if not (directory / CONFIG_NAME).is_file():
         return fresh
@@ -81,6 +86,9 @@ def prepare_base(
     Returns the (possibly wrapped) model, the [`SignConstraint`] every task shares and an empty [`MergedDelta`]
     over the same θ0, sign seed and tuned parameters.
     """
+    # θ0 of the whole model (embeddings and LM head too, which shape training), recorded so that serving and a
+    # replay can check the base; an already wrapped PEFT model has no plain base state dict to record.
+    base_model_digest = None if _is_peft_model(model) else state_dict_digest(model.state_dict())
     if peft_config is not None:
         from peft import get_peft_model
 
@@ -100,6 +108,7 @@ def prepare_base(
         selection if selection.resolve(theta0) == names else names,
         base_model=base_model,
         base_revision=base_revision,
+        base_model_digest=base_model_digest,
     )
     constraint.base_digest = fresh.base_digest  # the same θ0 and names: hash it once
     return model, constraint, fresh
@@ -215,7 +224,10 @@ def train_tasks(
     scheduler and RNG state, seeded from `(args.seed, task_id)`) on the rows of its task, then the model is reset to
     θ0 in place. After each task the artifact is saved atomically, so a crash loses at most the task in flight; a
     restarted call skips the tasks already recorded and ends with the same bytes. A restart whose recipe (training
-    arguments, a finished task's rows, collator, tokenizer, adapter) differs from the recorded one is refused.
+    arguments, a finished task's rows, collator, tokenizer, adapter) differs from the recorded one is refused. Each
+    save is a compare-and-swap ([`~hf_sift.MergedDelta.save_pretrained`]): if another process saved the artifact
+    meanwhile, the run stops with [`~hf_sift.errors.ConcurrentUpdateError`] and a new call resumes from the artifact
+    as that process left it.
 
     Under `accelerate launch` (or `torchrun`) with N processes, the tasks are sharded over the ranks, each rank
     trains its tasks alone into a partial artifact next to `output_dir`, and at the end the int64 partial sums are
@@ -245,7 +257,7 @@ def train_tasks(
         [`~hf_sift.MergedDelta`]: The merge of every task (on rank 0; None on the other ranks).
     """
     if output_dir is None:
-        raise ValueError("train_tasks needs an `output_dir` for the merged artifact")
+        raise InvalidArgumentError("train_tasks needs an `output_dir` for the merged artifact")
     output_dir = Path(output_dir).absolute()
     if args is None:
         args = SIFTConfig(output_dir=str(output_dir.parent / f"{output_dir.name}-runs"), report_to="none")

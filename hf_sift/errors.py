@@ -138,10 +138,6 @@ class EnvironmentMismatchError(ReplayPreconditionError):
     """The environment (library versions, device model, thread count) differs from the one a task was trained in."""
 
 
-class UnsupportedDataError(SiftError, ValueError):
-    """A training data file cannot be read (unknown format, missing file or column)."""
-
-
 class MixedRecipeError(SiftError, ValueError):
     """Resuming an artifact with another recipe (training arguments, data, tokenizer, adapter) than its tasks'."""
 
@@ -204,7 +200,6 @@ __all__ = [
     "UnknownMergeMethodError",
     "UnknownTaskError",
     "UnlearningLogError",
-    "UnsupportedDataError",
     "UnsupportedHubPushError",
     "UnsupportedOffloadError",
 ]

@@ -13,7 +13,6 @@ its recorded task vector, 2 for bad input (nothing is changed in either case).
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -50,17 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .errors import SiftError, TaskDigestMismatchError
-
-    try:
-        report = _unlearn(args)
-    except TaskDigestMismatchError as err:
-        print(f"hf-sift: error: {err}", file=sys.stderr)
-        return 1
-    except SiftError as err:
-        print(f"hf-sift: error: {err}", file=sys.stderr)
-        return 2
-    print(report)
+    print(_unlearn(args))
     return 0
 
 
@@ -80,16 +69,20 @@ def _unlearn(args: argparse.Namespace):
     if stored is None or any(task not in stored for task in args.task):
         from transformers import AutoModelForCausalLM
 
-        from .trainer.cli import load_data, load_tokenizer, tokenize_rows
+        from .hub.sources import hub_lookup
+        from .trainer.cli import check_columns, load_data, load_tokenizer, tokenize_rows
 
         if args.data is None:
             raise ReplayPreconditionError("replaying a task needs its training data (--data)")
-        base = args.base or read_config(args.artifact)["base_model"]
+        base = args.base or read_config(args.artifact).base_model
         if base is None:
             raise MissingBaseModelError("the artifact does not name its base model: pass --base")
-        tokenizer = load_tokenizer(base)
-        dataset = tokenize_rows(load_data(args.data), tokenizer, args.text_template, args.max_length, args.task_column)
-        model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=False)
+        raw = load_data(args.data, "--data", folders=True)
+        check_columns(raw, args.task_column, args.text_template)
+        tokenizer = load_tokenizer(base, "--base")
+        dataset = tokenize_rows(raw, tokenizer, args.text_template, args.max_length, args.task_column)
+        with hub_lookup(base, "--base"):
+            model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=False)
     return unlearn(
         args.artifact,
         args.task,

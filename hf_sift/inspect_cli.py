@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -40,22 +39,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     info.set_defaults(func=run_info)
 
 
-def _error(message: str) -> int:
-    print(f"hf-sift: error: {message}", file=sys.stderr)
-    return 2
+def _folder(path: str | None) -> None:
+    from .errors import PathNotFoundError
+
+    if path is not None and not Path(path).is_dir():
+        raise PathNotFoundError(f"{path} is not a folder")
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from .errors import SiftError
     from .verify import verify_artifact
 
-    for folder in (args.artifact, args.task_vector_store):
-        if folder is not None and not Path(folder).is_dir():
-            return _error(f"{folder} is not a folder")
-    try:
-        problems = verify_artifact(args.artifact, args.task_vector_store)
-    except SiftError as err:  # a store inside the artifact
-        return _error(str(err))
+    _folder(args.artifact)
+    _folder(args.task_vector_store)
+    problems = verify_artifact(args.artifact, args.task_vector_store)
     if not problems:
         print(f"{args.artifact}: every check holds")
         return 0
@@ -86,7 +82,7 @@ def artifact_info(directory: str | Path) -> dict[str, Any]:
         "log": size(LOG_NAME),
     }
     sizes["total"] = sum(sizes.values())
-    shapes = config["parameters"]["shapes"]
+    shapes = config.shapes
     elements = 0
     for shape in shapes.values():
         count = 1
@@ -96,16 +92,17 @@ def artifact_info(directory: str | Path) -> dict[str, Any]:
     tasks = sorted(manifest)
     return {
         "artifact": str(directory),
-        "format_version": config["format_version"],
-        "hf_sift_version": config["hf_sift_version"],
-        "base_model": config["base_model"],
-        "base_revision": config["base_revision"],
-        "base_digest": config["base_digest"],
-        "sign_seed": config["sign_seed"],
-        "scale_bits": config["scale_bits"],
-        "num_tasks": config["num_tasks"],
+        "format_version": config.format_version,
+        "hf_sift_version": config.hf_sift_version,
+        "base_model": config.base_model,
+        "base_revision": config.base_revision,
+        "base_digest": config.base_digest,
+        "base_model_digest": config.base_model_digest,
+        "sign_seed": config.sign_seed,
+        "scale_bits": config.scale_bits,
+        "num_tasks": config.num_tasks,
         "tasks": tasks,
-        "delta_digest": config["delta_digest"],
+        "delta_digest": config.delta_digest,
         "tuned_parameters": len(shapes),
         "tuned_elements": elements,
         "mean_mask_density": (
@@ -124,14 +121,8 @@ def _size(n: int) -> str:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from .errors import SiftError
-
-    if not Path(args.artifact).is_dir():
-        return _error(f"{args.artifact} is not a folder")
-    try:
-        info = artifact_info(args.artifact)
-    except SiftError as err:
-        return _error(str(err))
+    _folder(args.artifact)
+    info = artifact_info(args.artifact)
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True, ensure_ascii=False))
         return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from .artifact import (
     read_config,
     read_manifest,
 )
+from .artifact_config import ArtifactConfig
 from .compatibility import Compatibility, check_compatible
 from .digest import digest_lazy, file_digest
 from .errors import SiftError
@@ -30,13 +32,6 @@ from .unlearning_log import UnlearningLog
 
 
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
-
-
-def _shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    shapes = config["parameters"]["shapes"]
-    if not isinstance(shapes, dict):
-        raise TypeError("'shapes' is not an object")
-    return {str(n): tuple(int(d) for d in s) for n, s in shapes.items()}
 
 
 def _sum_digest(directory: Path, shapes: dict[str, tuple[int, ...]], problems: list[str]) -> str | None:
@@ -127,11 +122,11 @@ def _check_masks(directory: Path, manifest: dict[str, Any], shapes: dict[str, tu
 
 
 def _check_store(
-    directory: Path, config: dict[str, Any], manifest: dict[str, Any], shapes: dict[str, tuple[int, ...]], store: Any
+    directory: Path, config: ArtifactConfig, manifest: dict[str, Any], shapes: dict[str, tuple[int, ...]], store: Any
 ) -> list[str]:
     """Check the artifact against the task vectors `store` (a TaskVectorStore) holds for its tasks."""
     problems = []
-    merge = Compatibility(config["sign_seed"], config["scale_bits"], config["base_digest"], shapes)
+    merge = Compatibility(config.sign_seed, config.scale_bits, config.base_digest, shapes, config.dtypes)
     residual = dict(iter_delta(directory, shapes))  # Q minus every stored q_t: zero when all tasks are stored
     complete = True
     for task_id, record in sorted(manifest.items()):
@@ -182,34 +177,34 @@ def verify_artifact(directory: str | os.PathLike, task_vector_store: str | os.Pa
     config = manifest = shapes = None
     try:
         config = read_config(directory)
-        shapes = _shapes(config)
+        shapes = config.shapes
     except SiftError as err:
         problems.append(f"{CONFIG_NAME}: {err}")
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        problems.append(f"{CONFIG_NAME}: malformed 'parameters' ({err})")
     try:
         manifest = read_manifest(directory)
     except SiftError as err:
         problems.append(f"{MANIFEST_NAME}: {err}")
+    if config is not None and manifest is not None:
+        if config.num_tasks != len(manifest):
+            problems.append(f"{CONFIG_NAME}: num_tasks is {config.num_tasks}, {MANIFEST_NAME} lists {len(manifest)}")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # an artifact written before binding digests: nothing to check
+                config.check_binding(manifest, CONFIG_NAME)
+        except SiftError as err:
+            problems.append(str(err))
 
     digest = None
     if shapes is not None:
         digest = _sum_digest(directory, shapes, problems)
-        if config is not None and digest is not None and digest != config["delta_digest"]:
+        if config is not None and digest is not None and digest != config.delta_digest:
             files = ", ".join(delta_files(directory))
             problems.append(
                 f"{files}: the sum's digest {digest} differs from the delta_digest in {CONFIG_NAME} "
-                f"({config['delta_digest']})"
+                f"({config.delta_digest})"
             )
         if manifest is not None:
             problems.extend(_check_masks(directory, manifest, shapes))
-    if config is not None and manifest is not None and config["num_tasks"] != len(manifest):
-        problems.append(f"{CONFIG_NAME}: num_tasks is {config['num_tasks']}, {MANIFEST_NAME} lists {len(manifest)}")
-    if config is not None and not (
-        isinstance(config["base_digest"], str) and _DIGEST.fullmatch(config["base_digest"])
-    ):
-        problems.append(f"{CONFIG_NAME}: base_digest is not a sha256 digest")
-
     if task_vector_store is not None and config is not None and manifest is not None and digest is not None:
         from .task_vector_store import TaskVectorStore
 
@@ -222,7 +217,7 @@ def verify_artifact(directory: str | os.PathLike, task_vector_store: str | os.Pa
         if digest is not None:
             problems.extend(log.verify(digest, f"the sum in {', '.join(delta_files(directory))}"))
         elif config is not None:
-            problems.extend(log.verify(config["delta_digest"], f"the delta_digest in {CONFIG_NAME}"))
+            problems.extend(log.verify(config.delta_digest, f"the delta_digest in {CONFIG_NAME}"))
         else:
             problems.extend(log.verify(None))
     return problems

@@ -52,7 +52,7 @@ def test_verify_exits_0_when_every_check_holds_and_1_with_the_list(artifact, cap
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
     assert main(["verify", str(tmp_path / "nowhere")]) == 2
     assert capsys.readouterr().err == f"hf-sift: error: {tmp_path / 'nowhere'} is not a folder\n"
-    assert main(["info", str(tmp_path)]) == 2
+    assert main(["info", str(tmp_path)]) == 1  # an artifact file missing: a failed check
     err = capsys.readouterr().err
     assert err.startswith("hf-sift: error: ") and "sift_config.json is missing" in err and err.count("\n") == 1
 

@@ -119,7 +119,7 @@ def test_saved_with_the_artifact_and_loaded_back(tmp_path):
     lines = (tmp_path / "unlearned" / LOG_NAME).read_bytes().splitlines()
     assert [json.loads(line) for line in lines] == delta.log.entries
 
-    merge(["t0"]).save_pretrained(tmp_path / "unlearned")  # a save replaces every artifact file, the log too
+    merge(["t0"]).save_pretrained(tmp_path / "unlearned", overwrite=True)  # replaces every artifact file, the log too
     assert LOG_NAME not in files(tmp_path / "unlearned")
     assert len(MergedDelta.from_pretrained(tmp_path / "unlearned").log) == 0
 

@@ -11,7 +11,7 @@ from conftest import perturbed
 from safetensors.torch import load_file, save_file
 
 from hf_sift import MergedDelta, TaskVector, TaskVectorStore
-from hf_sift.artifact import CONFIG_NAME, DELTA_NAME, MANIFEST_NAME, mask_filename
+from hf_sift.artifact import CONFIG_NAME, DELTA_NAME, MANIFEST_NAME, mask_filename, read_config, read_manifest
 from hf_sift.digest import digest_tensors
 from hf_sift.unlearning_log import LOG_NAME
 from hf_sift.verify import verify_artifact
@@ -107,13 +107,19 @@ def test_with_a_store_the_sum_config_and_masks_are_checked_against_the_task_vect
         store.put(task_id, VECTORS[task_id])
     assert verify_artifact(artifact, store.directory) == []
 
-    # Rewritten consistently (new sum, new delta_digest, new sign seed): only the task vectors can tell.
-    config = json.loads((artifact / CONFIG_NAME).read_text())
+    # Rewritten consistently (new sum, new delta_digest, new sign seed, binding digest recomputed): only the task
+    # vectors can tell.
+    def rewrite(**fields) -> None:
+        config = read_config(artifact)
+        for key, value in fields.items():
+            setattr(config, key, value)
+        config.binding_digest = config.compute_binding(read_manifest(artifact))
+        (artifact / CONFIG_NAME).write_text(config.to_json_string())
+
     total = load_file(artifact / DELTA_NAME)
     total["a.weight"][0, 0] += 1
     save_file(total, artifact / DELTA_NAME, metadata={"format": "hf_sift-delta"})
-    config.update(delta_digest=digest_tensors(total), sign_seed=SEED + 1)
-    (artifact / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    rewrite(delta_digest=digest_tensors(total), sign_seed=SEED + 1)
     (artifact / LOG_NAME).unlink()
     assert verify_artifact(artifact) == []
     problems = verify_artifact(artifact, store.directory)
@@ -122,8 +128,7 @@ def test_with_a_store_the_sum_config_and_masks_are_checked_against_the_task_vect
         f"the merge has sign_seed={SEED + 1}, scale_bits=40"
         for t in ("t0", "t2")
     ]
-    config["sign_seed"] = SEED
-    (artifact / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    rewrite(sign_seed=SEED)
     assert verify_artifact(artifact, store.directory) == [
         f"{DELTA_NAME}: the sum is not the sum of the stored task vectors of its tasks"
     ]

@@ -115,6 +115,24 @@ def test_smoke_profile_end_to_end(tmp_path):
     assert [c["steps"] for c in payload["training"]["SIFT training"].values()] == [1, 1]
     assert payload["training"]["Central FT training"]["steps"] == 2
     assert payload["complete"] is True
+    # Unlearning author-199 from the merge of 2 with hf_sift.unlearn: one author's replay (1 step), and the artifact
+    # is the one train_tasks wrote before author-199 was ever trained (same sum digest, same files).
+    unlearning = payload["unlearning"]
+    assert unlearning["forgotten"] == ["author-199"] and unlearning["remaining"] == ["author-198"]
+    same = unlearning["sift_masks_identical_to_retain_only"]
+    assert same["files_equal"] is True and same["digest_after_unlearning"] == same["digest_never_trained"]
+    assert [(r["steps"], r["measured"]) for r in unlearning["requests"]["SIFT-Masks"]] == [(1, True)]
+    assert [r["steps"] for r in unlearning["requests"]["TIES"]] == [1]  # every remaining author: 1 x 1 step
+    models = unlearning["models"]
+    assert models["SIFT-Masks after unlearning"]["forget_quality"] == 1.0
+    assert models["SIFT-Masks after unlearning"]["model_utility"] == models["SIFT-Masks retain-only"]["model_utility"]
+    assert set(models) == {
+        "SIFT-Masks retain-only",
+        "SIFT-Masks after unlearning",
+        "FT+Merge retain-only",
+        "FT+Merge (not unlearned)",
+        "NegMerge",
+    }
     # --report-only rebuilds the same records from the score cache, training nothing.
     args = ["--profile", "smoke", "--work-dir", str(tmp_path / "work"), "--results", str(tmp_path / "again.json")]
     assert main([*args, "--plot", str(tmp_path / "again.png"), "--report-only"]) == 0

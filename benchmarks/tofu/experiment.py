@@ -117,11 +117,15 @@ def run_merging_study(
         cache.put("local FT", local)
         cache.put("local FT training", costs)
 
-    # SIFT: one artifact grown author by author (train_tasks resumes), served at every T.
+    # SIFT: one artifact grown author by author (train_tasks resumes), served at every T. A copy is kept when T - k
+    # authors are merged: the artifact never trained on the k authors the unlearning study forgets.
     artifact = work_dir / "sift-merged"
     sift_local, sift_costs = cache.get("SIFT local") or {}, cache.get("SIFT training") or {}
-    for count in tqdm(counts, desc="SIFT at T", unit="T"):
-        if f"SIFT-Masks@{count}" in cache.data and f"SIFT+Merge@{count}" in cache.data:
+    retain_count = largest - profile.forget
+    for count in tqdm(sorted(set(counts) | {retain_count}), desc="SIFT at T", unit="T"):
+        snapshot_dir = work_dir / f"sift-merged@{count}"
+        scored = count not in counts or (f"SIFT-Masks@{count}" in cache.data and f"SIFT+Merge@{count}" in cache.data)
+        if scored and (count != retain_count or snapshot_dir.is_dir()):
             continue
         callback = ScoreWhenTrained(scorer)
         with contextlib.redirect_stdout(io.StringIO()):  # the Trainer prints its end-of-training metrics
@@ -141,6 +145,10 @@ def run_merging_study(
         sift_costs.update(callback.training)
         cache.put("SIFT local", sift_local)
         cache.put("SIFT training", sift_costs)
+        if count == retain_count and not snapshot_dir.is_dir():
+            shutil.copytree(artifact, snapshot_dir)
+        if scored:
+            continue
         served = MergedMaskedModel.from_pretrained(artifact, task=None, base_model=base_dir).to(model.device)
         full = count == largest
         plain = {t: scorer(served, t, full) for t in ids[:count]}

@@ -23,6 +23,9 @@ class Profile:
         table_questions (`int`, *optional*): Questions per author (the first ones) for ROUGE-L and the truth ratio
             at the largest T; all 20 when None. Answer probability always uses all 20.
         central (`bool`): Train the central model (one model on every author, T x `steps` steps).
+        forget (`int`): Authors unlearned, one request at a time, from the merge of all (the last ones first).
+        utility_questions (`int`, *optional*): Questions of real authors and world facts (the first ones) in the
+            model utility; all of them when None.
         sign_seed (`int`), seed (`int`): The sign vector's seed and the training seed.
     """
 
@@ -35,6 +38,8 @@ class Profile:
     max_new_tokens: int = 200
     table_questions: int | None = None
     central: bool = True
+    forget: int = 2
+    utility_questions: int | None = None
     sign_seed: int = 0
     seed: int = 0
     notes: tuple[str, ...] = field(default=())
@@ -65,6 +70,8 @@ PROFILES: dict[str, Profile] = {
         batch_size=4,
         learning_rate=1e-3,
         max_new_tokens=8,
+        forget=1,
+        utility_questions=4,
         notes=(
             "a tiny Llama from a config and a 512-token BPE trained on the data: checks the pipeline, not the paper",
         ),
@@ -76,12 +83,14 @@ PROFILES: dict[str, Profile] = {
         steps=5,
         max_new_tokens=40,
         table_questions=5,
+        utility_questions=10,
         notes=(
             "SmolLM2-135M-Instruct instead of GPT2-XL",
             "4 authors (T up to 4) instead of 200",
             "5 steps per author instead of 20 (batch 20, lr 1e-4 as in the paper)",
             "ROUGE-L and truth ratio on the first 5 questions of each author; greedy answers of at most 40 new "
             "tokens instead of 200",
+            "unlearning: 2 authors forgotten; model utility on the first 10 real-author and world-fact questions",
         ),
     ),
     "full": Profile(
@@ -89,6 +98,7 @@ PROFILES: dict[str, Profile] = {
         model="smollm2",
         authors=tuple(range(200)),
         steps=20,
+        forget=20,
         notes=("the paper's recipe (200 authors, 20 steps, batch 20, lr 1e-4) on SmolLM2-135M-Instruct",),
     ),
 }

@@ -142,3 +142,38 @@ def table(records: list[dict[str, Any]], largest: int) -> str:
             f"{fmt(r['rouge_l_recall'])} | {fmt(r['truth_ratio'])} |"
         )
     return "\n".join(lines)
+
+
+def unlearning_table(unlearning: dict[str, Any]) -> str:
+    """Markdown tables of the unlearning study: cost per request, then forget quality and model utility."""
+
+    def fmt(value: Any, digits: int = 3) -> str:
+        return "—" if value is None else f"{value:.{digits}f}"
+
+    requests = unlearning["requests"]
+    forgotten = unlearning["forgotten"]
+    head = " | ".join(f"request {i + 1} ({t})" for i, t in enumerate(forgotten))
+    lines = [f"| method | {head} | cumulative |", "|---" * (len(forgotten) + 2) + "|"]
+    for method, entries in requests.items():
+        cells = " | ".join(f"{e['steps']} steps, {e['seconds']:.0f} s" for e in entries)
+        last = entries[-1]
+        how = "measured" if entries[0]["measured"] else "from the training times"
+        lines.append(
+            f"| {method} ({how}) | {cells} | {last['cumulative_steps']} steps, {last['cumulative_seconds']:.0f} s |"
+        )
+    same = unlearning["sift_masks_identical_to_retain_only"]
+    lines += [
+        "",
+        f"SIFT-Masks after unlearning {', '.join(forgotten)}: sum digest {same['digest_after_unlearning'][:23]}…, "
+        f"never trained on them {same['digest_never_trained'][:23]}…; every artifact file equal (log aside): "
+        f"{same['files_equal']}",
+        "",
+        "| model | forget quality (KS p) | forget truth ratio | model utility |",
+        "|---|---|---|---|",
+    ]
+    for label, values in unlearning["models"].items():
+        lines.append(
+            f"| {label} | {fmt(values['forget_quality'], 4)} | {fmt(values['forget_truth_ratio'])} | "
+            f"{fmt(values['model_utility'])} |"
+        )
+    return "\n".join(lines)

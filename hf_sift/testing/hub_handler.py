@@ -191,7 +191,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             headers["X-Repo-Commit"] = error.commit
         if error.status == 413:
             headers["Connection"] = "close"
-        self._send(error.status, {"error": error.message}, headers)
+        self._send(error.status, {"error": error.message, **error.extra}, headers)
 
     def _url(self, path: str) -> str:
         return f"{self.hub.endpoint}{path}"
@@ -202,9 +202,11 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         body = self._json()
         repo_type = body.get("type") or "model"
         repo_id = f"{body.get('organization')}/{body.get('name')}"
-        with self.hub.store.lock:
-            self.hub.store.create(repo_type, repo_id, bool(body.get("private")))
         url = self._url(f"/{_URL_PREFIXES.get(repo_type, '')}{repo_id}")
+        with self.hub.store.lock:
+            if (repo_type, repo_id) in self.hub.store.repos:  # the Hub names the existing repo in its 409
+                raise HubError(409, f"You already created this {repo_type} repo", url=url)
+            self.hub.store.create(repo_type, repo_id, bool(body.get("private")))
         self._send(200, {"url": url, "name": repo_id, "id": repo_id})
 
     def delete_repo(self) -> None:

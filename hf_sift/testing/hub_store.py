@@ -31,9 +31,11 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 class HubError(Exception):
     """An error the server answers with `status`, the `X-Error-Code` header `code` and `message`."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, commit: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, code: str | None = None, commit: str | None = None, **extra: Any
+    ) -> None:
         super().__init__(message)
-        self.status, self.message, self.code, self.commit = status, message, code, commit
+        self.status, self.message, self.code, self.commit, self.extra = status, message, code, commit, extra
 
 
 def git_sha1(data: bytes) -> str:

@@ -40,7 +40,7 @@ def api(hub: HubServer) -> HfApi:
 
 
 def test_client_reads_the_local_endpoint(hub):
-    assert constants.ENDPOINT == hub.endpoint
+    assert hub.endpoint == constants.ENDPOINT
     assert constants.HF_HUB_DISABLE_XET
 
 
@@ -89,7 +89,9 @@ def test_history_refs_and_downloads(hub, api, tmp_path):
     assert Path(old).read_bytes() == text
 
     api.super_squash_history("me/history")
-    assert [c.title for c in api.list_repo_commits("me/history")] == ["Super-squash branch 'main' using huggingface_hub"]
+    assert [c.title for c in api.list_repo_commits("me/history")] == [
+        "Super-squash branch 'main' using huggingface_hub"
+    ]
     assert api.list_repo_files("me/history") == [".gitattributes", "b.txt", "model.safetensors"]
     assert api.list_repo_refs("me/history").tags[0].target_commit == first.oid  # tags keep their history
     with pytest.raises(RevisionNotFoundError):
@@ -121,9 +123,7 @@ def test_parent_commit_not_at_head_is_refused_with_412(hub, api):
     start = api.model_info("me/race").sha
     winner = api.upload_file(path_or_fileobj=b"1", path_in_repo="a.txt", repo_id="me/race")
     with pytest.raises(HfHubHTTPError) as refused:
-        api.create_commit(
-            "me/race", [CommitOperationAdd("b.txt", b"2")], commit_message="late", parent_commit=start
-        )
+        api.create_commit("me/race", [CommitOperationAdd("b.txt", b"2")], commit_message="late", parent_commit=start)
     assert refused.value.response.status_code == 412
     assert api.model_info("me/race").sha == winner.oid
     assert api.list_repo_files("me/race") == [".gitattributes", "a.txt"]
@@ -169,7 +169,9 @@ def test_a_dropped_commit_leaves_the_repo_unchanged_and_a_retry_lands(hub, api):
     head = api.model_info("me/drop-commit").sha
     hub.drop("commit")
     with pytest.raises(httpx2.TransportError):
-        api.create_commit("me/drop-commit", [CommitOperationAdd("a.txt", b"a")], commit_message="a", parent_commit=head)
+        api.create_commit(
+            "me/drop-commit", [CommitOperationAdd("a.txt", b"a")], commit_message="a", parent_commit=head
+        )
     assert [r.status for r in hub.requests if r.route == "commit"] == [None]
     assert api.model_info("me/drop-commit").sha == head
     retry = api.create_commit(

@@ -19,6 +19,8 @@ COMMANDS: dict[str, str] = {
     "merge": "hf_sift.merging.cli",
     "negmerge": "hf_sift.merging.cli",
     "export": "hf_sift.serving_cli",
+    "push": "hf_sift.hub.cli",
+    "pull": "hf_sift.hub.cli",
 }
 COMMAND_MODULES: tuple[str, ...] = tuple(dict.fromkeys(COMMANDS.values()))
 

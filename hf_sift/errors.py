@@ -120,3 +120,7 @@ __all__ = [
 class HubServerError(SiftError, ValueError):
     """A local Hub server (`hf_sift.testing.hub_server`) was given an invalid option: a non-loopback address or an
     unknown route for a fault."""
+
+
+class OutputFolderNotEmptyError(SiftError, ValueError):
+    """A command that creates a folder was pointed at one that already holds files: nothing was written there."""

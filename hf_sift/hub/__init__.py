@@ -1,6 +1,17 @@
-"""Resolving SIFT artifacts stored on the Hugging Face Hub (or in local folders) to local files."""
+"""The Hugging Face Hub side of SIFT artifacts: resolve (download only what is needed), push and pull."""
 
-from .download import ResolvedArtifact, artifact_allow_patterns, resolve_artifact
+from .download import ResolvedArtifact, artifact_allow_patterns, resolve_artifact, resolve_delta_folder
+from .pull import pull_artifact
+from .push import PushResult, push_delta, push_to_hub
 
 
-__all__ = ["ResolvedArtifact", "artifact_allow_patterns", "resolve_artifact"]
+__all__ = [
+    "PushResult",
+    "ResolvedArtifact",
+    "artifact_allow_patterns",
+    "pull_artifact",
+    "push_delta",
+    "push_to_hub",
+    "resolve_artifact",
+    "resolve_delta_folder",
+]

@@ -1,0 +1,66 @@
+"""Pull a SIFT artifact, or the part of it that serves one task, from the Hub into a new local folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..artifact import read_manifest
+from ..atomic import staged_folder
+from ..errors import OutputFolderNotEmptyError, UnknownTaskError
+from .download import resolve_artifact
+
+
+def _refuse_non_empty(target: Path) -> None:
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise OutputFolderNotEmptyError(f"{target} already exists and is not an empty folder: choose a new one")
+
+
+def pull_artifact(
+    repo_id: str,
+    output_dir: str | os.PathLike,
+    task: str | None = None,
+    revision: str | None = None,
+    **hub_kwargs: Any,
+) -> Path:
+    """Download a Hub artifact into the normal cache and copy it into the new folder `output_dir`.
+
+    With `task`, only what serving that task needs is fetched (config, manifest, sum, the task's mask, the
+    tokenizer); without it, every file of the repo at `revision`. The folder appears whole or not at all.
+
+    Args:
+        repo_id (`str`): The Hub repo holding the artifact.
+        output_dir (`str` or `os.PathLike`): A folder that does not exist yet (or is empty).
+        task (`str`, *optional*): The one task to fetch the mask of.
+        revision (`str`, *optional*): Branch, tag or commit; every file comes from the one commit it names.
+        hub_kwargs: `cache_dir`, `token`, `local_files_only`, ... passed to `huggingface_hub`.
+
+    Returns:
+        `Path`: The output folder.
+
+    Raises:
+        [`~hf_sift.errors.UnknownTaskError`] (the repo has no such task; no mask is downloaded),
+        [`~hf_sift.errors.OutputFolderNotEmptyError`].
+    """
+    from huggingface_hub import snapshot_download
+
+    target = Path(output_dir).absolute()
+    _refuse_non_empty(target)
+    if task is None:
+        source = Path(snapshot_download(repo_id, revision=revision, **hub_kwargs))
+    else:
+        # Config and manifest first: an unknown task is refused before any mask is fetched.
+        artifact = resolve_artifact(repo_id, None, revision, **hub_kwargs)
+        if task not in read_manifest(artifact.folder):
+            raise UnknownTaskError(f"{repo_id} has no task {task!r} at revision {artifact.revision}")
+        artifact.ensure_mask(task)
+        source = artifact.folder
+    with staged_folder(target, _refuse_non_empty) as stage:
+        for path in sorted(source.rglob("*")):
+            relative = path.relative_to(source)
+            if path.is_file() and not any(part.startswith(".") for part in relative.parts):
+                (stage / relative).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, stage / relative)  # follows the cache's symlinks to the blobs
+    return target

@@ -170,11 +170,12 @@ def test_a_dropped_lfs_upload_leaves_repo_and_folder_intact_and_a_retry_succeeds
     api = HfApi()
     api.create_repo("me/drop-lfs")
     head = api.model_info("me/drop-lfs").sha
-    # The client retries an LFS upload 5 times (waiting 1+2+4+8+8 s): drop all six attempts.
-    hub.drop("lfs_upload", times=6)
-    with pytest.raises(httpx2.TransportError):
+    # The client retries an LFS upload 5 times (waiting 1+2+4+8+8 s): drop all six attempts to upload the sum.
+    sum_oid = hashlib.sha256((artifact / "sift_delta.safetensors").read_bytes()).hexdigest()
+    hub.drop("lfs_upload", times=6, path_contains=sum_oid)
+    with pytest.raises(RuntimeError, match="Error while uploading 'sift_delta.safetensors'"):
         push_to_hub(artifact, "me/drop-lfs", base_model="me/tiny-base")
-    assert [r.status for r in hub.requests if r.route == "lfs_upload"] == [None] * 6
+    assert [r.status for r in hub.requests if r.route == "lfs_upload" and sum_oid in r.path] == [None] * 6
     assert [r for r in hub.requests if r.route == "commit"] == []
     assert api.model_info("me/drop-lfs").sha == head
     assert folder_files(artifact) == local
@@ -237,6 +238,9 @@ def test_cli_push_and_pull(world, hub, tmp_path, capsys):
     }
     assert main(["pull", "me/cli", "--task", "t1", "-o", str(out), "--cache-dir", cache]) == 2
     assert "not an empty folder" in capsys.readouterr().err
+    hub.drop("commit")
+    assert main(["push", str(build(world, "cli-more", TASKS[:3])), "me/cli", "--base-model", "me/tiny-base"]) == 1
+    assert "the push did not complete" in capsys.readouterr().err
 
     whole = pull_artifact("me/cli", tmp_path / "whole", cache_dir=cache)
     assert sorted(folder_files(whole)) == sorted([*local, "README.md"])

@@ -57,6 +57,15 @@ def _fail(error: Exception) -> int:
     return 1 if isinstance(error, (ConcurrentUpdateError, CorruptArtifactError)) else 2
 
 
+def _network_failure(error: BaseException) -> bool:
+    """Whether `error` is the Hub client failing to talk to the Hub (possibly wrapped by the client)."""
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    kinds = (httpx2.HTTPError, HfHubHTTPError)
+    return isinstance(error, kinds) or isinstance(error.__cause__, kinds)
+
+
 def run_push(args: argparse.Namespace) -> int:
     from ..errors import SiftError
     from .push import push_to_hub
@@ -74,6 +83,15 @@ def run_push(args: argparse.Namespace) -> int:
         )
     except SiftError as error:
         return _fail(error)
+    except Exception as error:
+        if not _network_failure(error):
+            raise
+        print(
+            f"hf-sift: error: the push did not complete ({error}); a commit lands whole or not at all, and pushing "
+            "again uploads only what the repo lacks",
+            file=sys.stderr,
+        )
+        return 1
     if result.commit == result.parent:
         print(f"{args.repo_id}@{result.revision} already holds this artifact (commit {result.commit}); nothing pushed")
         return 0
@@ -96,6 +114,14 @@ def run_pull(args: argparse.Namespace) -> int:
         )
     except SiftError as error:
         return _fail(error)
+    except Exception as error:
+        if not _network_failure(error):
+            raise
+        print(
+            f"hf-sift: error: the download did not complete ({error}); nothing was written to {args.output}",
+            file=sys.stderr,
+        )
+        return 1
     what = "the whole artifact" if args.task is None else f"task {args.task!r}"
     print(f"pulled {what} of {args.repo_id} into {folder}")
     return 0

@@ -64,7 +64,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         segments = [unquote(s) for s in url.path.split("/")[1:]]
         route, handler, args = self._route(segments)
         record = self.hub._log(self.command, unquote(url.path), route)
-        fault = self.hub._take_fault(route)
+        fault = self.hub._take_fault(route, record.path)
         try:
             if fault is not None and fault.kind == "delay":
                 time.sleep(fault.seconds)

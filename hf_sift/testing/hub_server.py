@@ -70,13 +70,14 @@ class RequestRecord:
 
 @dataclass
 class Fault:
-    """A fault injected into the next `times` requests to `route`: `"drop"` the connection half-way through the
-    request body, or `"delay"` the answer by `seconds`."""
+    """A fault injected into the next `times` requests to `route` (whose path contains `path_contains`, when set):
+    `"drop"` the connection half-way through the request body, or `"delay"` the answer by `seconds`."""
 
     route: str
     kind: str
     times: int = 1
     seconds: float = 0.0
+    path_contains: str | None = None
 
 
 class _Listener(ThreadingHTTPServer):
@@ -188,13 +189,14 @@ class HubServer:
 
     # --- fault injection ------------------------------------------------------------------------------------------
 
-    def drop(self, route: str, times: int = 1) -> None:
-        """Close the connection of the next `times` requests to `route` half-way through their body, unanswered."""
-        self._add_fault(Fault(route, "drop", times))
+    def drop(self, route: str, times: int = 1, path_contains: str | None = None) -> None:
+        """Close the connection of the next `times` requests to `route` (whose path contains `path_contains`, when
+        given: e.g. one LFS object's sha256) half-way through their body, without answering."""
+        self._add_fault(Fault(route, "drop", times, path_contains=path_contains))
 
-    def delay(self, route: str, seconds: float, times: int = 1) -> None:
-        """Answer the next `times` requests to `route` after `seconds`."""
-        self._add_fault(Fault(route, "delay", times, seconds))
+    def delay(self, route: str, seconds: float, times: int = 1, path_contains: str | None = None) -> None:
+        """Answer the next `times` requests to `route` (whose path contains `path_contains`) after `seconds`."""
+        self._add_fault(Fault(route, "delay", times, seconds, path_contains))
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -206,10 +208,10 @@ class HubServer:
         with self._lock:
             self._faults.append(fault)
 
-    def _take_fault(self, route: str) -> Fault | None:
+    def _take_fault(self, route: str, path: str) -> Fault | None:
         with self._lock:
             for fault in self._faults:
-                if fault.route == route and fault.times > 0:
+                if fault.route == route and fault.times > 0 and (fault.path_contains or "") in path:
                     fault.times -= 1
                     return fault
         return None

@@ -153,34 +153,34 @@ def test_a_dropped_commit_leaves_repo_and_folder_intact_and_a_retry_succeeds(wor
     artifact = build(world, "drop-commit", TASKS[:2])
     local = folder_files(artifact)
     api = HfApi()
-    api.create_repo("me/drop-commit")
-    head = api.model_info("me/drop-commit").sha
+    api.create_repo("me/push-drop-commit")
+    head = api.model_info("me/push-drop-commit").sha
     hub.drop("commit")
     with pytest.raises(httpx2.TransportError):
-        push_to_hub(artifact, "me/drop-commit", base_model="me/tiny-base")
-    assert api.model_info("me/drop-commit").sha == head
+        push_to_hub(artifact, "me/push-drop-commit", base_model="me/tiny-base")
+    assert api.model_info("me/push-drop-commit").sha == head
     assert folder_files(artifact) == local
-    result = push_to_hub(artifact, "me/drop-commit", base_model="me/tiny-base")
-    assert result.parent == head and api.model_info("me/drop-commit").sha == result.commit
+    result = push_to_hub(artifact, "me/push-drop-commit", base_model="me/tiny-base")
+    assert result.parent == head and api.model_info("me/push-drop-commit").sha == result.commit
 
 
 def test_a_dropped_lfs_upload_leaves_repo_and_folder_intact_and_a_retry_succeeds(world, hub):
     artifact = build(world, "drop-lfs", TASKS[:2])
     local = folder_files(artifact)
     api = HfApi()
-    api.create_repo("me/drop-lfs")
-    head = api.model_info("me/drop-lfs").sha
+    api.create_repo("me/push-drop-lfs")
+    head = api.model_info("me/push-drop-lfs").sha
     # The client retries an LFS upload 5 times (waiting 1+2+4+8+8 s): drop all six attempts to upload the sum.
     sum_oid = hashlib.sha256((artifact / "sift_delta.safetensors").read_bytes()).hexdigest()
     hub.drop("lfs_upload", times=6, path_contains=sum_oid)
     with pytest.raises(RuntimeError, match="Error while uploading 'sift_delta.safetensors'"):
-        push_to_hub(artifact, "me/drop-lfs", base_model="me/tiny-base")
+        push_to_hub(artifact, "me/push-drop-lfs", base_model="me/tiny-base")
     assert [r.status for r in hub.requests if r.route == "lfs_upload" and sum_oid in r.path] == [None] * 6
     assert [r for r in hub.requests if r.route == "commit"] == []
-    assert api.model_info("me/drop-lfs").sha == head
+    assert api.model_info("me/push-drop-lfs").sha == head
     assert folder_files(artifact) == local
-    result = push_to_hub(artifact, "me/drop-lfs", base_model="me/tiny-base")
-    assert api.model_info("me/drop-lfs").sha == result.commit
+    result = push_to_hub(artifact, "me/push-drop-lfs", base_model="me/tiny-base")
+    assert api.model_info("me/push-drop-lfs").sha == result.commit
 
 
 def test_the_base_model_must_be_named_on_the_hub_and_match(world, hub, tmp_path):
@@ -207,6 +207,8 @@ def test_merged_delta_push_and_load_by_repo_id(world, hub, tmp_path):
     for task in TASKS[:3]:
         delta.add(task, vectors[task])
     first = delta.push_to_hub("me/in-memory")
+    # A base recorded as a Hub id is pinned to the commit it resolved to.
+    assert (first.base_model, first.base_revision) == ("me/tiny-base", HfApi().model_info("me/tiny-base").sha)
     delta.remove("t2", vectors["t2"])
     delta.push_to_hub("me/in-memory")
 

@@ -118,6 +118,17 @@ def test_errors_carry_the_hub_error_codes(hub, api, tmp_path):
         hub.drop("no-such-route")
 
 
+def test_readme_metadata_is_validated(hub, api):
+    api.create_repo("me/yaml")
+    with pytest.raises(ValueError, match="Invalid metadata in README.md"):
+        api.upload_file(
+            path_or_fileobj=b"---\n- a list, not a mapping\n---\n", path_in_repo="README.md", repo_id="me/yaml"
+        )
+    assert api.list_repo_files("me/yaml") == [".gitattributes"]
+    api.upload_file(path_or_fileobj=b"---\nlicense: mit\n---\n# card\n", path_in_repo="README.md", repo_id="me/yaml")
+    assert [r.status for r in hub.requests if r.route == "validate_yaml"] == [400, 200]
+
+
 def test_parent_commit_not_at_head_is_refused_with_412(hub, api):
     api.create_repo("me/race")
     start = api.model_info("me/race").sha

@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from . import __version__
 from .errors import CorruptArtifactError, IncompatibleArtifactError
 from .selection import ParameterSelection
+from .version import __version__
 
 
 FORMAT_VERSION = 1

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel
 
-from . import __version__
 from .arena import release_file_pages
 from .atomic import apply_umask, link_or_copy, staged_folder
 from .base_check import check_base_digests, loaded_base_model_digest
@@ -22,6 +21,7 @@ from .digest import digest_tensors
 from .errors import (
     CorruptArtifactError,
     DeltaNotKeptError,
+    InvalidArgumentTypeError,
     MissingBaseModelError,
     ReservedArgumentError,
     ServingDtypeError,
@@ -33,6 +33,7 @@ from .offload import materialized, offload_slots
 from .remote_code import refuse_remote_code
 from .served_weights import check_cast, check_scale, plain_weights, serve
 from .shard_size import DEFAULT_MAX_SHARD_SIZE
+from .version import __version__
 
 
 EXPORT_RECORD_NAME = "sift_export.json"
@@ -85,7 +86,7 @@ def _check_model_kwargs(model_kwargs: Mapping[str, Any] | None) -> dict[str, Any
     if model_kwargs is None:
         return {}
     if not isinstance(model_kwargs, Mapping):
-        raise TypeError(f"model_kwargs must be a dict, not {type(model_kwargs).__name__}")
+        raise InvalidArgumentTypeError(f"model_kwargs must be a dict, not {type(model_kwargs).__name__}")
     refused = sorted(set(model_kwargs) & _RESERVED_MODEL_KWARGS)
     if refused:
         raise ReservedArgumentError(

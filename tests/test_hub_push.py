@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import httpx2
 import pytest
 import torch
 from conftest import perturbed, tiny_llama_config
@@ -19,8 +18,9 @@ from hf_sift.digest import state_dict_digest
 from hf_sift.errors import (
     BaseModelMismatchError,
     ConcurrentUpdateError,
+    HubTransferError,
     MissingBaseModelError,
-    OutputFolderNotEmptyError,
+    OutputDirError,
     UnknownTaskError,
 )
 from hf_sift.hub import pull_artifact, push_to_hub
@@ -156,7 +156,7 @@ def test_a_dropped_commit_leaves_repo_and_folder_intact_and_a_retry_succeeds(wor
     api.create_repo("me/push-drop-commit")
     head = api.model_info("me/push-drop-commit").sha
     hub.drop("commit")
-    with pytest.raises(httpx2.TransportError):
+    with pytest.raises(HubTransferError, match="did not complete"):
         push_to_hub(artifact, "me/push-drop-commit", base_model="me/tiny-base")
     assert api.model_info("me/push-drop-commit").sha == head
     assert folder_files(artifact) == local
@@ -165,16 +165,18 @@ def test_a_dropped_commit_leaves_repo_and_folder_intact_and_a_retry_succeeds(wor
 
 
 def test_a_dropped_lfs_upload_leaves_repo_and_folder_intact_and_a_retry_succeeds(world, hub):
-    artifact = build(world, "drop-lfs", TASKS[:2])
+    artifact = build(world, "drop-lfs", ["t3", "t5"])  # a sum no other test pushes: the Hub does not have it yet
     local = folder_files(artifact)
     api = HfApi()
     api.create_repo("me/push-drop-lfs")
     head = api.model_info("me/push-drop-lfs").sha
     # The client retries an LFS upload 5 times (waiting 1+2+4+8+8 s): drop all six attempts to upload the sum.
     sum_oid = hashlib.sha256((artifact / "sift_delta.safetensors").read_bytes()).hexdigest()
+    assert not hub.store.blobs.has(sum_oid)
     hub.drop("lfs_upload", times=6, path_contains=sum_oid)
-    with pytest.raises(RuntimeError, match="Error while uploading 'sift_delta.safetensors'"):
+    with pytest.raises(HubTransferError, match="did not complete") as failed:
         push_to_hub(artifact, "me/push-drop-lfs", base_model="me/tiny-base")
+    assert "Error while uploading 'sift_delta.safetensors'" in str(failed.value.__cause__)
     assert [r.status for r in hub.requests if r.route == "lfs_upload" and sum_oid in r.path] == [None] * 6
     assert [r for r in hub.requests if r.route == "commit"] == []
     assert api.model_info("me/push-drop-lfs").sha == head
@@ -239,17 +241,17 @@ def test_cli_push_and_pull(world, hub, tmp_path, capsys):
         "sift_config.json": folder_files(out)["sift_config.json"]
     }
     assert main(["pull", "me/cli", "--task", "t1", "-o", str(out), "--cache-dir", cache]) == 2
-    assert "not an empty folder" in capsys.readouterr().err
+    assert "not empty" in capsys.readouterr().err
     hub.drop("commit")
     assert main(["push", str(build(world, "cli-more", TASKS[:3])), "me/cli", "--base-model", "me/tiny-base"]) == 1
-    assert "the push did not complete" in capsys.readouterr().err
+    assert "hf-sift: error: the push to me/cli@main did not complete" in capsys.readouterr().err
 
     whole = pull_artifact("me/cli", tmp_path / "whole", cache_dir=cache)
     assert sorted(folder_files(whole)) == sorted([*local, "README.md"])
     with pytest.raises(UnknownTaskError):
         pull_artifact("me/cli", tmp_path / "none", task="t9", cache_dir=cache)
     assert not (tmp_path / "none").exists()
-    with pytest.raises(OutputFolderNotEmptyError):
+    with pytest.raises(OutputDirError):
         pull_artifact("me/cli", whole, cache_dir=cache)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,12 +19,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     push.add_argument("artifact", help="artifact folder")
     push.add_argument("repo_id", help="Hub repo id (created if missing)")
     push.add_argument(
-        "--base-model",
-        "--base_model",
-        help="Hub id of the base model, required when the artifact records a local path (checked by digest)",
+        "--base-model", help="Hub id of the base model, required when the artifact records a local path (checked)"
     )
     push.add_argument("--revision", default="main", help="branch to push to (default: main)")
-    push.add_argument("--commit-message", "--commit_message", help="commit message")
+    push.add_argument("--commit-message", help="commit message")
     push.add_argument("--private", action="store_true", help="create the repo as private")
     push.add_argument("--license", help="license identifier for the model card")
     push.add_argument("--token", help="Hub token (default: the saved one)")
@@ -35,63 +32,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "pull",
         help="download a merged SIFT artifact (or one task of it) from the Hub into a new folder",
         description=(
-            "Download REPO_ID at one revision into the Hugging Face cache and copy it into the new folder DIR. "
+            "Download REPO_ID at one revision into the Hugging Face cache and copy it into the new folder OUTPUT. "
             "With --task, only the config, the sum, that task's mask and the tokenizer are fetched."
         ),
     )
     pull.add_argument("repo_id", help="Hub repo id")
     pull.add_argument("--task", help="fetch only what serving this task needs")
     pull.add_argument("--revision", help="branch, tag or commit (default: main)")
-    pull.add_argument("-o", "--output", required=True, help="new output folder")
-    pull.add_argument("--cache-dir", "--cache_dir", help="huggingface_hub cache folder")
-    pull.add_argument("--local-files-only", "--local_files_only", action="store_true", help="do not download")
+    pull.add_argument("-o", "--output", required=True, help="new output folder (must not exist, or be empty)")
+    pull.add_argument("--cache-dir", help="huggingface_hub cache folder")
+    pull.add_argument("--local-files-only", action="store_true", help="use the cache only, download nothing")
     pull.add_argument("--token", help="Hub token (default: the saved one)")
     pull.set_defaults(func=run_pull)
 
 
-def _fail(error: Exception) -> int:
-    from ..errors import ConcurrentUpdateError, CorruptArtifactError
-
-    print(f"hf-sift: error: {error}", file=sys.stderr)
-    # A failed check (a corrupt artifact, a concurrent commit) exits 1; bad input exits 2.
-    return 1 if isinstance(error, (ConcurrentUpdateError, CorruptArtifactError)) else 2
-
-
-def _network_failure(error: BaseException) -> bool:
-    """Whether `error` is the Hub client failing to talk to the Hub (possibly wrapped by the client)."""
-    import httpx2
-    from huggingface_hub.errors import HfHubHTTPError
-
-    kinds = (httpx2.HTTPError, HfHubHTTPError)
-    return isinstance(error, kinds) or isinstance(error.__cause__, kinds)
-
-
 def run_push(args: argparse.Namespace) -> int:
-    from ..errors import SiftError
     from .push import push_to_hub
 
-    try:
-        result = push_to_hub(
-            args.artifact,
-            args.repo_id,
-            base_model=args.base_model,
-            revision=args.revision,
-            commit_message=args.commit_message,
-            private=args.private or None,
-            license=args.license,
-            token=args.token,
-        )
-    except SiftError as error:
-        return _fail(error)
-    except Exception as error:
-        if not _network_failure(error):
-            raise
-        print(
-            f"hf-sift: error: the push did not complete ({error}); a commit lands whole or not at all, and pushing "
-            "again uploads only what the repo lacks",
-            file=sys.stderr,
-        )
-        return 1
+    result = push_to_hub(
+        args.artifact,
+        args.repo_id,
+        base_model=args.base_model,
+        revision=args.revision,
+        commit_message=args.commit_message,
+        private=args.private or None,
+        license=args.license,
+        token=args.token,
+    )
     if result.commit == result.parent:
         print(f"{args.repo_id}@{result.revision} already holds this artifact (commit {result.commit}); nothing pushed")
         return 0
@@ -104,24 +71,12 @@ def run_push(args: argparse.Namespace) -> int:
 
 
 def run_pull(args: argparse.Namespace) -> int:
-    from ..errors import SiftError
     from .pull import pull_artifact
 
     hub = {"cache_dir": args.cache_dir, "local_files_only": args.local_files_only, "token": args.token}
-    try:
-        folder = pull_artifact(
-            args.repo_id, args.output, task=args.task, revision=args.revision, **{k: v for k, v in hub.items() if v}
-        )
-    except SiftError as error:
-        return _fail(error)
-    except Exception as error:
-        if not _network_failure(error):
-            raise
-        print(
-            f"hf-sift: error: the download did not complete ({error}); nothing was written to {args.output}",
-            file=sys.stderr,
-        )
-        return 1
+    folder = pull_artifact(
+        args.repo_id, args.output, task=args.task, revision=args.revision, **{k: v for k, v in hub.items() if v}
+    )
     what = "the whole artifact" if args.task is None else f"task {args.task!r}"
     print(f"pulled {what} of {args.repo_id} into {folder}")
     return 0

@@ -8,7 +8,6 @@ else is downloaded. Further masks are fetched one at a time when a served model 
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,8 @@ from huggingface_hub import hf_hub_download, snapshot_download
 from huggingface_hub.errors import EntryNotFoundError
 
 from ..artifact import CONFIG_NAME, DELTA_INDEX_NAME, MANIFEST_NAME, MASKS_DIR, mask_filename
+from ..errors import InvalidArgumentTypeError, PathNotFoundError
+from .sources import could_be_repo_id, hub_lookup
 
 
 # Files a tokenizer (and text-generation defaults) may be saved as; they travel with the artifact when present.
@@ -34,7 +35,6 @@ TOKENIZER_PATTERNS: tuple[str, ...] = (
 
 # The files of the merged delta itself, without masks.
 DELTA_PATTERNS: tuple[str, ...] = (CONFIG_NAME, MANIFEST_NAME, "sift_delta*.safetensors", DELTA_INDEX_NAME)
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 # The keyword arguments of `snapshot_download` / `hf_hub_download` a caller may pass through.
 HUB_KWARGS: frozenset[str] = frozenset(
@@ -55,7 +55,9 @@ def artifact_allow_patterns(task: str | None = None, include_tokenizer: bool = T
 def _check_hub_kwargs(hub_kwargs: dict[str, Any]) -> None:
     unknown = sorted(set(hub_kwargs) - HUB_KWARGS)
     if unknown:
-        raise TypeError(f"unexpected keyword argument(s) {unknown}; Hub options are {sorted(HUB_KWARGS)}")
+        raise InvalidArgumentTypeError(
+            f"unexpected keyword argument(s) {unknown}; Hub options are {sorted(HUB_KWARGS)}"
+        )
 
 
 @dataclass
@@ -106,19 +108,26 @@ def resolve_artifact(
         include_tokenizer (`bool`, *optional*, defaults to `True`): Also fetch the tokenizer files, if any.
         hub_kwargs: `cache_dir`, `token`, `local_files_only`, `force_download`, `endpoint`, `etag_timeout`,
             `headers` or `repo_type`, passed to `huggingface_hub.snapshot_download`.
+
+    Raises:
+        [`~hf_sift.errors.PathNotFoundError`]: No such folder, and (for a name that could be a repo id) the Hub, or
+            the local cache when offline, lacks it too.
     """
     _check_hub_kwargs(hub_kwargs)
-    local = Path(path_or_repo_id)
+    local = Path(path_or_repo_id).expanduser()
     if local.is_dir():
         return ResolvedArtifact(folder=local.absolute())
-    folder = Path(
-        snapshot_download(
-            str(path_or_repo_id),
-            revision=revision,
-            allow_patterns=artifact_allow_patterns(task, include_tokenizer),
-            **hub_kwargs,
+    if local.exists():
+        raise PathNotFoundError(f"the artifact {str(path_or_repo_id)!r} is a file; an artifact is a folder")
+    with hub_lookup(path_or_repo_id, "the artifact"):
+        folder = Path(
+            snapshot_download(
+                str(path_or_repo_id),
+                revision=revision,
+                allow_patterns=artifact_allow_patterns(task, include_tokenizer),
+                **hub_kwargs,
+            )
         )
-    )
     # A snapshot folder is named after the commit it holds: later masks come from that same commit.
     return ResolvedArtifact(folder=folder, repo_id=str(path_or_repo_id), revision=folder.name, hub_kwargs=hub_kwargs)
 
@@ -127,8 +136,9 @@ def resolve_delta_folder(path_or_repo_id: str | os.PathLike, revision: str | Non
     """A local folder as it is, or the cache folder of a Hub repo's whole merged delta: config, manifest, sum and
     every mask (what [`~hf_sift.MergedDelta`] holds), at one commit. A missing local path stays a local path."""
     _check_hub_kwargs(hub_kwargs)
-    local = Path(path_or_repo_id)
-    if local.is_dir() or not _REPO_ID.match(str(path_or_repo_id)):
+    local = Path(path_or_repo_id).expanduser()
+    if local.exists() or not could_be_repo_id(path_or_repo_id):
         return local
     patterns = [*DELTA_PATTERNS, f"{MASKS_DIR}/*.safetensors"]
-    return Path(snapshot_download(str(path_or_repo_id), revision=revision, allow_patterns=patterns, **hub_kwargs))
+    with hub_lookup(path_or_repo_id, "the artifact"):
+        return Path(snapshot_download(str(path_or_repo_id), revision=revision, allow_patterns=patterns, **hub_kwargs))

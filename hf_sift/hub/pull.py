@@ -9,13 +9,9 @@ from typing import Any
 
 from ..artifact import read_manifest
 from ..atomic import staged_folder
-from ..errors import OutputFolderNotEmptyError, UnknownTaskError
+from ..errors import UnknownTaskError
+from ..output_dir import check_output_dir
 from .download import resolve_artifact
-
-
-def _refuse_non_empty(target: Path) -> None:
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise OutputFolderNotEmptyError(f"{target} already exists and is not an empty folder: choose a new one")
 
 
 def pull_artifact(
@@ -42,12 +38,11 @@ def pull_artifact(
 
     Raises:
         [`~hf_sift.errors.UnknownTaskError`] (the repo has no such task; no mask is downloaded),
-        [`~hf_sift.errors.OutputFolderNotEmptyError`].
+        [`~hf_sift.errors.OutputDirError`] (the output exists and is not empty).
     """
     from huggingface_hub import snapshot_download
 
-    target = Path(output_dir).absolute()
-    _refuse_non_empty(target)
+    target = check_output_dir(output_dir)
     if task is None:
         source = Path(snapshot_download(repo_id, revision=revision, **hub_kwargs))
     else:
@@ -57,7 +52,7 @@ def pull_artifact(
             raise UnknownTaskError(f"{repo_id} has no task {task!r} at revision {artifact.revision}")
         artifact.ensure_mask(task)
         source = artifact.folder
-    with staged_folder(target, _refuse_non_empty) as stage:
+    with staged_folder(target, check_output_dir) as stage:
         for path in sorted(source.rglob("*")):
             relative = path.relative_to(source)
             if path.is_file() and not any(part.startswith(".") for part in relative.parts):

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from ..artifact import is_artifact_file, mask_filename, read_config, write_artifact
 from ..artifact_config import CONFIG_NAME, ArtifactConfig
 from ..digest import file_digest
-from ..errors import ConcurrentUpdateError, CorruptArtifactError, MissingBaseModelError
+from ..errors import ConcurrentUpdateError, CorruptArtifactError, HubTransferError, MissingBaseModelError
 from ..folder_lock import folder_lock
 from .model_card import build_model_card
 
@@ -102,8 +102,8 @@ def push_to_hub(
     Raises:
         [`~hf_sift.errors.ConcurrentUpdateError`] when the branch moved since `parent_commit` (nothing is pushed),
         [`~hf_sift.errors.MissingBaseModelError`], [`~hf_sift.errors.BaseModelMismatchError`] or
-        [`~hf_sift.errors.CorruptArtifactError`]. Network failures raise the client's errors; the repo then stays
-        at its previous revision and pushing again is safe.
+        [`~hf_sift.errors.CorruptArtifactError`], or [`~hf_sift.errors.HubTransferError`] when the connection
+        drops or the Hub fails (the branch is then unchanged, or holds the whole commit; pushing again is safe).
     """
     from huggingface_hub import HfApi
 
@@ -131,9 +131,35 @@ def push_to_hub(
         files[CONFIG_NAME] = config.to_json_string().encode()
         files[CARD_NAME] = card.encode()
         message = commit_message or f"hf_sift: push {delta.num_tasks} merged task(s)"
-        result = _commit(api, repo_id, files, revision, parent_commit, message, commit_description, private)
+        try:
+            result = _commit(api, repo_id, files, revision, parent_commit, message, commit_description, private)
+        except Exception as error:
+            if not _transfer_failure(error):
+                raise
+            raise HubTransferError(
+                f"the push to {repo_id}@{revision} did not complete ({_first_line(error)}); a commit lands whole or "
+                "not at all, and pushing again uploads only what the repo lacks"
+            ) from error
     result.base_model, result.base_revision = base_id, base_sha
     return result
+
+
+def _transfer_failure(error: BaseException) -> bool:
+    """Whether `error` (or the error the client wrapped) is a dropped connection or a failure of the Hub (5xx)."""
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    for candidate in (error, error.__cause__):
+        if isinstance(candidate, httpx2.TransportError):
+            return True
+        if isinstance(candidate, HfHubHTTPError) and candidate.response is not None:
+            return candidate.response.status_code >= 500
+    return False
+
+
+def _first_line(error: BaseException) -> str:
+    cause = error.__cause__ or error
+    return f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}"
 
 
 def push_delta(delta: MergedDelta, repo_id: str, **kwargs: Any) -> PushResult:

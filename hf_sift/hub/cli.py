@@ -19,10 +19,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     push.add_argument("artifact", help="artifact folder")
     push.add_argument("repo_id", help="Hub repo id (created if missing)")
     push.add_argument(
-        "--base-model", help="Hub id of the base model, required when the artifact records a local path (checked)"
+        "--base-model",
+        "--base_model",
+        help="Hub id of the base model, required when the artifact records a local path (checked)",
     )
     push.add_argument("--revision", default="main", help="branch to push to (default: main)")
-    push.add_argument("--commit-message", help="commit message")
+    push.add_argument("--commit-message", "--commit_message", help="commit message")
     push.add_argument("--private", action="store_true", help="create the repo as private")
     push.add_argument("--license", help="license identifier for the model card")
     push.add_argument("--token", help="Hub token (default: the saved one)")
@@ -40,8 +42,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pull.add_argument("--task", help="fetch only what serving this task needs")
     pull.add_argument("--revision", help="branch, tag or commit (default: main)")
     pull.add_argument("-o", "--output", required=True, help="new output folder (must not exist, or be empty)")
-    pull.add_argument("--cache-dir", help="huggingface_hub cache folder")
-    pull.add_argument("--local-files-only", action="store_true", help="use the cache only, download nothing")
+    pull.add_argument("--cache-dir", "--cache_dir", help="huggingface_hub cache folder")
+    pull.add_argument(
+        "--local-files-only", "--local_files_only", action="store_true", help="use the cache only, download nothing"
+    )
     pull.add_argument("--token", help="Hub token (default: the saved one)")
     pull.set_defaults(func=run_pull)
 

@@ -11,6 +11,8 @@ every other error caused by bad input (see docs/troubleshooting.md).
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class SiftError(Exception):
     """Base class of every hf_sift error."""
@@ -78,6 +80,18 @@ class AccumulatorOverflowError(SiftError, ValueError, OverflowError):
 
 class CorruptArtifactError(IntegrityError, ValueError):
     """A file of a SIFT artifact is missing, truncated, or does not match its recorded digest."""
+
+
+class LocalHubHTTPError(SiftError, RuntimeError):
+    """The error answer of the local Hub (`hf_sift.testing.hub_server`) to a request: HTTP `status`, the
+    `X-Error-Code` header `code` (`RepoNotFound`, `RevisionNotFound`, `EntryNotFound`) and `message`. Raised inside
+    the server and turned into the HTTP answer; its clients see the `huggingface_hub` errors of those answers."""
+
+    def __init__(
+        self, status: int, message: str, code: str | None = None, commit: str | None = None, **extra: Any
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.commit, self.extra = status, message, code, commit, extra
 
 
 class IncompatibleArtifactError(SiftError, ValueError):
@@ -175,6 +189,7 @@ __all__ = [
     "InvalidSIFTConfigError",
     "InvalidScaleError",
     "InvalidTaskIdError",
+    "LocalHubHTTPError",
     "MissingBaseModelError",
     "MissingReferenceError",
     "OutputDirError",

@@ -15,8 +15,8 @@ from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from ..errors import LocalHubHTTPError
 from .hub_read_routes import HubReadRoutes
-from .hub_store import HubError
 from .hub_write_routes import HubWriteRoutes
 
 
@@ -72,14 +72,14 @@ class HubRequestHandler(HubReadRoutes, HubWriteRoutes, BaseHTTPRequestHandler):
                 self._drop()
                 return
             if handler is None:
-                raise HubError(404, f"no route for {self.command} {url.path}")
+                raise LocalHubHTTPError(404, f"no route for {self.command} {url.path}")
             handler(*args)
-        except HubError as error:
+        except LocalHubHTTPError as error:
             self._error(error)
         except (ConnectionError, TimeoutError):
             self.close_connection = True
         except Exception as error:  # an unexpected failure answers 500 rather than hanging the client
-            self._error(HubError(500, f"{type(error).__name__}: {error}"))
+            self._error(LocalHubHTTPError(500, f"{type(error).__name__}: {error}"))
         record.status = self._status
 
     def _route(self, s: list[str]) -> tuple[str, Any, tuple]:
@@ -139,13 +139,13 @@ class HubRequestHandler(HubReadRoutes, HubWriteRoutes, BaseHTTPRequestHandler):
                 total += size
                 if total > limit:
                     self.close_connection = True
-                    raise HubError(413, f"request body over {limit} bytes")
+                    raise LocalHubHTTPError(413, f"request body over {limit} bytes")
                 yield self.rfile.read(size)
                 self.rfile.readline()
         remaining = int(self.headers.get("Content-Length") or 0)
         if remaining > limit:
             self.close_connection = True
-            raise HubError(413, f"request body over {limit} bytes")
+            raise LocalHubHTTPError(413, f"request body over {limit} bytes")
         while remaining > 0:
             chunk = self.rfile.read(min(_CHUNK, remaining))
             if not chunk:
@@ -162,7 +162,7 @@ class HubRequestHandler(HubReadRoutes, HubWriteRoutes, BaseHTTPRequestHandler):
         try:
             return json.loads(self._body() or b"{}")
         except json.JSONDecodeError as error:
-            raise HubError(400, f"invalid JSON body: {error}") from None
+            raise LocalHubHTTPError(400, f"invalid JSON body: {error}") from None
 
     def _drop(self) -> None:
         """Read part of the request (up to half its announced body), then close the connection without answering."""
@@ -183,7 +183,7 @@ class HubRequestHandler(HubReadRoutes, HubWriteRoutes, BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(data)
 
-    def _error(self, error: HubError) -> None:
+    def _error(self, error: LocalHubHTTPError) -> None:
         headers = {"X-Error-Message": error.message.splitlines()[0][:200]}
         if error.code:
             headers["X-Error-Code"] = error.code

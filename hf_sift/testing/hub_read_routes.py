@@ -6,7 +6,8 @@ import json
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote, urlsplit
 
-from .hub_store import Commit, HubError, Repo, git_sha1
+from ..errors import LocalHubHTTPError
+from .hub_store import Commit, Repo, git_sha1
 
 
 if TYPE_CHECKING:
@@ -62,7 +63,7 @@ class HubReadRoutes:
         prefix = f"{folder}/" if folder else ""
         files = {p: e for p, e in commit.tree.items() if p.startswith(prefix)}
         if folder and not files:
-            raise HubError(404, f"{folder} does not exist at {commit.id}", "EntryNotFound", commit=commit.id)
+            raise LocalHubHTTPError(404, f"{folder} does not exist at {commit.id}", "EntryNotFound", commit=commit.id)
         entries: dict[str, dict[str, Any]] = {}
         for path, entry in files.items():
             parts = path[len(prefix) :].split("/")
@@ -128,7 +129,7 @@ class HubReadRoutes:
             commit = self._repo(key).resolve(revision)
         entry = commit.tree.get(path)
         if entry is None:
-            raise HubError(404, f"Entry not found: {path}", "EntryNotFound", commit=commit.id)
+            raise LocalHubHTTPError(404, f"Entry not found: {path}", "EntryNotFound", commit=commit.id)
         headers = {"X-Repo-Commit": commit.id, "Accept-Ranges": "bytes"}
         if entry.lfs:
             location = f"{self.hub.storage_endpoint}/{entry.sha256}?filename={quote(path.split('/')[-1])}"
@@ -140,12 +141,12 @@ class HubReadRoutes:
             return
         data = self.hub.store.blobs.read(entry.sha256)
         if git_sha1(data) != entry.oid:
-            raise HubError(500, f"blob of {path} is corrupted")
+            raise LocalHubHTTPError(500, f"blob of {path} is corrupted")
         self._send(200, data, {**headers, "ETag": f'"{entry.oid}"'})
 
     def lfs_download(self, sha256: str) -> None:
         if not self.hub.store.blobs.has(sha256):
-            raise HubError(404, "no such object")
+            raise LocalHubHTTPError(404, "no such object")
         data = self.hub.store.blobs.read(sha256)
         status, headers = 200, {"Accept-Ranges": "bytes", "ETag": f'"{sha256}"'}
         ranges = self.headers.get("Range", "")

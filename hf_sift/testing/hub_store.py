@@ -18,6 +18,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from ..errors import LocalHubHTTPError
+
 
 REPO_TYPES = ("model", "dataset", "space")
 # Files the Hub stores in LFS whatever their size (its default `.gitattributes` patterns), and the size above
@@ -26,16 +28,6 @@ LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack
 LFS_SIZE_THRESHOLD = 10 * 1024 * 1024
 GITATTRIBUTES = "".join(f"*{suffix} filter=lfs diff=lfs merge=lfs -text\n" for suffix in LFS_SUFFIXES).encode()
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-
-
-class HubError(Exception):
-    """An error the server answers with `status`, the `X-Error-Code` header `code` and `message`."""
-
-    def __init__(
-        self, status: int, message: str, code: str | None = None, commit: str | None = None, **extra: Any
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.code, self.commit, self.extra = status, message, code, commit, extra
 
 
 def git_sha1(data: bytes) -> str:
@@ -81,7 +73,7 @@ class BlobStore:
 
     def path(self, sha256: str) -> Path:
         if not re.fullmatch(r"[0-9a-f]{64}", sha256):
-            raise HubError(400, f"invalid oid {sha256!r}")
+            raise LocalHubHTTPError(400, f"invalid oid {sha256!r}")
         return self.folder / sha256
 
     def has(self, sha256: str, size: int | None = None) -> bool:
@@ -104,10 +96,12 @@ class BlobStore:
                 digest.update(chunk)
                 size += len(chunk)
                 if size > expected_size:
-                    raise HubError(400, "upload is larger than announced")
+                    raise LocalHubHTTPError(400, "upload is larger than announced")
                 handle.write(chunk)
             if size != expected_size or digest.hexdigest() != expected_sha256:
-                raise HubError(400, f"uploaded content does not match oid {expected_sha256} and size {expected_size}")
+                raise LocalHubHTTPError(
+                    400, f"uploaded content does not match oid {expected_sha256} and size {expected_size}"
+                )
 
         self._commit_tmp(expected_sha256, write)
 
@@ -166,7 +160,7 @@ class Repo:
         if commit_id is None and revision in self.commits:
             commit_id = revision
         if commit_id is None:
-            raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+            raise LocalHubHTTPError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
         return self.commits[commit_id]
 
     def history(self, revision: str) -> list[Commit]:
@@ -250,15 +244,15 @@ class HubStore:
     def get(self, repo_type: str, repo_id: str) -> Repo:
         repo = self.repos.get((repo_type, repo_id))
         if repo is None:
-            raise HubError(404, f"Repository Not Found for {repo_type} {repo_id}", "RepoNotFound")
+            raise LocalHubHTTPError(404, f"Repository Not Found for {repo_type} {repo_id}", "RepoNotFound")
         return repo
 
     def create(self, repo_type: str, repo_id: str, private: bool) -> Repo:
         namespace, _, name = repo_id.partition("/")
         if repo_type not in REPO_TYPES or not (_NAME.match(namespace) and _NAME.match(name)):
-            raise HubError(400, f"invalid repo {repo_type} {repo_id!r}: expected namespace/name")
+            raise LocalHubHTTPError(400, f"invalid repo {repo_type} {repo_id!r}: expected namespace/name")
         if (repo_type, repo_id) in self.repos:
-            raise HubError(409, f"You already created this {repo_type} repo")
+            raise LocalHubHTTPError(409, f"You already created this {repo_type} repo")
         repo = Repo(repo_type, repo_id, private, _now(), {}, {}, {})
         entry = self.file_entry(GITATTRIBUTES, lfs=False)
         repo.branches["main"] = repo.new_commit([], {".gitattributes": entry}, "initial commit", "").id
@@ -278,5 +272,5 @@ class HubStore:
 
     def lfs_entry(self, sha256: str, size: int) -> FileEntry:
         if not self.blobs.has(sha256, size):
-            raise HubError(422, f"LFS object {sha256} (size {size}) was not uploaded")
+            raise LocalHubHTTPError(422, f"LFS object {sha256} (size {size}) was not uploaded")
         return FileEntry(sha256, size, True, git_sha1(lfs_pointer(sha256, size)))

@@ -6,7 +6,8 @@ import base64
 import json
 from typing import TYPE_CHECKING, Any
 
-from .hub_store import FileEntry, HubError, Repo, should_use_lfs
+from ..errors import LocalHubHTTPError
+from .hub_store import FileEntry, Repo, should_use_lfs
 
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ class HubWriteRoutes:
         url = self._url(f"/{URL_PREFIXES.get(repo_type, '')}{repo_id}")
         with self.hub.store.lock:
             if (repo_type, repo_id) in self.hub.store.repos:  # the Hub names the existing repo in its 409
-                raise HubError(409, f"You already created this {repo_type} repo", url=url)
+                raise LocalHubHTTPError(409, f"You already created this {repo_type} repo", url=url)
             self.hub.store.create(repo_type, repo_id, bool(body.get("private")))
         self._send(200, {"url": url, "name": repo_id, "id": repo_id})
 
@@ -47,16 +48,20 @@ class HubWriteRoutes:
         self._send(200, {})
 
     def validate_yaml(self) -> None:
+        import yaml
+
         content = self._json().get("content", "")
         if content.startswith("---"):
             front, sep, _ = content[3:].partition("\n---")
-            try:
-                import yaml
-
-                if not sep or not isinstance(yaml.safe_load(front) or {}, dict):
-                    raise ValueError("metadata must be a YAML mapping between two '---' lines")
-            except (ValueError, yaml.YAMLError) as error:
-                self._send(400, {"errors": [{"message": str(error)}], "warnings": []})
+            problem = None if sep else "metadata must end with a '---' line"
+            if problem is None:
+                try:
+                    if not isinstance(yaml.safe_load(front) or {}, dict):
+                        problem = "metadata must be a YAML mapping"
+                except yaml.YAMLError as error:
+                    problem = f"invalid YAML: {error}"
+            if problem is not None:
+                self._send(400, {"errors": [{"message": problem}], "warnings": []})
                 return
         self._send(200, {"errors": [], "warnings": []})
 
@@ -78,7 +83,7 @@ class HubWriteRoutes:
     def lfs_batch(self, key: tuple[str, str]) -> None:
         body = self._json()
         if body.get("operation") != "upload":
-            raise HubError(400, "the local Hub's LFS batch API serves uploads only")
+            raise LocalHubHTTPError(400, "the local Hub's LFS batch API serves uploads only")
         prefix = URL_PREFIXES[key[0]]
         with self.hub.store.lock:
             self._repo(key)
@@ -99,22 +104,22 @@ class HubWriteRoutes:
         size = int(self.query.get("size", ["-1"])[0])
         if size > self.hub.max_upload_bytes:
             self.close_connection = True
-            raise HubError(413, f"LFS object over {self.hub.max_upload_bytes} bytes")
+            raise LocalHubHTTPError(413, f"LFS object over {self.hub.max_upload_bytes} bytes")
         self.hub.store.blobs.put_stream(oid, size, self._body_chunks(self.hub.max_upload_bytes))
         self._send(200, b"")
 
     def lfs_verify(self, key: tuple[str, str]) -> None:
         body = self._json()
         if not self.hub.store.blobs.has(str(body.get("oid")), int(body.get("size", -1))):
-            raise HubError(404, f"LFS object {body.get('oid')} not found")
+            raise LocalHubHTTPError(404, f"LFS object {body.get('oid')} not found")
         self._send(200, {})
 
     def commit(self, key: tuple[str, str], branch: str) -> None:
         if self.query.get("create_pr"):
-            raise HubError(400, "the local Hub does not support pull requests")
+            raise LocalHubHTTPError(400, "the local Hub does not support pull requests")
         lines = [json.loads(line) for line in self._body().splitlines() if line.strip()]
         if not lines or lines[0].get("key") != "header":
-            raise HubError(400, "the commit payload must start with a header line")
+            raise LocalHubHTTPError(400, "the commit payload must start with a header line")
         header = lines[0]["value"]
         store = self.hub.store
         # Blobs are stored before taking the lock: a commit only swaps the branch head under it.
@@ -128,26 +133,26 @@ class HubWriteRoutes:
             elif line["key"] in ("deletedFile", "deletedFolder"):
                 changes.append((line["key"], value["path"].rstrip("/"), None))
             else:
-                raise HubError(400, f"unknown commit operation {line['key']!r}")
+                raise LocalHubHTTPError(400, f"unknown commit operation {line['key']!r}")
         with store.lock:
             repo = self._repo(key)
             if branch not in repo.branches:
-                raise HubError(404, f"Invalid rev id: {branch} (commits go to a branch)", "RevisionNotFound")
+                raise LocalHubHTTPError(404, f"Invalid rev id: {branch} (commits go to a branch)", "RevisionNotFound")
             head = repo.commits[repo.branches[branch]]
             parent = header.get("parentCommit")
             if parent is not None and parent != head.id:
-                raise HubError(412, "A commit has happened since. Please refresh and try again.")
+                raise LocalHubHTTPError(412, "A commit has happened since. Please refresh and try again.")
             tree = dict(head.tree)
             for kind, path, entry in changes:
                 if kind == "add":
                     tree[path] = entry  # type: ignore[assignment]
                 elif kind == "deletedFile":
                     if tree.pop(path, None) is None:
-                        raise HubError(404, f"A file with this name doesn't exist: {path}", "EntryNotFound")
+                        raise LocalHubHTTPError(404, f"A file with this name doesn't exist: {path}", "EntryNotFound")
                 else:
                     inside = [p for p in tree if p.startswith(path + "/")]
                     if not inside:
-                        raise HubError(404, f"A folder with this name doesn't exist: {path}", "EntryNotFound")
+                        raise LocalHubHTTPError(404, f"A folder with this name doesn't exist: {path}", "EntryNotFound")
                     for p in inside:
                         del tree[p]
             commit = repo.new_commit([head.id], tree, header.get("summary", ""), header.get("description", ""))
@@ -164,8 +169,8 @@ class HubWriteRoutes:
             repo = self._repo(key)
             if branch not in repo.branches:
                 if branch in repo.tags:
-                    raise HubError(400, f"{branch} is a tag: only branches can be squashed")
-                raise HubError(404, f"Invalid rev id: {branch}", "RevisionNotFound")
+                    raise LocalHubHTTPError(400, f"{branch} is a tag: only branches can be squashed")
+                raise LocalHubHTTPError(404, f"Invalid rev id: {branch}", "RevisionNotFound")
             head = repo.commits[repo.branches[branch]]
             repo.branches[branch] = repo.new_commit([], dict(head.tree), message, "").id
             _drop_unreachable(repo)
@@ -178,7 +183,9 @@ class HubWriteRoutes:
             repo = self._repo(key)
             commit = repo.resolve(revision)
             if not tag or tag in repo.tags:
-                raise HubError(409 if tag else 400, f"Tag {tag!r} already exists" if tag else "missing tag name")
+                raise LocalHubHTTPError(
+                    409 if tag else 400, f"Tag {tag!r} already exists" if tag else "missing tag name"
+                )
             repo.tags[tag] = commit.id
             self.hub.store.save()
         self._send(200, {})
@@ -189,7 +196,7 @@ class HubWriteRoutes:
             repo = self._repo(key)
             commit = repo.resolve(start)
             if branch in repo.branches:
-                raise HubError(409, f"Branch {branch!r} already exists")
+                raise LocalHubHTTPError(409, f"Branch {branch!r} already exists")
             repo.branches[branch] = commit.id
             self.hub.store.save()
         self._send(200, {})
@@ -200,9 +207,9 @@ class HubWriteRoutes:
             repo = self._repo(key)
             refs = getattr(repo, kind)
             if name not in refs:
-                raise HubError(404, f"Invalid rev id: {name}", "RevisionNotFound")
+                raise LocalHubHTTPError(404, f"Invalid rev id: {name}", "RevisionNotFound")
             if kind == "branches" and name == "main":
-                raise HubError(403, "the main branch cannot be deleted")
+                raise LocalHubHTTPError(403, "the main branch cannot be deleted")
             del refs[name]
             _drop_unreachable(repo)
             self.hub.store.save()

@@ -213,6 +213,39 @@ def test_delayed_answers_arrive(hub, api):
     assert time.perf_counter() - started >= 0.5
 
 
+def test_branches_and_tags_are_created_and_deleted(hub, api):
+    api.create_repo("me/refs")
+    start = api.model_info("me/refs").sha
+    api.create_branch("me/refs", branch="dev")
+    on_dev = api.upload_file(path_or_fileobj=b"d", path_in_repo="d.txt", repo_id="me/refs", revision="dev")
+    api.create_tag("me/refs", tag="dev-1", revision="dev")
+    refs = api.list_repo_refs("me/refs")
+    assert sorted((b.name, b.target_commit) for b in refs.branches) == [("dev", on_dev.oid), ("main", start)]
+    assert [(t.name, t.target_commit) for t in refs.tags] == [("dev-1", on_dev.oid)]
+    with pytest.raises(HfHubHTTPError) as exists:
+        api.create_branch("me/refs", branch="dev")
+    assert exists.value.response.status_code == 409
+    api.delete_branch("me/refs", branch="dev")
+    assert api.list_repo_files("me/refs", revision="dev-1") == [".gitattributes", "d.txt"]  # the tag keeps it
+    api.delete_tag("me/refs", tag="dev-1")
+    with pytest.raises(RevisionNotFoundError):
+        api.model_info("me/refs", revision=on_dev.oid)  # no ref reaches it any more
+    with pytest.raises(RevisionNotFoundError):
+        api.delete_tag("me/refs", tag="dev-1")
+
+
+def test_request_bodies_are_bounded(hub, api):
+    api.create_repo("me/bounded")
+    hub.max_request_bytes = 4096
+    try:
+        with pytest.raises(HfHubHTTPError) as too_large:
+            api.upload_file(path_or_fileobj=b"x" * 8192, path_in_repo="big.txt", repo_id="me/bounded")
+    finally:
+        hub.max_request_bytes = 256 << 20
+    assert too_large.value.response.status_code == 413
+    assert api.list_repo_files("me/bounded") == [".gitattributes"]
+
+
 def test_tree_listing_is_paged(hub, api):
     api.create_repo("me/pages")
     api.create_commit(

@@ -253,6 +253,10 @@ def test_cli_push_and_pull(world, hub, tmp_path, capsys):
     assert not (tmp_path / "none").exists()
     with pytest.raises(OutputDirError):
         pull_artifact("me/cli", whole, cache_dir=cache)
+    assert main(["pull", "me/cli", "--task", "t2", "-o", str(out), "--cache-dir", cache, "--overwrite"]) == 0
+    assert sorted(folder_files(out)) == sorted(n.replace("t1", "t2") for n in ARTIFACT_FILES), sorted(
+        folder_files(out)
+    )
 
 
 def test_model_card_lists_tasks_datasets_and_the_unlearning_log():

@@ -42,6 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pull.add_argument("--task", help="fetch only what serving this task needs")
     pull.add_argument("--revision", help="branch, tag or commit (default: main)")
     pull.add_argument("-o", "--output", required=True, help="new output folder (must not exist, or be empty)")
+    pull.add_argument("--overwrite", action="store_true", help="replace what a non-empty output folder holds")
     pull.add_argument("--cache-dir", "--cache_dir", help="huggingface_hub cache folder")
     pull.add_argument(
         "--local-files-only", "--local_files_only", action="store_true", help="use the cache only, download nothing"
@@ -79,7 +80,12 @@ def run_pull(args: argparse.Namespace) -> int:
 
     hub = {"cache_dir": args.cache_dir, "local_files_only": args.local_files_only, "token": args.token}
     folder = pull_artifact(
-        args.repo_id, args.output, task=args.task, revision=args.revision, **{k: v for k, v in hub.items() if v}
+        args.repo_id,
+        args.output,
+        task=args.task,
+        revision=args.revision,
+        overwrite=args.overwrite,
+        **{k: v for k, v in hub.items() if v},
     )
     what = "the whole artifact" if args.task is None else f"task {args.task!r}"
     print(f"pulled {what} of {args.repo_id} into {folder}")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -244,6 +246,19 @@ def test_request_bodies_are_bounded(hub, api):
         hub.max_request_bytes = 256 << 20
     assert too_large.value.response.status_code == 413
     assert api.list_repo_files("me/bounded") == [".gitattributes"]
+
+
+def test_connections_are_bounded():
+    with HubServer(max_connections=1) as server:
+        idle = socket.create_connection(("127.0.0.1", server.port))  # holds the only slot, sends nothing
+        done = threading.Event()
+        worker = threading.Thread(target=lambda: (HfApi(endpoint=server.endpoint).create_repo("me/wait"), done.set()))
+        worker.start()
+        assert not done.wait(0.5)  # not served while the slot is taken
+        idle.close()
+        worker.join(timeout=30)
+        assert done.is_set()
+        assert [r.route for r in server.requests] == ["create_repo"]
 
 
 def test_tree_listing_is_paged(hub, api):

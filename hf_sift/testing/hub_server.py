@@ -26,6 +26,7 @@ import ipaddress
 import sys
 import tempfile
 import threading
+from collections import deque
 from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
 from pathlib import Path
@@ -86,7 +87,23 @@ class _Listener(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], hub: HubServer, is_storage: bool) -> None:
         self.hub, self.is_storage = hub, is_storage
+        # At most `max_connections` connections are served at once; the next ones wait to be accepted.
+        self._slots = threading.BoundedSemaphore(hub.max_connections)
         super().__init__(address, HubRequestHandler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self._slots.acquire()
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def get_request(self) -> Any:
         connection, address = super().get_request()
@@ -106,6 +123,8 @@ class HubServer:
         max_request_bytes (`int`, *optional*, defaults to 256 MiB): Largest JSON or commit request body.
         max_upload_bytes (`int`, *optional*, defaults to 8 GiB): Largest LFS object.
         socket_timeout (`float`, *optional*, defaults to 60): Seconds a connection may stay silent.
+        max_connections (`int`, *optional*, defaults to 64): Connections served at once (per listener).
+        max_logged_requests (`int`, *optional*, defaults to 100000): Requests kept in the log (the oldest go first).
     """
 
     def __init__(
@@ -117,6 +136,8 @@ class HubServer:
         max_request_bytes: int = 256 << 20,
         max_upload_bytes: int = 8 << 30,
         socket_timeout: float = 60.0,
+        max_connections: int = 64,
+        max_logged_requests: int = 100_000,
     ) -> None:
         if not _is_loopback(host):
             raise HubServerError(f"the local Hub listens on a loopback address only, not {host!r}")
@@ -126,7 +147,8 @@ class HubServer:
         self.page_size, self.socket_timeout = page_size, socket_timeout
         self.max_request_bytes, self.max_upload_bytes = max_request_bytes, max_upload_bytes
         self._lock = threading.Lock()
-        self._requests: list[RequestRecord] = []
+        self.max_connections = max_connections
+        self._requests: deque[RequestRecord] = deque(maxlen=max_logged_requests)
         self._faults: list[Fault] = []
         self._listeners: list[_Listener] = []
         self._threads: list[threading.Thread] = []

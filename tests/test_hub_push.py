@@ -95,6 +95,7 @@ def test_push_then_pull_one_task(world, hub, tmp_path):
     assert card.data.tags == ["hf-sift", "sift-masks", "merge", "unlearning"]
     assert card.data.license == "apache-2.0"
     assert "5 tasks are merged" in card.text and 'task="t1"' in card.text
+    assert "carries no unlearning log" in card.text
 
     # One task from the Hub: only the config, manifest, sum and that task's mask are fetched from the artifact repo.
     hub.clear_requests()

@@ -90,7 +90,10 @@ def build_model_card(
         lines += ["Tasks removed from this merge (most recent last):", ""]
         lines += [f"- {_log_line(entry)}" for entry in unlearning_log]
     else:
-        lines.append("No task has been removed from this merge.")
+        lines.append(
+            "This artifact carries no unlearning log. Earlier revisions of this repo may hold tasks that are no "
+            "longer merged; see the commit history."
+        )
     card = ModelCard.from_template(
         data, template_str="---\n{{ card_data }}\n---\n\n{{ body }}\n", body="\n".join(lines)
     )

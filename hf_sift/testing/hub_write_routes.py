@@ -219,7 +219,7 @@ class HubWriteRoutes:
 def _drop_unreachable(repo: Repo) -> None:
     """Forget commits no branch or tag reaches any more (as the Hub's garbage collection would)."""
     reachable: set[str] = set()
-    for ref in [*repo.branches, *repo.tags]:
-        reachable.update(c.id for c in repo.history(ref))
+    for commit_id in {*repo.branches.values(), *repo.tags.values()}:
+        reachable.update(c.id for c in repo.history(commit_id))
     for commit_id in [c for c in repo.commits if c not in reachable]:
         del repo.commits[commit_id]

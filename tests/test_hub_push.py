@@ -21,6 +21,7 @@ from hf_sift.errors import (
     HubTransferError,
     MissingBaseModelError,
     OutputDirError,
+    PathNotFoundError,
     UnknownTaskError,
 )
 from hf_sift.hub import pull_artifact, push_to_hub
@@ -191,6 +192,9 @@ def test_the_base_model_must_be_named_on_the_hub_and_match(world, hub, tmp_path)
     api = HfApi()
     with pytest.raises(MissingBaseModelError, match="--base-model"):
         push_to_hub(artifact, "me/base-check")
+    with pytest.raises(PathNotFoundError, match="no such folder"):
+        push_to_hub(tmp_path / "missing" / "artifact", "me/base-check", base_model="me/tiny-base")
+    assert not (tmp_path / "missing").exists()
     torch.manual_seed(1)
     other = tmp_path / "other"
     LlamaForCausalLM(tiny_llama_config()).save_pretrained(other)

@@ -19,7 +19,13 @@ from typing import TYPE_CHECKING, Any
 from ..artifact import is_artifact_file, mask_filename, read_config, write_artifact
 from ..artifact_config import CONFIG_NAME, ArtifactConfig
 from ..digest import file_digest
-from ..errors import ConcurrentUpdateError, CorruptArtifactError, HubTransferError, MissingBaseModelError
+from ..errors import (
+    ConcurrentUpdateError,
+    CorruptArtifactError,
+    HubTransferError,
+    MissingBaseModelError,
+    PathNotFoundError,
+)
 from ..folder_lock import folder_lock
 from .model_card import build_model_card
 
@@ -109,7 +115,9 @@ def push_to_hub(
 
     from ..merged_delta import MergedDelta
 
-    folder = Path(artifact_dir).absolute()
+    folder = Path(artifact_dir).expanduser().absolute()
+    if not folder.is_dir():
+        raise PathNotFoundError(f"the artifact {str(artifact_dir)!r}: no such folder (push takes a local folder)")
     api = HfApi(token=token)
     with folder_lock(folder.resolve()):  # no local save swaps the folder while its files are read or uploaded
         delta = MergedDelta.from_pretrained(folder, verify=True)

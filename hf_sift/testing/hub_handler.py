@@ -21,7 +21,7 @@ from .hub_write_routes import HubWriteRoutes
 
 
 if TYPE_CHECKING:
-    from .hub_server import HubServer
+    from .hub_server import HubServer, RequestRecord
 
 _API_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 _CHUNK = 1 << 20
@@ -58,12 +58,12 @@ class HubRequestHandler(HubReadRoutes, HubWriteRoutes, BaseHTTPRequestHandler):
         self.hub = self.server.hub  # type: ignore[attr-defined]
         # One handler serves every request of a kept-alive connection: reset the per-request state.
         self._cached_body: bytes | None = None
-        self._status: int | None = None
+        self._record: RequestRecord | None = None
         url = urlsplit(self.path)
         self.query = parse_qs(url.query)
         segments = [unquote(s) for s in url.path.split("/")[1:]]
         route, handler, args = self._route(segments)
-        record = self.hub._log(self.command, unquote(url.path), route)
+        record = self._record = self.hub._log(self.command, unquote(url.path), route)
         fault = self.hub._take_fault(route, record.path)
         try:
             if fault is not None and fault.kind == "delay":
@@ -80,7 +80,6 @@ class HubRequestHandler(HubReadRoutes, HubWriteRoutes, BaseHTTPRequestHandler):
             self.close_connection = True
         except Exception as error:  # an unexpected failure answers 500 rather than hanging the client
             self._error(LocalHubHTTPError(500, f"{type(error).__name__}: {error}"))
-        record.status = self._status
 
     def _route(self, s: list[str]) -> tuple[str, Any, tuple]:
         method = self.command
@@ -174,7 +173,8 @@ class HubRequestHandler(HubReadRoutes, HubWriteRoutes, BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: Any = None, headers: dict[str, str] | None = None) -> None:
         data = body if isinstance(body, bytes) else b"" if body is None else json.dumps(body).encode()
-        self._status = status
+        if self._record is not None:  # logged before the answer leaves, so a client that got it sees it logged
+            self._record.status = status
         self.send_response(status)
         content_type = "application/octet-stream" if isinstance(body, bytes) else "application/json"
         for key, value in {"Content-Type": content_type, "Content-Length": str(len(data)), **(headers or {})}.items():

@@ -8,6 +8,8 @@ the merging methods need transformers and peft.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 from .errors import SiftError
@@ -23,9 +25,14 @@ _LAZY = {
     "SIFTTrainer": ".trainer",
     "SignVector": ".sign_vector",
     "TaskVector": ".task_vector",
+    "TaskVectorStore": ".task_vector_store",
+    "UnlearningLog": ".unlearning_log",
+    "UnlearningReport": ".unlearn",
     "merge_checkpoints": ".merging",
     "negmerge_unlearn": ".merging.negmerge_driver",
     "train_tasks": ".trainer.train_tasks",
+    "unlearn": ".unlearn",
+    "verify_artifact": ".verify",
 }
 
 if TYPE_CHECKING:
@@ -37,7 +44,11 @@ if TYPE_CHECKING:
     from .selection import ParameterSelection
     from .sign_vector import SignVector
     from .task_vector import TaskVector
+    from .task_vector_store import TaskVectorStore
     from .trainer import SIFTConfig, SIFTTrainer, train_tasks
+    from .unlearn import UnlearningReport, unlearn
+    from .unlearning_log import UnlearningLog
+    from .verify import verify_artifact
 
 
 def __getattr__(name: str) -> Any:
@@ -52,6 +63,18 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 
+class _Package(types.ModuleType):
+    """Keeps `hf_sift.unlearn` the function when the import system binds the submodule of that name."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _LAZY and isinstance(value, types.ModuleType) and hasattr(value, name):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
 __all__ = [
     "ArtifactConfig",
     "MergedDelta",
@@ -62,8 +85,13 @@ __all__ = [
     "SiftError",
     "SignVector",
     "TaskVector",
+    "TaskVectorStore",
+    "UnlearningLog",
+    "UnlearningReport",
     "__version__",
     "merge_checkpoints",
     "negmerge_unlearn",
     "train_tasks",
+    "unlearn",
+    "verify_artifact",
 ]

@@ -5,6 +5,7 @@ sift_config.json                     format version, base digest, sign seed, S, 
 sift_manifest.json                   one record per task: digest, mask digest, density, element counts, metadata
 sift_delta.safetensors               the int64 sum Q (or sift_delta-0000i-of-0000n.safetensors + index)
 masks/<task_id>.safetensors          one bit-packed mask per task
+sift_unlearning_log.jsonl            the unlearning log (only once a task was unlearned), see unlearning_log.py
 ```
 """
 
@@ -33,6 +34,7 @@ from .errors import CorruptArtifactError
 from .masks import packed_size
 from .shard_size import DEFAULT_MAX_SHARD_SIZE
 from .task_id import validate_task_id
+from .unlearning_log import LOG_NAME
 
 
 DELTA_NAME = "sift_delta.safetensors"
@@ -50,7 +52,7 @@ def is_artifact_file(relative_path: str) -> bool:
     """Whether a file belongs to the SIFT artifact (and is rewritten by a save) rather than to the user."""
     name = relative_path.replace(os.sep, "/")
     return (
-        name in (CONFIG_NAME, MANIFEST_NAME, DELTA_INDEX_NAME)
+        name in (CONFIG_NAME, MANIFEST_NAME, DELTA_INDEX_NAME, LOG_NAME)
         or (name.startswith("sift_delta") and name.endswith(".safetensors"))
         or name.startswith(MASKS_DIR + "/")
     )
@@ -269,15 +271,18 @@ def write_artifact(
     delta: Mapping[str, torch.Tensor],
     masks: Mapping[str, Path | Mapping[str, torch.Tensor]],
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    extra_files: Mapping[str, bytes] | None = None,
     *,
     precondition: Callable[[Path], None] | None = None,
 ) -> tuple[dict[str, str], ArtifactState]:
     """Write a whole artifact atomically into `folder`, keeping the user's other files there.
 
     `masks` maps every task id to either an existing mask file (hard-linked, not rewritten) or its packed masks.
-    The config's `binding_digest` is computed here, once the mask digests are known. `precondition` is checked under
-    the folder's lock right before the swap (see [`~hf_sift.atomic.staged_folder`] and [`~hf_sift.artifact_state`]).
-    Returns the digest of each mask file written or linked, and the state written.
+    `extra_files` maps more artifact files (relative paths [`is_artifact_file`] knows, e.g. the unlearning log) to
+    their bytes, written in the same atomic step. The config's `binding_digest` is computed here, once the mask
+    digests are known. `precondition` is checked under the folder's lock right before the swap (see
+    [`~hf_sift.atomic.staged_folder`] and [`~hf_sift.artifact_state`]). Returns the digest of each mask file
+    written or linked, and the state written.
     """
     folder = Path(folder)
     mask_digests: dict[str, str] = {}
@@ -318,5 +323,8 @@ def write_artifact(
         _dump_json({"tasks": records}, stage / MANIFEST_NAME)
         config.binding_digest = config.compute_binding(records)
         (stage / CONFIG_NAME).write_text(config.to_json_string(), encoding="utf-8")
+        for relative, data in (extra_files or {}).items():
+            (stage / relative).write_bytes(data)
+            apply_umask(stage / relative)
         written = ArtifactState.read(stage)
     return mask_digests, written

@@ -136,6 +136,26 @@ class DeltaNotKeptError(SiftError, RuntimeError):
     """A served model loaded with `keep_delta=False` dropped the sum, so it cannot switch task."""
 
 
+class UnlearningLogError(SiftError, ValueError):
+    """An entry cannot be appended to an unlearning log (it would not continue the chain, or is malformed)."""
+
+
+class TaskVectorStoreError(SiftError, ValueError):
+    """A task-vector store cannot be used as asked (e.g. it lies inside an artifact that would publish it)."""
+
+
+class ReplayPreconditionError(SiftError, ValueError):
+    """A task cannot be replayed as recorded (its rows, recipe or training arguments differ); nothing was trained."""
+
+
+class EnvironmentMismatchError(ReplayPreconditionError):
+    """The environment (library versions, device model, thread count) differs from the one a task was trained in."""
+
+
+class MixedRecipeError(SiftError, ValueError):
+    """Resuming an artifact with another recipe (training arguments, data, tokenizer, adapter) than its tasks'."""
+
+
 class InvalidSIFTConfigError(SiftError, ValueError):
     """A SIFT training argument is invalid."""
 
@@ -179,6 +199,7 @@ __all__ = [
     "CorruptArtifactError",
     "DeltaNotKeptError",
     "DuplicateTaskError",
+    "EnvironmentMismatchError",
     "HubServerError",
     "HubTransferError",
     "IncompatibleArtifactError",
@@ -192,17 +213,21 @@ __all__ = [
     "LocalHubHTTPError",
     "MissingBaseModelError",
     "MissingReferenceError",
+    "MixedRecipeError",
     "OutputDirError",
     "ParameterMismatchError",
     "PathNotFoundError",
     "RemoteCodeError",
+    "ReplayPreconditionError",
     "ReservedArgumentError",
     "ServingDtypeError",
     "SiftError",
     "SignSeedMismatchError",
     "TaskDigestMismatchError",
+    "TaskVectorStoreError",
     "UnknownMergeMethodError",
     "UnknownTaskError",
+    "UnlearningLogError",
     "UnsupportedHubPushError",
     "UnsupportedOffloadError",
 ]

@@ -23,13 +23,13 @@ from .artifact import (
 )
 from .artifact_config import ArtifactConfig
 from .artifact_state import ArtifactStates, read_consistently
+from .compatibility import Compatibility, check_compatible
 from .digest import digest_tensors, state_dict_digest
 from .errors import (
     BaseModelMismatchError,
     CorruptArtifactError,
     DuplicateTaskError,
     ParameterMismatchError,
-    SignSeedMismatchError,
     TaskDigestMismatchError,
     UnknownTaskError,
 )
@@ -39,6 +39,7 @@ from .selection import ParameterSelection, resolve_parameters
 from .served_weights import check_scale, served_tensor
 from .task_id import validate_task_id
 from .task_vector import TaskVector, check_same_parameters
+from .unlearning_log import LOG_NAME, UnlearningLog
 
 
 if TYPE_CHECKING:
@@ -93,6 +94,7 @@ class MergedDelta:
         self._bounds = dict.fromkeys(names, 0)
         self._records: dict[str, dict[str, Any]] = {}
         self._masks: dict[str, Path | dict[str, torch.Tensor]] = {}
+        self.log = UnlearningLog()  # the history of removals, saved beside the artifact (see unlearning_log.py)
 
     # ------------------------------------------------------------------ inspection
 
@@ -144,23 +146,6 @@ class MergedDelta:
 
     # ------------------------------------------------------------------ add / remove
 
-    def _check_compatible(self, task_vector: TaskVector) -> None:
-        if task_vector.sign_seed != self.sign_seed or task_vector.scale_bits != self.scale_bits:
-            raise SignSeedMismatchError(
-                f"task vector has sign_seed={task_vector.sign_seed}, scale_bits={task_vector.scale_bits}; "
-                f"the merge has sign_seed={self.sign_seed}, scale_bits={self.scale_bits}"
-            )
-        if set(task_vector.q) != set(self.shapes):
-            extra = sorted(set(task_vector.q) - set(self.shapes))[:3]
-            missing = sorted(set(self.shapes) - set(task_vector.q))[:3]
-            raise ParameterMismatchError(f"task vector parameters differ: extra {extra}, missing {missing}")
-        check_same_parameters(self.shapes, task_vector.q, "the task vector")
-        if task_vector.base_digest is not None and task_vector.base_digest != self.base_digest:
-            raise BaseModelMismatchError(
-                f"task vector was computed on a base with digest {task_vector.base_digest}, "
-                f"the merge's base has {self.base_digest}"
-            )
-
     def _apply(self, task_vector: TaskVector, sign: int) -> None:
         # `_bounds` holds upper bounds of max|Q| per tensor: while bound + max|q| fits in int64 no element can
         # overflow and the exact (slower) check is skipped. Every tensor is checked before any is touched, so a
@@ -197,7 +182,7 @@ class MergedDelta:
         task_id = validate_task_id(task_id)
         if task_id in self._records:
             raise DuplicateTaskError(f"task {task_id!r} is already merged; remove it first to replace it")
-        self._check_compatible(task_vector)
+        check_compatible(self, task_vector)
         self._apply(task_vector, +1)
         self._records[task_id] = {
             "digest": task_vector.digest,
@@ -216,7 +201,7 @@ class MergedDelta:
             vector (e.g. a replay of its training) differs from the one merged: it is then never subtracted.
         """
         task_id = self._known(task_id)
-        self._check_compatible(task_vector)
+        check_compatible(self, task_vector)
         recorded = self._records[task_id]["digest"]
         if task_vector.digest != recorded:
             raise TaskDigestMismatchError(
@@ -232,6 +217,8 @@ class MergedDelta:
         task_sum: Mapping[str, torch.Tensor],
         records: Mapping[str, Mapping[str, Any]],
         masks: Mapping[str, Mapping[str, torch.Tensor]],
+        *,
+        source: MergedDelta | Compatibility,
     ) -> None:
         """Merge tasks whose task vectors were summed elsewhere: Q += `task_sum`, and take their records and masks.
 
@@ -242,11 +229,15 @@ class MergedDelta:
             task_sum (`Mapping[str, torch.Tensor]`): The int64 sum of the task vectors of the tasks in `records`.
             records (`Mapping[str, dict]`): Each task's record, as [`record`] returns it.
             masks (`Mapping[str, dict[str, torch.Tensor]]`): Each task's packed masks.
+            source ([`MergedDelta`] or [`~hf_sift.compatibility.Compatibility`]): The merge these tasks were summed
+                in (or its `Compatibility`): its sign seed, S, base digest and tuned parameters must equal these.
 
         Raises:
-            [`~hf_sift.errors.DuplicateTaskError`], [`~hf_sift.errors.ParameterMismatchError`] or
+            [`~hf_sift.errors.SignSeedMismatchError`], [`~hf_sift.errors.BaseModelMismatchError`],
+            [`~hf_sift.errors.ParameterMismatchError`], [`~hf_sift.errors.DuplicateTaskError`] or
             [`~hf_sift.errors.AccumulatorOverflowError`]; the merge is unchanged after any of them.
         """
+        check_compatible(self, source, "the merge absorbed")
         ids = [validate_task_id(t) for t in records]
         duplicate = sorted(set(ids) & set(self._records))
         if duplicate:
@@ -398,8 +389,9 @@ class MergedDelta:
         save_directory = Path(save_directory).absolute()
         config = self._config()
         check = self._artifact_states.precondition(save_directory, overwrite)
+        log = {LOG_NAME: self.log.to_bytes()} if len(self.log) else None
         mask_digests, written = write_artifact(
-            save_directory, config, self._records, self._sum, self._masks, max_shard_size, precondition=check
+            save_directory, config, self._records, self._sum, self._masks, max_shard_size, log, precondition=check
         )
         self._artifact_states.remember(save_directory, written)
         for task_id, record in self._records.items():
@@ -457,6 +449,7 @@ class MergedDelta:
         self._bounds = {}  # filled by `_bound` when tasks are added or removed; serving never needs them
         self._records = records
         self._masks = {t: directory / mask_filename(t) for t in records}
+        self.log = UnlearningLog.load(directory)
         if verify and self.digest != config.delta_digest:
             raise CorruptArtifactError(f"the sum in {directory} does not match its recorded digest")
         return self

@@ -216,11 +216,17 @@ def test_merged_delta_push_and_load_by_repo_id(world, hub, tmp_path):
     first = delta.push_to_hub("me/in-memory")
     # A base recorded as a Hub id is pinned to the commit it resolved to.
     assert (first.base_model, first.base_revision) == ("me/tiny-base", HfApi().model_info("me/tiny-base").sha)
+    before = delta.digest
     delta.remove("t2", vectors["t2"])
-    delta.push_to_hub("me/in-memory")
+    delta.log.append("t2", digest_before=before, digest_after=delta.digest, cost={"steps": 3})
+    second = delta.push_to_hub("me/in-memory")
+    assert "sift_unlearning_log.jsonl" in second.uploaded and second.deleted == ["masks/t2.safetensors"]
+    card = ModelCard.load("me/in-memory")
+    assert "1 task was removed" in card.text and f"removed task `t2`; sum `{before}` → `{delta.digest}`" in card.text
 
     loaded = MergedDelta.from_pretrained("me/in-memory", cache_dir=tmp_path)
     assert loaded.task_ids == ["t1", "t3"] and loaded.digest == delta.digest
+    assert loaded.log.entries == delta.log.entries  # the log comes with the delta, so a later save keeps it
     old = MergedDelta.from_pretrained("me/in-memory", revision=first.commit, cache_dir=tmp_path)
     assert old.task_ids == ["t1", "t2", "t3"]
     expected = MergedDelta.from_pretrained(build(world, "t123", TASKS[:3])).load_mask("t2")
@@ -266,11 +272,12 @@ def test_cli_push_and_pull(world, hub, tmp_path, capsys):
 
 def test_model_card_lists_tasks_datasets_and_the_unlearning_log():
     records = {f"t{i}": {"metadata": {"dataset": f"org/data-{i % 2}"}} for i in range(60)}
-    text = build_model_card("me/big", "org/base", "a" * 40, records, unlearning_log=[{"task": "t99", "step": 1}])
+    redacted = {"time": "2026-01-02T03:04:05.000000Z", "task_hash": "x", "digest_before": "a", "digest_after": "b"}
+    text = build_model_card("me/big", "org/base", "a" * 40, records, unlearning_log=[redacted])
     card = ModelCard(text)
     assert card.data.datasets == ["org/data-0", "org/data-1"]
     assert "60 tasks are merged" in card.text and "and 10 more" in card.text
-    assert "- step: 1, task: t99" in card.text
+    assert "- 2026-01-02T03:04:05.000000Z: removed a task (its id is recorded only as a salted hash)" in card.text
     assert build_model_card("me/big", "org/base", None, records) == build_model_card(
         "me/big", "org/base", None, records
     )

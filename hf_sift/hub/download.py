@@ -17,6 +17,7 @@ from huggingface_hub.errors import EntryNotFoundError
 
 from ..artifact import CONFIG_NAME, DELTA_INDEX_NAME, MANIFEST_NAME, MASKS_DIR, mask_filename
 from ..errors import InvalidArgumentTypeError, PathNotFoundError
+from ..unlearning_log import LOG_NAME
 from .sources import could_be_repo_id, hub_lookup
 
 
@@ -133,12 +134,13 @@ def resolve_artifact(
 
 
 def resolve_delta_folder(path_or_repo_id: str | os.PathLike, revision: str | None = None, **hub_kwargs: Any) -> Path:
-    """A local folder as it is, or the cache folder of a Hub repo's whole merged delta: config, manifest, sum and
-    every mask (what [`~hf_sift.MergedDelta`] holds), at one commit. A missing local path stays a local path."""
+    """A local folder as it is, or the cache folder of a Hub repo's whole merged delta: config, manifest, sum, every
+    mask and the unlearning log (what [`~hf_sift.MergedDelta`] holds), at one commit. A missing local path stays a
+    local path."""
     _check_hub_kwargs(hub_kwargs)
     local = Path(path_or_repo_id).expanduser()
     if local.exists() or not could_be_repo_id(path_or_repo_id):
         return local
-    patterns = [*DELTA_PATTERNS, f"{MASKS_DIR}/*.safetensors"]
+    patterns = [*DELTA_PATTERNS, f"{MASKS_DIR}/*.safetensors", LOG_NAME]
     with hub_lookup(path_or_repo_id, "the artifact"):
         return Path(snapshot_download(str(path_or_repo_id), revision=revision, allow_patterns=patterns, **hub_kwargs))

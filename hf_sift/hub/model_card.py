@@ -87,7 +87,11 @@ def build_model_card(
         "",
     ]
     if unlearning_log:
-        lines += ["Tasks removed from this merge (most recent last):", ""]
+        lines += [
+            f"{len(unlearning_log)} task{'s were' if len(unlearning_log) != 1 else ' was'} removed from this merge "
+            "(most recent last; the log, `sift_unlearning_log.jsonl`, is a hash chain that `hf-sift verify` checks):",
+            "",
+        ]
         lines += [f"- {_log_line(entry)}" for entry in unlearning_log]
     else:
         lines.append(
@@ -101,4 +105,11 @@ def build_model_card(
 
 
 def _log_line(entry: Mapping[str, Any]) -> str:
-    return ", ".join(f"{key}: {value}" for key, value in sorted(entry.items()))
+    """One removal of the unlearning log, in words (see `hf_sift.unlearning_log` for the entries)."""
+    task = f"task `{entry['task_id']}`" if "task_id" in entry else "a task (its id is recorded only as a salted hash)"
+    cost = entry.get("cost") or {}
+    spent = ", ".join(f"{key} {value}" for key, value in sorted(cost.items()))
+    line = (
+        f"{entry.get('time', '?')}: removed {task}; sum `{entry.get('digest_before')}` → `{entry.get('digest_after')}`"
+    )
+    return f"{line} ({spent})" if spent else line

@@ -27,6 +27,7 @@ from ..errors import (
     PathNotFoundError,
 )
 from ..folder_lock import folder_lock
+from ..unlearning_log import LOG_NAME
 from .model_card import build_model_card
 
 
@@ -128,9 +129,8 @@ def push_to_hub(
         config = read_config(folder)
         base_id, base_sha = _resolve_base(api, config, delta, base_model, token)
         config.base_model, config.base_revision = base_id, base_sha
-        card = build_model_card(
-            repo_id, base_id, base_sha, {t: delta.record(t) for t in delta.task_ids}, license, datasets
-        )
+        records = {t: delta.record(t) for t in delta.task_ids}
+        card = build_model_card(repo_id, base_id, base_sha, records, license, datasets, delta.log.entries)
         files: dict[str, Path | bytes] = {
             path.relative_to(folder).as_posix(): path
             for path in sorted(folder.rglob("*"))
@@ -175,7 +175,8 @@ def push_delta(delta: MergedDelta, repo_id: str, **kwargs: Any) -> PushResult:
     with tempfile.TemporaryDirectory(prefix="hf-sift-push-") as tmp:
         folder = Path(tmp) / "artifact"
         # Written like save_pretrained, without pointing the delta's masks at this temporary folder.
-        write_artifact(folder, delta._config(), delta._records, delta._sum, delta._masks)
+        log = {LOG_NAME: delta.log.to_bytes()} if len(delta.log) else None
+        write_artifact(folder, delta._config(), delta._records, delta._sum, delta._masks, extra_files=log)
         return push_to_hub(folder, repo_id, **kwargs)
 
 

@@ -13,17 +13,20 @@ from typing import TYPE_CHECKING, Any
 
 
 _LAZY = {
+    "Recipe": ".recipe",
     "SIFTConfig": ".sift_config",
     "SIFTTrainer": ".sift_trainer",
     "SignConstraint": ".sign_constraint",
+    "train_task": ".train_tasks",
     "train_tasks": ".train_tasks",
 }
 
 if TYPE_CHECKING:
+    from .recipe import Recipe
     from .sift_config import SIFTConfig
     from .sift_trainer import SIFTTrainer
     from .sign_constraint import SignConstraint
-    from .train_tasks import train_tasks
+    from .train_tasks import train_task, train_tasks
 
 
 def __getattr__(name: str) -> Any:
@@ -50,4 +53,4 @@ class _TrainerPackage(types.ModuleType):
 sys.modules[__name__].__class__ = _TrainerPackage
 
 
-__all__ = ["SIFTConfig", "SIFTTrainer", "SignConstraint", "train_tasks"]
+__all__ = ["Recipe", "SIFTConfig", "SIFTTrainer", "SignConstraint", "train_task", "train_tasks"]

@@ -9,7 +9,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +19,13 @@ from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_utils import SaveStrategy
 
 from ..artifact import CONFIG_NAME
+from ..compatibility import Compatibility, check_compatible
 from ..digest import state_dict_digest
-from ..errors import BaseModelMismatchError, InvalidArgumentError, ParameterMismatchError, SignSeedMismatchError
+from ..errors import InvalidArgumentError, MixedRecipeError, ParameterMismatchError
 from ..merged_delta import MergedDelta
 from ..task_id import validate_task_id
+from ..task_vector import TaskVector
+from .recipe import Recipe, rows_digest
 from .sift_config import SIFTConfig
 from .sift_trainer import SIFTTrainer, freeze_all_but, select_tuned_names
 from .sign_constraint import SignConstraint, tuned_parameters
@@ -58,20 +61,6 @@ def _partial_dir(output_dir: Path, layout: ProcessLayout) -> Path:
     return output_dir.parent / f".{output_dir.name}.rank{layout.rank}-of-{layout.world_size}"
 
 
-def _check_resumable(delta: MergedDelta, fresh: MergedDelta, where: Path) -> None:
-    if delta.sign_seed != fresh.sign_seed or delta.scale_bits != fresh.scale_bits:
-        raise SignSeedMismatchError(f"{where} was trained with sign_seed={delta.sign_seed}, not {fresh.sign_seed}")
-    if delta.shapes != fresh.shapes:
-        raise ParameterMismatchError(f"{where} covers other tuned parameters than this run")
-    if delta.base_digest != fresh.base_digest:
-        raise BaseModelMismatchError(f"{where} was trained from another θ0 (base digest {delta.base_digest})")
-    if (
-        None not in (delta.base_model_digest, fresh.base_model_digest)
-        and delta.base_model_digest != fresh.base_model_digest
-    ):
-        raise BaseModelMismatchError(f"{where} was trained from another base model (its embeddings or LM head differ)")
-
-
 def _is_peft_model(model: torch.nn.Module) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
@@ -80,8 +69,135 @@ def _load_or(directory: Path, fresh: MergedDelta) -> MergedDelta:
     if not (directory / CONFIG_NAME).is_file():
         return fresh
     delta = MergedDelta.from_pretrained(directory)
-    _check_resumable(delta, fresh, directory)
+    check_compatible(fresh, delta, str(directory))
     return delta
+
+
+def prepare_base(
+    model: torch.nn.Module,
+    args: SIFTConfig,
+    *,
+    peft_config: Any = None,
+    base_model: str | None = None,
+    base_revision: str | None = None,
+) -> tuple[torch.nn.Module, SignConstraint, MergedDelta]:
+    """Set up θ0 for training tasks: wrap with peft, freeze all but the tuned parameters, snapshot the constraint.
+
+    Returns the (possibly wrapped) model, the [`SignConstraint`] every task shares and an empty [`MergedDelta`]
+    over the same θ0, sign seed and tuned parameters.
+    """
+    # θ0 of the whole model (embeddings and LM head too, which shape training), recorded so that serving and a
+    # replay can check the base; an already wrapped PEFT model has no plain base state dict to record.
+    base_model_digest = None if _is_peft_model(model) else state_dict_digest(model.state_dict())
+    if peft_config is not None:
+        from peft import get_peft_model
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            model = get_peft_model(model, peft_config)
+    selection = args.selection()
+    names = select_tuned_names(model, selection)
+    freeze_all_but(model, names)
+    constraint = SignConstraint.snapshot(tuned_parameters(model, names), args.sign_seed)
+    theta0 = constraint.reference_state_dict()
+    if base_model is None:
+        base_model = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    fresh = MergedDelta(
+        theta0,
+        args.sign_seed,
+        selection if selection.resolve(theta0) == names else names,
+        base_model=base_model,
+        base_revision=base_revision,
+        base_model_digest=base_model_digest,
+    )
+    constraint.base_digest = fresh.base_digest  # the same θ0 and names: hash it once
+    return model, constraint, fresh
+
+
+def train_task(
+    model: torch.nn.Module,
+    dataset: Any,
+    task_id: str,
+    args: SIFTConfig,
+    constraint: SignConstraint,
+    *,
+    data_collator: Any = None,
+    processing_class: Any = None,
+    callbacks: list[TrainerCallback] | None = None,
+    layout: ProcessLayout | None = None,
+) -> TaskVector:
+    """Train one task from θ0 and return its [`~hf_sift.TaskVector`]; the model is reset to θ0 in place after.
+
+    This is the one code path every task of [`train_tasks`] goes through, and the one an unlearning replay uses.
+
+    Args:
+        model: The model [`prepare_base`] returned.
+        dataset (`datasets.Dataset`): The task's rows, in order.
+        task_id (`str`): The task; its seeds derive from `(args.seed, task_id)`.
+        args (`SIFTConfig`): The run's arguments (`task_id` is set here; checkpointing is turned off).
+        constraint (`SignConstraint`): The shared constraint of [`prepare_base`].
+        data_collator, processing_class, callbacks: Passed to the [`SIFTTrainer`].
+        layout (`ProcessLayout`, *optional*): This process among the launch's (trains rank-local when several).
+    """
+    layout = layout or ProcessLayout()
+    task_args = args.for_task(
+        task_id, reset_devices=layout.is_distributed, save_strategy=SaveStrategy.NO, output_dir=args.output_dir
+    )
+    device = layout.device(args.use_cpu)
+    with rank_local_training(device) if layout.is_distributed else contextlib.nullcontext():
+        _ = task_args.device  # set up the (rank-local) devices before the Trainer builds its Accelerator
+        trainer = SIFTTrainer(
+            model,
+            task_args,
+            data_collator=data_collator,
+            train_dataset=dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            sign_constraint=constraint,
+        )
+        try:
+            output = trainer.train()
+            trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+            task_vector = trainer.task_vector({"train_loss": output.training_loss})
+        finally:
+            constraint.reset_()
+            trainer.accelerator.free_memory()
+    del trainer
+    gc.collect()
+    return task_vector
+
+
+def check_recipes(
+    delta: MergedDelta,
+    groups: dict[str, list[int]],
+    dataset: Any,
+    run: Recipe,
+) -> None:
+    """Raise [`~hf_sift.errors.MixedRecipeError`] where this run's recipe differs from a merged task's record.
+
+    `run` holds this run's arguments, collator, tokenizer and adapter (no rows); each merged task's rows in
+    `dataset` (by `groups`) are compared with the recorded ones. Tasks recorded without a recipe are skipped.
+    """
+    for task_id in delta.task_ids:
+        recorded = delta.record(task_id).get("metadata", {}).get("recipe")
+        if recorded is None:
+            continue
+        recorded = Recipe.from_dict(recorded)
+        problems = recorded.differences(run)
+        if task_id in groups:
+            subset = dataset.select(groups[task_id])
+            rows = {"count": len(subset), "digest": rows_digest(subset)}
+            if rows != recorded.rows:
+                problems.append(
+                    f"rows of {task_id!r}: recorded {recorded.rows['count']} ({recorded.rows['digest'][:19]}…), "
+                    f"now {rows['count']} ({rows['digest'][:19]}…)"
+                )
+        if problems:
+            raise MixedRecipeError(
+                f"task {task_id!r} of the artifact was trained with another recipe than this run: "
+                + "; ".join(problems)
+                + ". Pass allow_mixed_recipes=True to merge tasks trained differently (each replays with its own)."
+            )
 
 
 def train_tasks(
@@ -98,15 +214,20 @@ def train_tasks(
     callbacks: list[TrainerCallback] | None = None,
     base_model: str | None = None,
     base_revision: str | None = None,
+    task_vector_store: str | os.PathLike | None = None,
+    on_task_vector: Callable[[str, TaskVector], None] | None = None,
+    allow_mixed_recipes: bool = False,
 ) -> MergedDelta | None:
     """Train one SIFT task vector per task of `dataset` and merge them into the artifact at `output_dir`.
 
     θ0 is the model's tuned parameters at call time. Each task gets a fresh [`SIFTTrainer`] (fresh optimizer,
     scheduler and RNG state, seeded from `(args.seed, task_id)`) on the rows of its task, then the model is reset to
     θ0 in place. After each task the artifact is saved atomically, so a crash loses at most the task in flight; a
-    restarted call skips the tasks already recorded and ends with the same bytes. Each save is a compare-and-swap
-    ([`~hf_sift.MergedDelta.save_pretrained`]): if another process saved the artifact meanwhile, the run stops with
-    [`~hf_sift.errors.ConcurrentUpdateError`] and a new call resumes from the artifact as that process left it.
+    restarted call skips the tasks already recorded and ends with the same bytes. A restart whose recipe (training
+    arguments, a finished task's rows, collator, tokenizer, adapter) differs from the recorded one is refused. Each
+    save is a compare-and-swap ([`~hf_sift.MergedDelta.save_pretrained`]): if another process saved the artifact
+    meanwhile, the run stops with [`~hf_sift.errors.ConcurrentUpdateError`] and a new call resumes from the artifact
+    as that process left it.
 
     Under `accelerate launch` (or `torchrun`) with N processes, the tasks are sharded over the ranks, each rank
     trains its tasks alone into a partial artifact next to `output_dir`, and at the end the int64 partial sums are
@@ -125,6 +246,12 @@ def train_tasks(
         data_collator, processing_class, callbacks: Passed to every [`SIFTTrainer`].
         base_model (`str`, *optional*): Recorded in the artifact; defaults to the model's `name_or_path`.
         base_revision (`str`, *optional*): Recorded in the artifact.
+        task_vector_store (`str` or `os.PathLike`, *optional*): A private folder (never published) where each
+            task's exact task vector is kept, so that [`~hf_sift.unlearn`] can remove it later without a replay.
+        on_task_vector (`Callable[[str, TaskVector], None]`, *optional*): Called with each trained task's id and
+            [`~hf_sift.TaskVector`], before it is merged.
+        allow_mixed_recipes (`bool`, *optional*, defaults to `False`): Continue an artifact whose tasks were trained
+            with another recipe; each task's record keeps its own, which its replay uses.
 
     Returns:
         [`~hf_sift.MergedDelta`]: The merge of every task (on rank 0; None on the other ranks).
@@ -136,36 +263,21 @@ def train_tasks(
         args = SIFTConfig(output_dir=str(output_dir.parent / f"{output_dir.name}-runs"), report_to="none")
     args = SIFTConfig.from_training_arguments(args)
     layout = ProcessLayout.from_environment()
+    every_group = group_tasks(dataset, task_column)
     groups = group_tasks(dataset, task_column, tasks)
 
-    # θ0 of the whole model (embeddings and LM head too, which shape training), recorded so that serving and a
-    # replay can check the base; an already wrapped PEFT model has no plain base state dict to record.
-    base_model_digest = None if _is_peft_model(model) else state_dict_digest(model.state_dict())
-    if peft_config is not None:
-        from peft import get_peft_model
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(args.seed)
-            model = get_peft_model(model, peft_config)
-    names = select_tuned_names(model, args.selection())
-    freeze_all_but(model, names)
-    constraint = SignConstraint.snapshot(tuned_parameters(model, names), args.sign_seed)
-    theta0 = constraint.reference_state_dict()
-    selection = args.selection()
-    if base_model is None:
-        base_model = getattr(getattr(model, "config", None), "name_or_path", None) or None
-    fresh = MergedDelta(
-        theta0,
-        args.sign_seed,
-        selection if selection.resolve(theta0) == names else names,
-        base_model=base_model,
-        base_revision=base_revision,
-        base_model_digest=base_model_digest,
+    model, constraint, fresh = prepare_base(
+        model, args, peft_config=peft_config, base_model=base_model, base_revision=base_revision
     )
-    constraint.base_digest = fresh.base_digest  # the same θ0 and names: hash it once
-    del theta0
-
     final = _load_or(output_dir, fresh)
+    if final.num_tasks and not allow_mixed_recipes:
+        run = Recipe.capture(args, "", model=model, data_collator=data_collator, processing_class=processing_class)
+        check_recipes(final, every_group, dataset, run)
+    store = None
+    if task_vector_store is not None:
+        from ..task_vector_store import TaskVectorStore
+
+        store = TaskVectorStore(task_vector_store)
     pending = [t for t in groups if t not in final]
     group = None
     if layout.is_distributed:
@@ -187,38 +299,31 @@ def train_tasks(
     del fresh
 
     todo = [t for t in mine if t not in delta]
-    device = layout.device(args.use_cpu)
     bar = tqdm(todo, desc="tasks", unit="task", disable=args.disable_tqdm or not todo, position=0)
     for task_id in bar:
         started = time.perf_counter()
-        subset = dataset.select(groups[task_id])
-        task_args = args.for_task(
-            task_id, reset_devices=layout.is_distributed, save_strategy=SaveStrategy.NO, output_dir=args.output_dir
+        task_vector = train_task(
+            model,
+            dataset.select(groups[task_id]),
+            task_id,
+            args,
+            constraint,
+            data_collator=data_collator,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            layout=layout,
         )
-        with rank_local_training(device) if layout.is_distributed else contextlib.nullcontext():
-            _ = task_args.device  # set up the (rank-local) devices before the Trainer builds its Accelerator
-            trainer = SIFTTrainer(
-                model,
-                task_args,
-                data_collator=data_collator,
-                train_dataset=subset,
-                processing_class=processing_class,
-                callbacks=callbacks,
-                sign_constraint=constraint,
-            )
-            output = trainer.train()
-            trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
-        task_vector = trainer.task_vector({"train_loss": output.training_loss})
+        if on_task_vector is not None:
+            on_task_vector(task_id, task_vector)
+        loss = task_vector.metadata["train_loss"]
         delta.add(task_id, task_vector)
+        if store is not None:
+            store.put(task_id, task_vector, record=delta.record(task_id))
         del task_vector
         delta.save_pretrained(target_dir)
-        constraint.reset_()
-        trainer.accelerator.free_memory()
-        del trainer
-        gc.collect()
         elapsed = time.perf_counter() - started
-        bar.set_postfix(task=task_id, loss=f"{output.training_loss:.4f}")
-        logger.info("task %s: loss %.6f, %.1f s", task_id, output.training_loss, elapsed)
+        bar.set_postfix(task=task_id, loss=f"{loss:.4f}")
+        logger.info("task %s: loss %.6f, %.1f s", task_id, loss, elapsed)
 
     if not layout.is_distributed:
         return final
@@ -233,14 +338,15 @@ def _fold_partials(
 
     total = all_reduce_sum(partial.sum, group)
     payload = {t: (partial.record(t), partial.load_mask(t)) for t in partial.task_ids}
-    gathered = gather_to_main(payload, layout, group)
+    gathered = gather_to_main((Compatibility.of(partial), payload), layout, group)
     if layout.is_main:
         records, masks = {}, {}
-        for part in gathered:
+        for rank, (compatibility, part) in enumerate(gathered):
+            check_compatible(final, compatibility, f"rank {rank}")
             for task_id, (record, mask) in part.items():
                 records[task_id], masks[task_id] = record, mask
         if records:
-            final.absorb(total, records, masks)
+            final.absorb(total, records, masks, source=partial)
             final.save_pretrained(output_dir)
     dist.barrier(group=group)
     if partial_dir.exists():

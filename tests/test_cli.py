@@ -295,6 +295,7 @@ def test_lazy_names_resolve():
         for name in module.__all__:
             assert getattr(module, name) is not None, (module.__name__, name)
     assert callable(hf_sift.trainer.train_tasks) and hf_sift.train_tasks is hf_sift.trainer.train_tasks
+    assert callable(hf_sift.unlearn) and hf_sift.unlearn.__module__ == "hf_sift.unlearning"
     from hf_sift.merging import BUILTIN_METHODS, get_method
 
     for name, module in BUILTIN_METHODS.items():

@@ -260,7 +260,7 @@ def imports_after(code: str) -> set[str]:
 def test_import_and_help_do_not_import_torch():
     heavy = {"torch", "transformers", "peft", "datasets", "accelerate", "safetensors"}
     assert not imports_after("import hf_sift") & heavy
-    for command in ("", "merge", "negmerge", "export"):
+    for command in ("", "merge", "negmerge", "export", "push", "pull"):
         argv = [command, "--help"] if command else ["--help"]
         code = f"import contextlib, io\nfrom hf_sift.cli import main\nwith contextlib.redirect_stdout(io.StringIO()):\n    main({argv!r})"
         assert not imports_after(code) & heavy, command

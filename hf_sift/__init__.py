@@ -7,12 +7,10 @@ the merging methods need transformers and peft.
 
 from __future__ import annotations
 
-import importlib
-import sys
-import types
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .errors import SiftError
+from .lazy_exports import lazy_exports
 from .version import __version__
 
 
@@ -27,11 +25,11 @@ _LAZY = {
     "TaskVector": ".task_vector",
     "TaskVectorStore": ".task_vector_store",
     "UnlearningLog": ".unlearning_log",
-    "UnlearningReport": ".unlearn",
+    "UnlearningReport": ".unlearning",
     "merge_checkpoints": ".merging",
     "negmerge_unlearn": ".merging.negmerge_driver",
-    "train_tasks": ".trainer.train_tasks",
-    "unlearn": ".unlearn",
+    "train_tasks": ".trainer.multi_task",
+    "unlearn": ".unlearning",
     "verify_artifact": ".verify",
 }
 
@@ -46,33 +44,12 @@ if TYPE_CHECKING:
     from .task_vector import TaskVector
     from .task_vector_store import TaskVectorStore
     from .trainer import SIFTConfig, SIFTTrainer, train_tasks
-    from .unlearn import UnlearningReport, unlearn
+    from .unlearning import UnlearningReport, unlearn
     from .unlearning_log import UnlearningLog
     from .verify import verify_artifact
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'hf_sift' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
-
-
-class _Package(types.ModuleType):
-    """Keeps `hf_sift.unlearn` the function when the import system binds the submodule of that name."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _LAZY and isinstance(value, types.ModuleType) and hasattr(value, name):
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = [

@@ -30,7 +30,7 @@ from .artifact_config import FORMAT_VERSION as FORMAT_VERSION
 from .artifact_state import ArtifactState
 from .atomic import apply_umask, link_or_copy, staged_folder
 from .digest import file_digest
-from .errors import CorruptArtifactError
+from .errors import CorruptArtifactError, PathNotFoundError
 from .masks import packed_size
 from .shard_size import DEFAULT_MAX_SHARD_SIZE
 from .task_id import validate_task_id
@@ -99,8 +99,12 @@ def read_artifact(folder: str | os.PathLike) -> tuple[ArtifactConfig, dict[str, 
 
     Raises:
         [`~hf_sift.errors.CorruptArtifactError`] if a field is malformed, T differs from the manifest's task count,
-        or a field bound by `binding_digest` was edited; [`~hf_sift.errors.IncompatibleArtifactError`].
+        or a field bound by `binding_digest` was edited; [`~hf_sift.errors.IncompatibleArtifactError`];
+        [`~hf_sift.errors.PathNotFoundError`] if `folder` does not exist.
     """
+    if not Path(folder).is_dir():
+        what = "is not a folder" if Path(folder).exists() else "does not exist"
+        raise PathNotFoundError(f"the artifact folder {folder} {what}")
     config = read_config(folder)
     records = read_manifest(folder)
     if config.num_tasks != len(records):

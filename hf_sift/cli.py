@@ -32,6 +32,8 @@ COMMANDS: dict[str, str] = {
     "unlearn": "hf_sift.unlearn_cli",
     "verify": "hf_sift.inspect_cli",
     "info": "hf_sift.inspect_cli",
+    "push": "hf_sift.hub.cli",
+    "pull": "hf_sift.hub.cli",
 }
 COMMAND_MODULES: tuple[str, ...] = tuple(dict.fromkeys(COMMANDS.values()))
 

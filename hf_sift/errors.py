@@ -11,6 +11,8 @@ every other error caused by bad input (see docs/troubleshooting.md).
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class SiftError(Exception):
     """Base class of every hf_sift error."""
@@ -78,6 +80,18 @@ class AccumulatorOverflowError(SiftError, ValueError, OverflowError):
 
 class CorruptArtifactError(IntegrityError, ValueError):
     """A file of a SIFT artifact is missing, truncated, or does not match its recorded digest."""
+
+
+class LocalHubHTTPError(SiftError, RuntimeError):
+    """The error answer of the local Hub (`hf_sift.testing.hub_server`) to a request: HTTP `status`, the
+    `X-Error-Code` header `code` (`RepoNotFound`, `RevisionNotFound`, `EntryNotFound`) and `message`. Raised inside
+    the server and turned into the HTTP answer; its clients see the `huggingface_hub` errors of those answers."""
+
+    def __init__(
+        self, status: int, message: str, code: str | None = None, commit: str | None = None, **extra: Any
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.commit, self.extra = status, message, code, commit, extra
 
 
 class IncompatibleArtifactError(SiftError, ValueError):
@@ -161,6 +175,17 @@ class UnknownMergeMethodError(SiftError, KeyError, ValueError):
         return str(self.args[0]) if self.args else ""
 
 
+class HubServerError(SiftError, ValueError):
+    """A local Hub server (`hf_sift.testing.hub_server`) was given an invalid option: a non-loopback address or an
+    unknown route for a fault."""
+
+
+class HubTransferError(SiftError, RuntimeError):
+    """A push did not complete: the connection to the Hub dropped or the Hub failed. A commit lands whole or not at
+    all, so the branch is either unchanged or holds the whole new commit; pushing again uploads only what is
+    missing."""
+
+
 class InvalidMergeParameterError(SiftError, ValueError):
     """A merge parameter is unknown, of the wrong type, or out of range."""
 
@@ -175,6 +200,8 @@ __all__ = [
     "DeltaNotKeptError",
     "DuplicateTaskError",
     "EnvironmentMismatchError",
+    "HubServerError",
+    "HubTransferError",
     "IncompatibleArtifactError",
     "IntegrityError",
     "InvalidArgumentError",
@@ -183,6 +210,7 @@ __all__ = [
     "InvalidSIFTConfigError",
     "InvalidScaleError",
     "InvalidTaskIdError",
+    "LocalHubHTTPError",
     "MissingBaseModelError",
     "MissingReferenceError",
     "MixedRecipeError",

@@ -7,7 +7,7 @@ import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -40,6 +40,10 @@ from .served_weights import check_scale, served_tensor
 from .task_id import validate_task_id
 from .task_vector import TaskVector, check_same_parameters
 from .unlearning_log import LOG_NAME, UnlearningLog
+
+
+if TYPE_CHECKING:
+    from .hub.push import PushResult
 
 
 class MergedDelta:
@@ -396,8 +400,13 @@ class MergedDelta:
         self.recorded_digest = config.delta_digest
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, verify: bool = True) -> MergedDelta:
-        """Load an artifact written by [`save_pretrained`], streaming Q tensor by tensor.
+    def from_pretrained(
+        cls, directory: str | os.PathLike, verify: bool = True, *, revision: str | None = None, **hub_kwargs: Any
+    ) -> MergedDelta:
+        """Load an artifact written by [`save_pretrained`] (a folder, or a Hub repo id), streaming Q tensor by tensor.
+
+        A repo id is downloaded into the Hugging Face cache first: the config, the manifest, the sum and every mask
+        at `revision` (`hub_kwargs`: `cache_dir`, `token`, `local_files_only`, ...; see `hf_sift.hub`).
 
         Masks stay on disk and are read one task at a time by [`load_mask`]. With `verify`, the sum is checked
         against its recorded digest (missing, truncated or corrupted files raise
@@ -410,11 +419,22 @@ class MergedDelta:
             [`~hf_sift.errors.CorruptArtifactError`] (a missing, truncated, malformed or edited file, naming the file
             and field) or [`~hf_sift.errors.IncompatibleArtifactError`].
         """
+        if hub_kwargs or revision is not None or not Path(directory).is_dir():
+            from .hub.download import resolve_delta_folder
+
+            directory = resolve_delta_folder(directory, revision, **hub_kwargs)
         directory = Path(directory).absolute()
         self, state = read_consistently(directory, lambda: cls._read(directory, verify))
         self._artifact_states = ArtifactStates()
         self._artifact_states.remember(directory, state)
         return self
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> PushResult:
+        """Push this delta, as [`save_pretrained`] writes it, to the Hub in one commit (see `hf_sift.hub.push_to_hub`
+        for the arguments and errors)."""
+        from .hub.push import push_delta
+
+        return push_delta(self, repo_id, **kwargs)
 
     @classmethod
     def _read(cls, directory: Path, verify: bool) -> MergedDelta:

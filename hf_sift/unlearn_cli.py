@@ -57,7 +57,7 @@ def _unlearn(args: argparse.Namespace):
     from .artifact import read_config, read_manifest
     from .errors import MissingBaseModelError, ReplayPreconditionError, UnknownTaskError
     from .task_vector_store import TaskVectorStore
-    from .unlearn import unlearn
+    from .unlearning import unlearn
 
     merged = read_manifest(args.artifact)  # fail fast, before loading a model
     unknown = [task for task in args.task if task not in merged]

@@ -84,7 +84,7 @@ def test_unlearning_from_the_store_trains_nothing(trained, tmp_path, monkeypatch
     def no_training(*args, **kwargs):
         raise AssertionError("unlearning from the store must not train")
 
-    monkeypatch.setattr(importlib.import_module("hf_sift.trainer.train_tasks"), "train_task", no_training)
+    monkeypatch.setattr(importlib.import_module("hf_sift.trainer.multi_task"), "train_task", no_training)
     monkeypatch.setattr("transformers.Trainer.train", no_training)
     report = unlearn(artifact, FORGET, task_vector_store=root / "store", redact=True, salt="pepper")
     assert folder_bytes(artifact, skip=(LOG_NAME,)) == folder_bytes(root / "three")

@@ -183,7 +183,7 @@ def train_from_arguments(data_args: TrainDataArguments, config) -> int:
     from ..artifact import CONFIG_NAME
     from ..hub.sources import check_source, hub_lookup
     from ..output_dir import check_output_dir
-    from .train_tasks import train_tasks
+    from .multi_task import train_tasks
 
     check_data_path(data_args.data)
     check_source(data_args.model, "--model")

@@ -273,7 +273,7 @@ class _ReplayPlan:
     processing_class: Any
 
     def replay(self, task_id: str, callbacks: list | None) -> TaskVector:
-        from .trainer.train_tasks import train_task
+        from .trainer.multi_task import train_task
 
         with _threads(self.threads[task_id]):
             return train_task(
@@ -303,10 +303,10 @@ def _plan_replays(
 ) -> _ReplayPlan:
     """Step 1: check everything a replay needs, before any training; raise naming what differs."""
     from .trainer import environment
+    from .trainer.multi_task import group_tasks, prepare_base
     from .trainer.recipe import Recipe
     from .trainer.sift_config import SIFTConfig
     from .trainer.task_sharding import ProcessLayout
-    from .trainer.train_tasks import group_tasks, prepare_base
 
     if model is None or dataset is None:
         raise ReplayPreconditionError(

@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "merge": "hf_sift.merging.cli",
     "negmerge": "hf_sift.merging.cli",
     "export": "hf_sift.serving_cli",
+    "upgrade": "hf_sift.upgrade_cli",
 }
 COMMAND_MODULES: tuple[str, ...] = tuple(dict.fromkeys(COMMANDS.values()))
 

@@ -215,6 +215,7 @@ def load_plain_base(
     dtypes: Mapping[str, torch.dtype],
     base_digest: str,
     base_model_digest: str | None,
+    local_files_only: bool = False,
 ) -> PreTrainedModel | None:
     """Load θ0 to write P from, checked against the merge's digests; `None` when P cannot be a plain checkpoint.
 
@@ -230,7 +231,9 @@ def load_plain_base(
     from .digest import digest_tensors, state_dict_digest
     from .errors import BaseModelMismatchError
 
-    model = load_base_model(name, revision, recorded_base_dtype(dtypes))
+    model = load_base_model(
+        name, revision, recorded_base_dtype(dtypes), hub_kwargs={"local_files_only": local_files_only}
+    )
     state = model.state_dict()
     outside = sorted(set(dtypes) - set(state))
     if outside:
@@ -277,8 +280,12 @@ def plain_merge_writer(
     if base is None:
         return None
     try:
-        model = load_plain_base(base, revision, delta.dtypes, delta.base_digest, delta.base_model_digest)
-    except OSError as err:  # transformers' "not a folder nor a Hub repo" (or offline)
+        # The recorded base is only looked for locally (a folder or the Hub cache): a save never starts a download
+        # of its own; an explicit `base` may download.
+        model = load_plain_base(
+            base, revision, delta.dtypes, delta.base_digest, delta.base_model_digest, local_files_only=recorded
+        )
+    except OSError as err:  # transformers' "not a folder nor a Hub repo" (or not in the cache)
         if not recorded:
             raise
         warnings.warn(

@@ -85,8 +85,11 @@ class MergedMaskedModel(torch.nn.Module):
     ) -> MergedMaskedModel:
         """Load the base model and serve `task` from a merged SIFT artifact (a local folder or a Hub repo id).
 
-        Only the config, the manifest, the sum and the requested task's mask are read (and downloaded from the
-        Hub). Nothing is returned unless every step succeeds.
+        Three steps: resolve the files, load the base, serve. Only the config, the manifest, the requested task's
+        mask and the weights served from are read (and downloaded from the Hub): for a format-2 artifact served in
+        its stored dtype at scale 1/T, the plain merge P (each task is then `where(mask, P, θ0)`, bit for bit the
+        format-1 formula); otherwise (format 1, another `dtype` or `scale`, `allow_base_mismatch`) the sum Q.
+        Nothing is returned unless every step succeeds and every digest matches.
 
         Args:
             path_or_repo_id (`str` or `os.PathLike`): A folder written by [`MergedDelta.save_pretrained`] or a Hub
@@ -98,19 +101,21 @@ class MergedMaskedModel(torch.nn.Module):
             device_map (`str`, `dict` or `torch.device`, *optional*): Passed to transformers' `from_pretrained`.
             base_model (`str` or `os.PathLike`, *optional*): Base model name or path; defaults to the one recorded
                 in `sift_config.json`. Its weights must match the recorded digest.
-            keep_delta (`bool`, *optional*, defaults to `True`): Keep the sum Q and θ0 so that [`set_task`] can
-                switch tasks in place. Either way θ0 is only read, and the served weights go to new memory that the
-                parameters are pointed at. With `True`, on top of the plain model: 8 bytes per tuned element for the
-                sum (mapped from the artifact) and the served weights (4 for fp32). The first switch also computes
-                the plain-merge weights (one more pass, 4 more bytes per tuned element for fp32); every switch is then
-                one bitwise select per parameter. With `False` the sum and θ0 are dropped once the weights are
-                served (the pages of θ0 that map the checkpoint are released): the model then takes the memory of the
+            keep_delta (`bool`, *optional*, defaults to `True`): Keep θ0 and the plain-merge weights (P as read,
+                or the sum Q) so that [`set_task`] can switch tasks in place. Either way θ0 is only read, and the
+                served weights go to new memory that the parameters are pointed at. With `True`, on top of the plain
+                model: the served weights (4 bytes per tuned element for fp32) and, served from P, P's tuned tensors
+                (4 more): every switch is one bitwise select per parameter. Served from the sum: 8 bytes per tuned
+                element for the sum (mapped from the artifact), and the first switch computes the plain-merge
+                weights (one more pass, 4 more bytes per tuned element for fp32). With `False` the sum and θ0 are dropped once the weights are
+                served (the pages of θ0 that map the checkpoint are released), and so is P: the model then takes the memory of the
                 plain model, and cannot switch task.
             scale (`float`, *optional*): Scale of the merged update; defaults to 1/T. NaN and infinite scales are
                 refused ([`~hf_sift.errors.InvalidScaleError`]).
             allow_base_mismatch (`bool`, *optional*, defaults to `False`): Serve on a base whose weights differ
                 from the recorded digest, with a warning (shapes and dtypes must still match).
-            verify (`bool`, *optional*, defaults to `True`): Check the sum against its recorded digest.
+            verify (`bool`, *optional*, defaults to `True`): Check P's tensors (or the sum) against their recorded
+                digests; the mask and the base are always checked.
             model_class (`type`, *optional*): The transformers auto class; defaults to `AutoModelForSeq2SeqLM` for
                 encoder-decoder configs and `AutoModelForCausalLM` otherwise.
             model_kwargs (`dict`, *optional*): More keyword arguments for transformers' `from_pretrained` of the base
@@ -131,7 +136,7 @@ class MergedMaskedModel(torch.nn.Module):
         scale = None if scale is None else check_scale(scale)
         # 1. Resolve the files: config, manifest and the task's mask; P or the sum, whichever serving reads.
         source = ServedArtifact.resolve(path_or_repo_id, task, revision, **hub_kwargs)
-        stored_dtype = len(set(source.dtypes.values())) == 1 and target_dtype in (None, *source.dtypes.values())
+        stored_dtype = target_dtype is None or set(source.dtypes.values()) == {target_dtype}
         # P holds the weights of the recorded base at scale 1/T in its dtypes: any other request reads the sum.
         from_plain = source.has_plain_merge and stored_dtype and scale in (None, source.default_scale())
         from_plain = from_plain and not allow_base_mismatch

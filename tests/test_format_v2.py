@@ -181,3 +181,27 @@ def test_a_delta_without_a_base_saves_format_1_and_says_so(tmp_path, tiny_llama_
         delta.save_pretrained(tmp_path / "a")
     assert json.loads((tmp_path / "a" / CONFIG_NAME).read_text())["format_version"] == 1
     assert not (tmp_path / "a" / "model.safetensors").exists()
+
+
+def test_upgrade_without_a_base_is_refused(tmp_path, tiny_llama_state):
+    from hf_sift.cli import main
+    from hf_sift.errors import MissingBaseModelError
+
+    delta = MergedDelta(tiny_llama_state, sign_seed=1)
+    delta.save_pretrained(tmp_path / "a", base=None)
+    before = tree_bytes(tmp_path / "a")
+    with pytest.raises(MissingBaseModelError, match="--base"):
+        main(["upgrade", str(tmp_path / "a")])
+    assert tree_bytes(tmp_path / "a") == before
+
+
+def test_save_with_another_base_is_refused_and_writes_nothing(tmp_path):
+    from hf_sift.errors import BaseModelMismatchError
+
+    artifact, _, delta, _ = build_artifact(tmp_path, fmt=1)
+    _, other_base, _, _ = build_artifact(tmp_path, tasks=["x"], seed=1)
+    before = tree_bytes(artifact)
+    loaded = MergedDelta.from_pretrained(artifact)
+    with pytest.raises(BaseModelMismatchError, match="nothing was written"):
+        loaded.save_pretrained(artifact, base=str(other_base))
+    assert tree_bytes(artifact) == before

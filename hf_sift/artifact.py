@@ -274,15 +274,16 @@ def write_artifact(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     *,
     precondition: Callable[[Path], None] | None = None,
-    plain: Callable[[Path], dict[str, str]] | None = None,
+    plain: Callable[[Path], tuple[dict[str, str], dict[str, str]]] | None = None,
 ) -> tuple[dict[str, str], ArtifactState]:
     """Write a whole artifact atomically into `folder`, keeping the user's other files there.
 
     `masks` maps every task id to either an existing mask file (hard-linked, not rewritten) or its packed masks.
     The config's `binding_digest` is computed here, once the mask digests are known. `precondition` is checked under
     the folder's lock right before the swap (see [`~hf_sift.atomic.staged_folder`] and [`~hf_sift.artifact_state`]).
-    `plain` writes the plain merge P into the staging folder and returns its tensor digests: the artifact is then
-    format 2 (`config.plain_digests` and `config.format_version` are set here); without it, format 1.
+    `plain` writes the plain merge P into the staging folder and returns its tensor digests and those of the base:
+    the artifact is then format 2 (`config.plain_digests`, `config.base_tensor_digests` and `config.format_version`
+    are set here); without it, format 1.
     Returns the digest of each mask file written or linked, and the state written.
     """
     folder = Path(folder)
@@ -320,7 +321,7 @@ def write_artifact(
                 "weight_map": dict(sorted(split.tensor_to_filename.items())),
             }
             _dump_json(index, stage / DELTA_INDEX_NAME)
-        config.plain_digests = None if plain is None else plain(stage)
+        config.plain_digests, config.base_tensor_digests = (None, None) if plain is None else plain(stage)
         config.format_version = 1 if plain is None else 2
         records = {t: {**manifest[t], "mask_digest": mask_digests[t]} for t in sorted(manifest)}
         _dump_json({"tasks": records}, stage / MANIFEST_NAME)

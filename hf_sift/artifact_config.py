@@ -51,7 +51,7 @@ _REQUIRED_KEYS = (
     "scale_bits",
     "sign_seed",
 )
-_OPTIONAL_KEYS = ("base_model_digest", "binding_digest", "plain_digests")
+_OPTIONAL_KEYS = ("base_model_digest", "base_tensor_digests", "binding_digest", "plain_digests")
 CONFIG_KEYS = tuple(sorted(_REQUIRED_KEYS + _OPTIONAL_KEYS))
 RECORD_KEYS = ("digest", "mask_digest", "mask_density", "num_elements", "num_selected", "metadata")
 
@@ -116,6 +116,9 @@ class ArtifactConfig:
         plain_digests (`dict[str, str]`, *optional*): Format 2: the `blake3:` digest of each tensor of the plain
             merge P stored as a transformers checkpoint (checkpoint name -> digest of its raw bytes); `None` for an
             artifact without P (format 1).
+        base_tensor_digests (`dict[str, str]`, *optional*): Format 2: the `blake3:` digest of each tensor of the
+            base model's state dict (name, dtype and shape included), which serving checks the base against in
+            place of the two sha256 digests (a quarter of the time); `None` in format 1.
         binding_digest (`str`, *optional*): Digest binding the fields that decide the served weights to the
             manifest's task digests (see [`binding_digest`]); filled in when the artifact is written.
         format_version (`int`, *optional*, defaults to `FORMAT_VERSION`): Version of the format.
@@ -135,6 +138,7 @@ class ArtifactConfig:
     base_model_digest: str | None = None
     binding_digest: str | None = None
     plain_digests: dict[str, str] | None = None
+    base_tensor_digests: dict[str, str] | None = None
     format_version: int = 1
     hf_sift_version: str = __version__
 
@@ -157,6 +161,9 @@ class ArtifactConfig:
             "base_model_digest": self.base_model_digest,
             "binding_digest": self.binding_digest,
             "plain_digests": None if self.plain_digests is None else dict(sorted(self.plain_digests.items())),
+            "base_tensor_digests": (
+                None if self.base_tensor_digests is None else dict(sorted(self.base_tensor_digests.items()))
+            ),
             "sign_seed": self.sign_seed,
             "scale_bits": self.scale_bits,
             "parameters": self.parameters_dict(),
@@ -196,7 +203,10 @@ class ArtifactConfig:
         if not isinstance(hf_sift_version, str):
             raise _bad(source, "hf_sift_version", "a string", hf_sift_version)
         shapes, dtypes, selection = _parameters(source, data["parameters"])
-        plain_digests = _plain_digests(source, data.get("plain_digests"), version, shapes)
+        plain_digests = _plain_digests(source, "plain_digests", data.get("plain_digests"), version, shapes)
+        base_tensor_digests = _plain_digests(
+            source, "base_tensor_digests", data.get("base_tensor_digests"), version, shapes
+        )
         return cls(
             base_digest=_digest(source, "base_digest", data["base_digest"]),
             sign_seed=_int(source, "sign_seed", data["sign_seed"]),
@@ -211,6 +221,7 @@ class ArtifactConfig:
             base_model_digest=_digest(source, "base_model_digest", data.get("base_model_digest"), optional=True),
             binding_digest=_digest(source, "binding_digest", data.get("binding_digest"), optional=True),
             plain_digests=plain_digests,
+            base_tensor_digests=base_tensor_digests,
             format_version=version,
             hf_sift_version=hf_sift_version,
         )
@@ -231,7 +242,7 @@ class ArtifactConfig:
         if self.compute_binding(records) != self.binding_digest:
             raise CorruptArtifactError(
                 f"{source}: the fields that decide the served weights (format_version, sign_seed, scale_bits, "
-                "parameters, num_tasks, base and delta digests, plain_digests, and each task's digest and mask_digest in "
+                "parameters, num_tasks, base and delta digests, plain_digests, base_tensor_digests, and each task's digest and mask_digest in "
                 f"{MANIFEST_NAME}) do not match the recorded binding_digest: the artifact was edited or corrupted"
             )
 
@@ -258,6 +269,8 @@ def binding_digest(config: ArtifactConfig, records: Mapping[str, Mapping[str, An
     }
     if config.plain_digests is not None:
         bound["plain_digests"] = dict(sorted(config.plain_digests.items()))
+    if config.base_tensor_digests is not None:
+        bound["base_tensor_digests"] = dict(sorted(config.base_tensor_digests.items()))
     text = json.dumps(bound, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return "sha256:" + hashlib.sha256((_BINDING_TAG + text).encode("utf-8")).hexdigest()
 
@@ -295,21 +308,21 @@ def _parameters(
 
 
 def _plain_digests(
-    source: str, value: Any, version: int, shapes: Mapping[str, tuple[int, ...]]
+    source: str, field: str, value: Any, version: int, shapes: Mapping[str, tuple[int, ...]]
 ) -> dict[str, str] | None:
-    """Format 2 requires a digest per tensor of P, covering at least the tuned parameters; format 1 has none."""
+    """Format 2 requires a `blake3:` digest per tensor, covering at least the tuned parameters; format 1 has none."""
     if version < 2:
         if value is not None:
-            raise _bad(source, "plain_digests", "absent in a format 1 artifact", "an object")
+            raise _bad(source, field, "absent in a format 1 artifact", "an object")
         return None
     if not isinstance(value, Mapping) or not value:
-        raise _bad(source, "plain_digests", "an object of tensor name -> blake3 digest", value)
+        raise _bad(source, field, "an object of tensor name -> blake3 digest", value)
     for name, digest in value.items():
         if not isinstance(digest, str) or not _TENSOR_DIGEST.fullmatch(digest):
-            raise _bad(source, f"plain_digests[{name!r}]", '"blake3:" followed by 64 lowercase hex digits', digest)
+            raise _bad(source, f"{field}[{name!r}]", '"blake3:" followed by 64 lowercase hex digits', digest)
     missing = sorted(set(shapes) - set(value))
     if missing:
-        raise CorruptArtifactError(f"{source}: field 'plain_digests' lacks tuned parameter(s) {missing[:3]}")
+        raise CorruptArtifactError(f"{source}: field {field!r} lacks tuned parameter(s) {missing[:3]}")
     return dict(value)
 
 

@@ -55,6 +55,14 @@ def tensor_digest(tensor: torch.Tensor) -> str:
     return "blake3:" + blake3(tensor_bytes(tensor)).hexdigest()
 
 
+def named_tensor_digest(name: str, tensor: torch.Tensor) -> str:
+    """`"blake3:" + hex` of the JSON line `["<name>", "<dtype>", [<shape>]]\n` then the tensor's raw bytes."""
+    header = json.dumps([name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape)]) + "\n"
+    hasher = blake3(header.encode("utf-8"))
+    hasher.update(tensor_bytes(tensor))
+    return "blake3:" + hasher.hexdigest()
+
+
 def write_plain_merge(
     stage: Path,
     base: PreTrainedModel,
@@ -63,18 +71,20 @@ def write_plain_merge(
     scale_bits: int,
     max_shard_size: int | str,
     tokenizer_folder: Path | None = None,
-) -> dict[str, str]:
+) -> tuple[dict[str, str], dict[str, str]]:
     """Turn `base` (θ0, loaded in the merge's dtypes) into P in place and save it into `stage`; returns its digests.
 
     Each tuned parameter is overwritten, one at a time, by its served weights without a mask (the one formula of
     [`~hf_sift.served_weights.served_tensor`]); `base` holds P afterwards. The checkpoint is written by
     transformers' `save_pretrained` (config, generation config, weights sharded at `max_shard_size` with an
-    index), then read back to record each tensor's digest. Tokenizer files of `tokenizer_folder` (the base's
+    index), then read back to record each tensor's digest. Returns P's digests and those of every tensor of θ0's
+    state dict ([`named_tensor_digest`]), taken before it is overwritten. Tokenizer files of `tokenizer_folder` (the base's
     folder) are linked in unless the artifact already has its own.
     """
     from .hub.download import TOKENIZER_PATTERNS
 
     state = base.state_dict()
+    base_digests = {name: named_tensor_digest(name, tensor) for name, tensor in state.items()}
     with torch.no_grad(), kernels.deferred():
         for name in sorted(sums):
             served_tensor(state[name], sums[name], scale=scale, scale_bits=scale_bits, out=state[name])
@@ -98,7 +108,7 @@ def write_plain_merge(
             f"the plain-merge checkpoint transformers wrote lacks tuned parameter(s) {missing[:3]} (saved under "
             "other names?): this model cannot be stored in format 2"
         )
-    return digests
+    return digests, base_digests
 
 
 def plain_files(folder: Path) -> dict[str, list[str]]:
@@ -259,7 +269,7 @@ def load_plain_base(
 
 def plain_merge_writer(
     delta: MergedDelta, base: str | os.PathLike | None | object, max_shard_size: int | str
-) -> Callable[[Path], dict[str, str]] | None:
+) -> Callable[[Path], tuple[dict[str, str], dict[str, str]]] | None:
     """What writes P into an artifact's staging folder (`None`: the artifact is format 1), with θ0 loaded now.
 
     `base` is the base model's folder or Hub name, [`RECORDED_BASE`] for the one `delta` records (at its recorded

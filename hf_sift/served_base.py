@@ -10,11 +10,12 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from .base_check import check_base_digests, loaded_base_model_digest
+from .base_check import check_base_digests, loaded_base_model_digest, report_mismatch
 from .base_model import BASE_HUB_KWARGS, base_model_class, load_base_model, recorded_base_dtype
 from .digest import digest_tensors
 from .errors import MissingBaseModelError
 from .offload import materialized, offload_slots
+from .plain_merge import named_tensor_digest
 from .served_artifact import ServedArtifact
 from .served_weights import check_cast
 
@@ -34,12 +35,25 @@ class ServedBase:
     model: PreTrainedModel
     weights: dict[str, torch.Tensor]
     name: str
-    digest: Future[str]
-    model_digest: Future[str]
+    digest: Future[Any]
+    model_digest: Future[Any]  # the same future as `digest` in format 2 (a map of per-tensor digests)
 
     def check(self, source: ServedArtifact, allow_mismatch: bool) -> None:
         """Wait for the digests and raise [`~hf_sift.errors.BaseModelMismatchError`] unless they match."""
-        check_base_digests(source, self.digest.result(), self.model_digest.result(), allow_mismatch)
+        recorded = source.config.base_tensor_digests
+        if recorded is None:  # format 1: the two sha256 digests
+            check_base_digests(source, self.digest.result(), self.model_digest.result(), allow_mismatch)
+            return
+        found = self.digest.result()
+        differ = {n for n in set(found) | set(recorded) if found.get(n) != recorded.get(n)}
+        if differ & set(source.names):
+            report_mismatch("the base model's weights differ from the ones this delta was built on", allow_mismatch)
+        elif differ:
+            report_mismatch(
+                "the base model differs from the one this delta was built on outside the tuned parameters (e.g. its "
+                f"embeddings or LM head, which are served as they are: {sorted(differ)[:2]})",
+                allow_mismatch,
+            )
 
 
 def load_served_base(
@@ -90,9 +104,11 @@ def load_served_base(
     _check_layout(source, state)  # names, shapes, dtypes: checked at once
     # θ0 of the tuned parameters, read from accelerate's offload map for those offloaded to the CPU or disk.
     weights = materialized(state, offload_slots(reference, source.names), source.names)
-    digest = pool.submit(digest_tensors, weights)
-    # The whole base (embeddings and LM head too) against the recorded base model digest, alongside as well.
-    model_digest = pool.submit(loaded_base_model_digest, reference, state, weights)
+    if source.config.base_tensor_digests is not None:  # format 2: one BLAKE3 per tensor of the whole base
+        digest = model_digest = pool.submit(_tensor_digests, reference, state, weights)
+    else:  # format 1: θ0's sha256 over the tuned parameters, and the whole base's (embeddings and LM head too)
+        digest = pool.submit(digest_tensors, weights)
+        model_digest = pool.submit(loaded_base_model_digest, reference, state, weights)
     if reference is not model:
         check_cast(model, state, set(source.names))
     return ServedBase(model, weights, name, digest, model_digest)
@@ -108,3 +124,12 @@ def _check_layout(source: ServedArtifact, state: dict[str, torch.Tensor]) -> Non
             raise ParameterMismatchError(
                 f"base parameter {name!r} is {state[name].dtype}, the merge was built on {dtype}"
             )
+
+
+def _tensor_digests(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], tuned_base: dict[str, torch.Tensor]
+) -> dict[str, str]:
+    """The BLAKE3 digest of every tensor of the loaded base (offloaded ones read one at a time)."""
+    whole = {**state, **tuned_base}
+    slots = offload_slots(model, [n for n in whole if n not in tuned_base])
+    return {n: named_tensor_digest(n, slots[n].read() if n in slots else t) for n, t in whole.items()}

@@ -131,11 +131,12 @@ def test_a_flipped_byte_is_refused_before_the_model_is_returned(tmp_path, target
         assert not torch.equal(model.model.state_dict()[name], delta.materialize(base, None)[name])
 
 
-def test_edited_plain_digests_are_refused(tmp_path):
+@pytest.mark.parametrize("field", ["plain_digests", "base_tensor_digests"])
+def test_edited_plain_digests_are_refused(tmp_path, field):
     v2, *_ = build_artifact(tmp_path)
     config = json.loads((v2 / CONFIG_NAME).read_text())
-    name = sorted(config["plain_digests"])[0]
-    config["plain_digests"][name] = "blake3:" + "0" * 64
+    name = sorted(config[field])[0]
+    config[field][name] = "blake3:" + "0" * 64
     (v2 / CONFIG_NAME).write_text(json.dumps(config))
     with pytest.raises(CorruptArtifactError, match="binding_digest"):
         MergedDelta.from_pretrained(v2)

@@ -18,6 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import datasets
 import torch
 from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -65,6 +66,8 @@ def main() -> None:
     parser.add_argument("--output-dir", default=None, help="where to keep the artifacts (default: a temp folder)")
     args = parser.parse_args()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # loading and saving bars: the story below says what happens
+    datasets.disable_progress_bars()
     logging.getLogger("hf_sift").setLevel(logging.WARNING)
 
     out = Path(args.output_dir) if args.output_dir else Path(tempfile.mkdtemp(prefix="hf_sift_demo_"))
@@ -78,6 +81,7 @@ def main() -> None:
         num_key_value_heads=2,
         max_position_embeddings=64,
     )
+    print(f"0. a tiny Llama saved to {out / 'base'}: the base model θ0 every task starts from")
     LlamaForCausalLM(config).save_pretrained(out / "base")  # the "Hub model" every task starts from
     model = LlamaForCausalLM.from_pretrained(out / "base")
     dataset = toy_dataset(args.tasks, rows=16, vocab=config.vocab_size)

@@ -1,8 +1,8 @@
 """hf_sift: exact unlearning of finetuning data through model merging (SIFT-Masks, NegMerge and baselines).
 
-The core (sign vectors, task vectors, the exact merged delta) is imported eagerly; the parts built on
-transformers and peft (trainer, masked model, merging methods) are imported on first use, so that
-`import hf_sift` and `hf-sift --help` stay fast.
+Every public name is imported on first use (PEP 562), so that `import hf_sift` and `hf-sift --help` stay fast:
+the core (sign vectors, task vectors, the exact merged delta) needs torch, and the trainer, the masked model and
+the merging methods need transformers and peft.
 """
 
 from __future__ import annotations
@@ -10,30 +10,33 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-
-__version__ = "0.1.0"
-
-from .artifact_config import ArtifactConfig  # noqa: E402
-from .errors import SiftError  # noqa: E402
-from .merged_delta import MergedDelta  # noqa: E402
-from .selection import ParameterSelection  # noqa: E402
-from .sign_vector import SignVector  # noqa: E402
-from .task_vector import TaskVector  # noqa: E402
+from .errors import SiftError
+from .version import __version__
 
 
 _LAZY = {
+    "ArtifactConfig": ".artifact_config",
+    "MergedDelta": ".merged_delta",
     "MergedMaskedModel": ".masked_model",
+    "ParameterSelection": ".selection",
     "SIFTConfig": ".trainer",
     "SIFTTrainer": ".trainer",
+    "SignVector": ".sign_vector",
+    "TaskVector": ".task_vector",
     "merge_checkpoints": ".merging",
     "negmerge_unlearn": ".merging.negmerge_driver",
-    "train_tasks": ".trainer",
+    "train_tasks": ".trainer.train_tasks",
 }
 
 if TYPE_CHECKING:
+    from .artifact_config import ArtifactConfig
     from .masked_model import MergedMaskedModel
+    from .merged_delta import MergedDelta
     from .merging import merge_checkpoints
     from .merging.negmerge_driver import negmerge_unlearn
+    from .selection import ParameterSelection
+    from .sign_vector import SignVector
+    from .task_vector import TaskVector
     from .trainer import SIFTConfig, SIFTTrainer, train_tasks
 
 

@@ -201,7 +201,7 @@ def _map_uint8_safetensors(path: Path) -> dict[str, torch.Tensor]:
         with open(path, "rb") as f:
             header_size = int.from_bytes(f.read(8), "little")
             if size < 8 or header_size > min(size - 8, 100_000_000):
-                raise ValueError("header size out of bounds")
+                raise CorruptArtifactError("header size out of bounds")
             header = json.loads(f.read(header_size))
         entries = sorted(
             ((info["data_offsets"], name, info) for name, info in header.items() if name != "__metadata__"),
@@ -212,11 +212,11 @@ def _map_uint8_safetensors(path: Path) -> dict[str, torch.Tensor]:
         end = 0
         for (start, stop), name, info in entries:
             if info["dtype"] != "U8" or len(info["shape"]) != 1 or start != end or stop - start != info["shape"][0]:
-                raise ValueError(f"unexpected entry for {name!r}")
+                raise CorruptArtifactError(f"unexpected entry for {name!r}")
             views[name] = data[8 + header_size + start : 8 + header_size + stop]
             end = stop
         if 8 + header_size + end != size:
-            raise ValueError("the data does not fill the file")
+            raise CorruptArtifactError("the data does not fill the file")
     except (ValueError, TypeError, KeyError, OSError, RuntimeError) as err:
         raise CorruptArtifactError(f"cannot read mask file {path}: {err}") from None
     return views

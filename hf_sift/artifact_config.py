@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from . import __version__
 from .errors import CorruptArtifactError, IncompatibleArtifactError
 from .selection import ParameterSelection
+from .version import __version__
 
 
 # Version 2 adds the plain merge P as a transformers checkpoint (`plain_digests`); version 1 artifacts still load.

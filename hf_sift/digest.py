@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
+from .errors import InvalidArgumentError
+
 
 _TAG = b"hf_sift-digest-v1\n"
 
@@ -39,7 +41,9 @@ class TensorDigest:
 
     def update(self, name: str, tensor: torch.Tensor) -> None:
         if self._last is not None and name <= self._last:
-            raise ValueError(f"tensors must be digested in sorted name order ({name!r} after {self._last!r})")
+            raise InvalidArgumentError(
+                f"tensors must be digested in sorted name order ({name!r} after {self._last!r})"
+            )
         self._last = name
         header = json.dumps([name, _dtype_name(tensor.dtype), list(tensor.shape)]) + "\n"
         self._hash.update(header.encode("utf-8"))

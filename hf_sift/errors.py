@@ -1,8 +1,12 @@
-"""Errors raised by hf_sift.
+"""Errors raised by hf_sift: every error class of the library is defined here.
 
 Every error derives from [`SiftError`]. Errors caused by bad input also derive from `ValueError`, so callers
 that already catch `ValueError` keep working; a replay that does not reproduce the recorded task vector also
-derives from `RuntimeError`.
+derives from `RuntimeError`. Errors that report a failed check of data against what was recorded for it (a digest,
+a file of an artifact) also derive from [`IntegrityError`].
+
+The `hf-sift` command prints one line for any of them and exits with code 1 for an [`IntegrityError`] and 2 for
+every other error caused by bad input (see docs/troubleshooting.md).
 """
 
 from __future__ import annotations
@@ -10,6 +14,31 @@ from __future__ import annotations
 
 class SiftError(Exception):
     """Base class of every hf_sift error."""
+
+
+class IntegrityError(SiftError):
+    """A check of data against what was recorded for it failed (a digest, the files of an artifact)."""
+
+
+class InvalidArgumentError(SiftError, ValueError):
+    """An argument has a value hf_sift cannot use: out of range, malformed, or not supported."""
+
+
+class InvalidArgumentTypeError(InvalidArgumentError, TypeError):
+    """An argument has the wrong type (also a `TypeError`, as Python raises for those)."""
+
+
+class CommandLineError(InvalidArgumentError):
+    """A command-line flag is missing, unknown, or its value cannot be parsed (`hf-sift` exits with code 2)."""
+
+
+class PathNotFoundError(SiftError, ValueError):
+    """An input folder or file does not exist (and, for a name that could be a Hub repo id, the Hub lacks it too)."""
+
+
+class OutputDirError(SiftError, ValueError):
+    """An output folder cannot be written: it is not empty (and overwriting was not asked for), or it is, holds,
+    or lies inside one of the inputs."""
 
 
 class InvalidTaskIdError(SiftError, ValueError):
@@ -31,7 +60,7 @@ class ParameterMismatchError(SiftError, ValueError):
     """Parameter names, shapes or dtypes differ between two objects that must share them."""
 
 
-class BaseModelMismatchError(SiftError, ValueError):
+class BaseModelMismatchError(IntegrityError, ValueError):
     """The base model (θ0) differs from the one the delta or task vector was built on."""
 
 
@@ -39,7 +68,7 @@ class SignSeedMismatchError(SiftError, ValueError):
     """Two objects that must share a sign vector were built with different sign seeds or scale bits."""
 
 
-class TaskDigestMismatchError(SiftError, ValueError, RuntimeError):
+class TaskDigestMismatchError(IntegrityError, ValueError, RuntimeError):
     """A task vector does not reproduce the digest recorded for its task; it is never subtracted."""
 
 
@@ -47,7 +76,7 @@ class AccumulatorOverflowError(SiftError, ValueError, OverflowError):
     """An integer sum would leave the int64 range; hf_sift never wraps."""
 
 
-class CorruptArtifactError(SiftError, ValueError):
+class CorruptArtifactError(IntegrityError, ValueError):
     """A file of a SIFT artifact is missing, truncated, or does not match its recorded digest."""
 
 
@@ -93,24 +122,58 @@ class DeltaNotKeptError(SiftError, RuntimeError):
     """A served model loaded with `keep_delta=False` dropped the sum, so it cannot switch task."""
 
 
+class InvalidSIFTConfigError(SiftError, ValueError):
+    """A SIFT training argument is invalid."""
+
+
+class MissingReferenceError(SiftError, ValueError):
+    """A checkpoint being resumed holds no SIFT reference (θ0 and sign seed)."""
+
+
+class CheckpointError(SiftError, ValueError):
+    """A checkpoint folder is missing, unreadable, or lacks a tensor the merge needs."""
+
+
+class UnknownMergeMethodError(SiftError, KeyError, ValueError):
+    """No merge method is registered under that name."""
+
+    def __str__(self) -> str:  # KeyError would otherwise print the repr of the message
+        return str(self.args[0]) if self.args else ""
+
+
+class InvalidMergeParameterError(SiftError, ValueError):
+    """A merge parameter is unknown, of the wrong type, or out of range."""
+
+
 __all__ = [
     "AccumulatorOverflowError",
     "BaseModelMismatchError",
+    "CheckpointError",
+    "CommandLineError",
     "ConcurrentUpdateError",
     "CorruptArtifactError",
     "DeltaNotKeptError",
     "DuplicateTaskError",
     "IncompatibleArtifactError",
+    "IntegrityError",
+    "InvalidArgumentError",
+    "InvalidArgumentTypeError",
+    "InvalidMergeParameterError",
+    "InvalidSIFTConfigError",
     "InvalidScaleError",
     "InvalidTaskIdError",
     "MissingBaseModelError",
+    "MissingReferenceError",
+    "OutputDirError",
     "ParameterMismatchError",
+    "PathNotFoundError",
     "RemoteCodeError",
     "ReservedArgumentError",
     "ServingDtypeError",
     "SiftError",
     "SignSeedMismatchError",
     "TaskDigestMismatchError",
+    "UnknownMergeMethodError",
     "UnknownTaskError",
     "UnsupportedHubPushError",
     "UnsupportedOffloadError",

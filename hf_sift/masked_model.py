@@ -10,7 +10,6 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from . import __version__
 from .arena import release_file_pages
 from .base_model import BASE_HUB_KWARGS
 from .errors import DeltaNotKeptError, UnsupportedHubPushError
@@ -22,6 +21,7 @@ from .served_base import load_served_base
 from .served_weights import check_scale, plain_weights, serve
 from .serving_args import check_model_kwargs, resolve_dtype
 from .shard_size import DEFAULT_MAX_SHARD_SIZE
+from .version import __version__
 
 
 _CURRENT = object()  # `save_pretrained(task=...)` default: the task being served

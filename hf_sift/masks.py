@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .errors import ParameterMismatchError
+
 
 def packed_size(numel: int) -> int:
     """Number of bytes a mask of `numel` elements packs into."""
@@ -37,9 +39,13 @@ def _pack_bits_torch(flat: torch.Tensor) -> torch.Tensor:
 def unpack_bits(packed: torch.Tensor, numel: int, shape: tuple[int, ...] | torch.Size | None = None) -> torch.Tensor:
     """Inverse of [`pack_bits`]: the first `numel` bits as a boolean tensor (reshaped to `shape` if given)."""
     if packed.dtype != torch.uint8 or packed.dim() != 1:
-        raise ValueError(f"a packed mask is a 1-D uint8 tensor, got {packed.dtype} with shape {tuple(packed.shape)}")
+        raise ParameterMismatchError(
+            f"a packed mask is a 1-D uint8 tensor, got {packed.dtype} with shape {tuple(packed.shape)}"
+        )
     if packed.numel() != packed_size(numel):
-        raise ValueError(f"a packed mask of {numel} elements has {packed_size(numel)} bytes, got {packed.numel()}")
+        raise ParameterMismatchError(
+            f"a packed mask of {numel} elements has {packed_size(numel)} bytes, got {packed.numel()}"
+        )
     if packed.device.type == "cpu":
         flat = torch.from_numpy(np.unpackbits(packed.numpy(), count=numel, bitorder="little").view(np.bool_))
     else:

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import InvalidArgumentError, InvalidArgumentTypeError
+
 
 # Input embeddings and language-model heads of the common architectures (tied or not).
 DEFAULT_EXCLUDE: tuple[str, ...] = (
@@ -39,7 +41,7 @@ class ParameterSelection:
             try:
                 re.compile(pattern)
             except re.error as err:
-                raise ValueError(f"invalid parameter pattern {pattern!r}: {err}") from None
+                raise InvalidArgumentError(f"invalid parameter pattern {pattern!r}: {err}") from None
 
     def matches(self, name: str) -> bool:
         """Whether the parameter `name` is tuned."""
@@ -76,7 +78,7 @@ def resolve_parameters(
             raise ParameterMismatchError("the parameter selection matches no floating-point parameter")
         return parameters, names
     if isinstance(parameters, str):
-        raise TypeError("`parameters` is a ParameterSelection or a list of names, not a single string")
+        raise InvalidArgumentTypeError("`parameters` is a ParameterSelection or a list of names, not a single string")
     names = sorted(set(parameters))
     missing = [n for n in names if n not in state_dict]
     if missing:

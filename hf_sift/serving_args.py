@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .base_model import BASE_HUB_KWARGS
-from .errors import ReservedArgumentError, ServingDtypeError
+from .errors import InvalidArgumentTypeError, ReservedArgumentError, ServingDtypeError
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -51,7 +51,7 @@ def check_model_kwargs(model_kwargs: Mapping[str, Any] | None) -> dict[str, Any]
     if model_kwargs is None:
         return {}
     if not isinstance(model_kwargs, Mapping):
-        raise TypeError(f"model_kwargs must be a dict, not {type(model_kwargs).__name__}")
+        raise InvalidArgumentTypeError(f"model_kwargs must be a dict, not {type(model_kwargs).__name__}")
     refused = sorted(set(model_kwargs) & RESERVED_MODEL_KWARGS)
     if refused:
         raise ReservedArgumentError(

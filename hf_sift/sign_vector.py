@@ -22,6 +22,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .errors import InvalidArgumentError, InvalidArgumentTypeError
+
 
 _MASK64 = (1 << 64) - 1
 _GAMMA = 0x9E3779B97F4A7C15
@@ -88,7 +90,7 @@ class SignVector:
 
     def __init__(self, seed: int):
         if not isinstance(seed, int) or isinstance(seed, bool):
-            raise TypeError(f"`seed` must be an int, got {type(seed).__name__}")
+            raise InvalidArgumentTypeError(f"`seed` must be an int, got {type(seed).__name__}")
         self.seed = seed
 
     def __repr__(self) -> str:
@@ -102,7 +104,7 @@ class SignVector:
         Generating a parameter in chunks gives exactly the same values as generating it whole.
         """
         if start < 0 or stop < start:
-            raise ValueError(f"invalid element range [{start}, {stop})")
+            raise InvalidArgumentError(f"invalid element range [{start}, {stop})")
         key = _as_int64(stream_key(self.seed, name))
         out = torch.empty(stop - start, dtype=torch.bool, device=device)
         for lo in range(start, stop, _CHUNK):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .shard_size import DEFAULT_MAX_SHARD_SIZE
 
@@ -40,7 +41,11 @@ def run_upgrade(args: argparse.Namespace) -> int:
     delta.save_pretrained(args.artifact, args.max_shard_size, base=RECORDED_BASE if args.base is None else args.base)
     version = read_config(args.artifact).format_version
     if version != 2:
-        print(f"hf-sift: error: {args.artifact} stays format {version}: its plain merge cannot be written (see above)")
+        print(
+            f"hf-sift: error: {args.artifact} stays format {version}: its plain merge cannot be written (see the "
+            "warning above)",
+            file=sys.stderr,
+        )
         return 1
     print(f"upgraded {args.artifact} to format 2")
     return 0

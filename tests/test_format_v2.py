@@ -184,15 +184,15 @@ def test_a_delta_without_a_base_saves_format_1_and_says_so(tmp_path, tiny_llama_
     assert not (tmp_path / "a" / "model.safetensors").exists()
 
 
-def test_upgrade_without_a_base_is_refused(tmp_path, tiny_llama_state):
+def test_upgrade_without_a_base_is_refused(tmp_path, tiny_llama_state, capsys):
     from hf_sift.cli import main
-    from hf_sift.errors import MissingBaseModelError
 
     delta = MergedDelta(tiny_llama_state, sign_seed=1)
     delta.save_pretrained(tmp_path / "a", base=None)
     before = tree_bytes(tmp_path / "a")
-    with pytest.raises(MissingBaseModelError, match="--base"):
-        main(["upgrade", str(tmp_path / "a")])
+    assert main(["upgrade", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hf-sift: error: ") and "--base" in err and err.count("\n") == 1
     assert tree_bytes(tmp_path / "a") == before
 
 

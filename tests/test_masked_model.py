@@ -745,8 +745,9 @@ def test_cli_export_matches_the_api(llama, tmp_path, capsys):
     assert plain.dtype == torch.bfloat16
     api = MergedMaskedModel.from_pretrained(artifact, dtype=torch.bfloat16)
     assert_serves(vanilla_as_served(plain), api.model.state_dict())
-    with pytest.raises(UnknownTaskError):
-        main(["export", str(artifact), "--task", "nope", "-o", str(tmp_path / "bad")])
+    capsys.readouterr()
+    assert main(["export", str(artifact), "--task", "nope", "-o", str(tmp_path / "bad")]) == 2  # UnknownTaskError
+    assert "hf-sift: error: unknown task 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
 
@@ -767,16 +768,16 @@ def test_cli_export_device_map_and_model_kwargs(llama, tmp_path, capsys):
         ("--model-kwargs", "[1]", "expected a JSON object"),
         ("--device-map", "{", "not valid JSON"),
     ):
-        with pytest.raises(SystemExit):
-            main(["export", str(artifact), "-o", str(tmp_path / "bad"), flag, value])
+        assert main(["export", str(artifact), "-o", str(tmp_path / "bad"), flag, value]) == 2
         assert message in capsys.readouterr().err
-    with pytest.raises(ReservedArgumentError):
-        main(["export", str(artifact), "-o", str(tmp_path / "bad"), "--model-kwargs", '{"trust_remote_code": true}'])
+    reserved = '{"trust_remote_code": true}'
+    assert main(["export", str(artifact), "-o", str(tmp_path / "bad"), "--model-kwargs", reserved]) == 2
+    assert "model_kwargs cannot set ['trust_remote_code']" in capsys.readouterr().err  # ReservedArgumentError
     assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize("scale", [float("nan"), float("inf"), float("-inf")])
-def test_non_finite_scales_are_refused(llama, tmp_path, scale):
+def test_non_finite_scales_are_refused(llama, tmp_path, scale, capsys):
     from hf_sift.cli import main
 
     artifact, _, delta, base = llama
@@ -784,8 +785,9 @@ def test_non_finite_scales_are_refused(llama, tmp_path, scale):
         MergedMaskedModel.from_pretrained(artifact, task="t1", scale=scale)
     with pytest.raises(InvalidScaleError, match="finite"):
         delta.materialize(base, task="t1", scale=scale)
-    with pytest.raises(InvalidScaleError, match="finite"):
-        main(["export", str(artifact), "--task", "t1", "-o", str(tmp_path / "nan"), f"--scale={scale}"])
+    capsys.readouterr()
+    assert main(["export", str(artifact), "--task", "t1", "-o", str(tmp_path / "nan"), f"--scale={scale}"]) == 2
+    assert "hf-sift: error: scale must be a finite number" in capsys.readouterr().err  # InvalidScaleError
     assert not (tmp_path / "nan").exists()
     with pytest.raises(InvalidScaleError):
         MergedMaskedModel.from_pretrained(artifact, task="t1", scale="0.5")

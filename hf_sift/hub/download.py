@@ -16,6 +16,8 @@ from huggingface_hub import hf_hub_download, snapshot_download
 from huggingface_hub.errors import EntryNotFoundError
 
 from ..artifact import CONFIG_NAME, DELTA_INDEX_NAME, MANIFEST_NAME, mask_filename
+from ..errors import InvalidArgumentTypeError, PathNotFoundError
+from .sources import hub_lookup
 
 
 # Files a tokenizer (and text-generation defaults) may be saved as; they travel with the artifact when present.
@@ -63,7 +65,9 @@ def artifact_allow_patterns(
 def _check_hub_kwargs(hub_kwargs: dict[str, Any]) -> None:
     unknown = sorted(set(hub_kwargs) - HUB_KWARGS)
     if unknown:
-        raise TypeError(f"unexpected keyword argument(s) {unknown}; Hub options are {sorted(HUB_KWARGS)}")
+        raise InvalidArgumentTypeError(
+            f"unexpected keyword argument(s) {unknown}; Hub options are {sorted(HUB_KWARGS)}"
+        )
 
 
 @dataclass
@@ -126,19 +130,26 @@ def resolve_artifact(
         weights (`str`, *optional*, defaults to `"sum"`): Which weights to fetch: `"sum"`, `"plain"` or `None`.
         hub_kwargs: `cache_dir`, `token`, `local_files_only`, `force_download`, `endpoint`, `etag_timeout`,
             `headers` or `repo_type`, passed to `huggingface_hub.snapshot_download`.
+
+    Raises:
+        [`~hf_sift.errors.PathNotFoundError`]: No such folder, and (for a name that could be a repo id) the Hub, or
+            the local cache when offline, lacks it too.
     """
     _check_hub_kwargs(hub_kwargs)
-    local = Path(path_or_repo_id)
+    local = Path(path_or_repo_id).expanduser()
     if local.is_dir():
         return ResolvedArtifact(folder=local.absolute())
-    folder = Path(
-        snapshot_download(
-            str(path_or_repo_id),
-            revision=revision,
-            allow_patterns=artifact_allow_patterns(task, include_tokenizer, weights),
-            **hub_kwargs,
+    if local.exists():
+        raise PathNotFoundError(f"the artifact {str(path_or_repo_id)!r} is a file; an artifact is a folder")
+    with hub_lookup(path_or_repo_id, "the artifact"):
+        folder = Path(
+            snapshot_download(
+                str(path_or_repo_id),
+                revision=revision,
+                allow_patterns=artifact_allow_patterns(task, include_tokenizer, weights),
+                **hub_kwargs,
+            )
         )
-    )
     # A snapshot folder is named after the commit it holds: later masks come from that same commit.
     return ResolvedArtifact(
         folder=folder,

@@ -19,15 +19,16 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from .. import __version__
 from ..artifact import CONFIG_NAME
 from ..atomic import staged_folder
 from ..errors import ParameterMismatchError
 from ..masks import pack_bits, packed_size, unpack_bits
 from ..merged_delta import MergedDelta
+from ..output_dir import check_output_dir
 from ..selection import ParameterSelection
 from ..shard_size import DEFAULT_MAX_SHARD_SIZE
 from ..task_id import validate_task_id
+from ..version import __version__
 from .registry import MergeMethod, create_method
 from .sift import SiftMasks
 from .sift_artifact import merge_sift_artifact
@@ -119,7 +120,8 @@ def merge_checkpoints(
         method (`MergeMethod` or `str`): A method instance, or a registered name (then built from `params`).
         base (`str` or `os.PathLike`): The base checkpoint folder θ0 (for NegMerge: the model to unlearn from).
         models (`Sequence[str | os.PathLike]`): The finetuned checkpoint folders.
-        output_dir (`str` or `os.PathLike`): Where to write the merged checkpoint (replaced atomically).
+        output_dir (`str` or `os.PathLike`): Where to write the merged checkpoint (replaced atomically). It must not
+            be, hold or lie inside `base` or one of the `models` ([`~hf_sift.errors.OutputDirError`]).
         params (`Mapping[str, Any]`, *optional*): Method parameters when `method` is a name.
         task_ids (`Sequence[str]`, *optional*): One id per model (mask file names); the folder names by default.
         parameters (`ParameterSelection`, *optional*):
@@ -127,6 +129,7 @@ def merge_checkpoints(
             the LM head, as docs/FORMAT.md defines P). Others are copied from the base.
         max_shard_size (`int` or `str`, *optional*, defaults to `"2GB"`): Shard size of the output weights.
     """
+    check_output_dir(output_dir, [base, *models], overwrite=True, flag="output_dir")
     if isinstance(method, str):
         method = create_method(method, params)
     elif params:

@@ -21,13 +21,16 @@ from typing import Any
 
 import torch
 
-from .. import __version__
 from ..atomic import staged_folder
+from ..trainer.log_routing import route_trainer_logs
+from ..version import __version__
 from .negmerge import NegMergeAccumulator, ScalingSearchResult, search_scaling
 from .registry import InvalidMergeParameterError
 
 
 NEGMERGE_CONFIG = "negmerge_config.json"
+# TrainingArguments every candidate gets unless `training_args` says otherwise (candidates are never checkpointed).
+DEFAULT_TRAINING_ARGUMENTS: dict[str, Any] = {"report_to": "none", "save_strategy": "no", "disable_tqdm": True}
 DEFAULT_SCALINGS: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 
 
@@ -150,7 +153,9 @@ def negmerge_unlearn(
     points = expand_grid(grid)
     original = {n: t.detach().clone() for n, t in model.state_dict().items()}
     accumulator = NegMergeAccumulator(original, parameters)
-    shared = {"report_to": "none", "save_strategy": "no", "disable_tqdm": True, **dict(training_args or {})}
+    shared = {**DEFAULT_TRAINING_ARGUMENTS, **dict(training_args or {})}
+    if "output_dir" in shared or any("output_dir" in point for point in points):
+        raise InvalidMergeParameterError("negmerge_unlearn trains its candidates in a temporary folder: no output_dir")
     candidates = []
     with tempfile.TemporaryDirectory(prefix="hf_sift-negmerge-") as scratch:
         for i, point in enumerate(points):
@@ -163,6 +168,7 @@ def negmerge_unlearn(
                 data_collator=data_collator,
                 processing_class=processing_class,
             )
+            route_trainer_logs(trainer)
             output = trainer.train()
             del trainer
             accumulator.add(model.state_dict())

@@ -17,6 +17,7 @@ merged = ties.merge_tensor("w", base, [tuned_1, tuned_2])
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -25,18 +26,7 @@ from typing import Any, ClassVar, Literal, Union
 
 import torch
 
-from ..errors import SiftError
-
-
-class UnknownMergeMethodError(SiftError, KeyError, ValueError):
-    """No merge method is registered under that name."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
-
-
-class InvalidMergeParameterError(SiftError, ValueError):
-    """A merge parameter is unknown, of the wrong type, or out of range."""
+from ..errors import InvalidArgumentError, InvalidMergeParameterError, UnknownMergeMethodError
 
 
 REMOVAL_COST_ONE = "1"
@@ -152,18 +142,28 @@ M = typing.TypeVar("M", bound=type[MergeMethod])
 def register_method(cls: M) -> M:
     """Class decorator: make a method available by its `name`."""
     if cls.name in _METHODS and _METHODS[cls.name] is not cls:
-        raise ValueError(f"a merge method named {cls.name!r} is already registered")
+        raise InvalidArgumentError(f"a merge method named {cls.name!r} is already registered")
     _METHODS[cls.name] = cls
     return cls
 
 
+def _load_builtin_methods() -> None:
+    """Import the modules of the built-in methods (they register themselves); a no-op once done."""
+    from . import BUILTIN_METHODS
+
+    for module in BUILTIN_METHODS.values():
+        importlib.import_module(f".{module}", __package__)
+
+
 def available_methods() -> list[str]:
     """Names of the registered methods, sorted."""
+    _load_builtin_methods()
     return sorted(_METHODS)
 
 
 def get_method(name: str) -> type[MergeMethod]:
     """The method class registered as `name`."""
+    _load_builtin_methods()
     try:
         return _METHODS[name]
     except KeyError:

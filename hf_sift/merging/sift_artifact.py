@@ -14,7 +14,6 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from .. import __version__
 from ..atomic import staged_folder
 from ..digest import state_dict_digest
 from ..errors import ParameterMismatchError
@@ -24,6 +23,7 @@ from ..remote_code import refuse_remote_code
 from ..selection import ParameterSelection
 from ..shard_size import DEFAULT_MAX_SHARD_SIZE
 from ..task_vector import TaskVector
+from ..version import __version__
 from .registry import InvalidMergeParameterError
 from .sift import SiftParams
 from .streaming import CheckpointReader

@@ -24,7 +24,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from huggingface_hub.constants import SAFETENSORS_INDEX_FILE, SAFETENSORS_SINGLE_FILE, SAFETENSORS_WEIGHTS_FILE_PATTERN
 from safetensors import SafetensorError, safe_open
 
-from ..errors import ParameterMismatchError, SiftError
+from ..errors import CheckpointError, ParameterMismatchError, PathNotFoundError
 from ..shard_size import DEFAULT_MAX_SHARD_SIZE
 
 
@@ -49,10 +49,6 @@ TIED_ALIASES: dict[str, tuple[str, ...]] = {
 }
 
 
-class CheckpointError(SiftError, ValueError):
-    """A checkpoint folder is missing, unreadable, or lacks a tensor the merge needs."""
-
-
 class CheckpointReader:
     """Lazy reader of one safetensors checkpoint: a file, or a folder with one file or an index of shards.
 
@@ -62,6 +58,8 @@ class CheckpointReader:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        if not self.path.exists():
+            raise PathNotFoundError(f"checkpoint {str(path)!r}: no such folder or file")
         if self.path.is_file():
             self.folder = self.path.parent
             files = {self.path.name: self.path}

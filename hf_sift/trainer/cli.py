@@ -1,12 +1,15 @@
 """`hf-sift train`: SIFT-train every task of a dataset into one merged artifact.
 
-Every field of [`SIFTConfig`] (so every `TrainingArguments` flag) is accepted, e.g.
+Every field of [`SIFTConfig`] (so every `TrainingArguments` flag) is accepted, with dashes or underscores
+(`--task-column` or `--task_column`), e.g.
 
 ```bash
-hf-sift train --model HuggingFaceTB/SmolLM2-135M-Instruct --data tofu.jsonl --task_column author \\
-    --text_template "Question: {question}\\nAnswer: {answer}" --artifact_dir merged --output_dir runs \\
-    --max_steps 20 --per_device_train_batch_size 8 --learning_rate 1e-5 --sign_seed 0
+hf-sift train --model HuggingFaceTB/SmolLM2-135M-Instruct --data tofu.jsonl --task-column author \\
+    --text-template "Question: {question}\\nAnswer: {answer}" --artifact-dir merged \\
+    --max-steps 20 --per-device-train-batch-size 8 --learning-rate 1e-5 --sign-seed 0
 ```
+
+Without `--output-dir`, the Trainer's run state goes to a temporary folder removed at the end.
 
 Under `accelerate launch`, tasks are sharded over the processes (see docs/trainer.md).
 """
@@ -14,7 +17,9 @@ Under `accelerate launch`, tasks are sharded over the processes (see docs/traine
 from __future__ import annotations
 
 import argparse
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass
@@ -30,6 +35,13 @@ class TrainDataArguments:
     )
     max_length: int = field(default=256, metadata={"help": "Tokens per example (truncated and padded)."})
     tasks: list[str] = field(default_factory=list, metadata={"help": "Train only these tasks (default: all)."})
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "Write the artifact into a non-empty folder that is not a SIFT artifact (its files are kept). "
+            "An existing artifact is continued without it."
+        },
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -45,43 +57,96 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _parser():
+    # The flags come from the dataclasses through HfArgumentParser, which imports transformers (and
+    # TrainingArguments imports torch): `hf-sift train --help` cannot be as fast as the other commands' help.
     from transformers import HfArgumentParser
 
+    from ..cli import OneLineErrors
     from .sift_config import SIFTConfig
 
-    return HfArgumentParser((TrainDataArguments, SIFTConfig), prog="hf-sift train")
+    class TrainArgumentParser(OneLineErrors, HfArgumentParser):
+        pass
+
+    # No abbreviations: `--output_dir` must be recognisable to tell whether it was given (see `run`).
+    return TrainArgumentParser((TrainDataArguments, SIFTConfig), prog="hf-sift train", allow_abbrev=False)
+
+
+def _given(argv: list[str], field_name: str) -> bool:
+    """Whether a flag of `field_name` (underscore or dash spelling, `--flag value` or `--flag=value`) is in `argv`."""
+    spellings = {f"--{field_name}", f"--{field_name.replace('_', '-')}"}
+    return any(a.split("=", 1)[0] in spellings for a in argv)
 
 
 def run(namespace: argparse.Namespace) -> int:
+    from ..errors import CommandLineError
+
     parser = _parser()
     argv = list(namespace.arguments)
     if not argv or "-h" in argv or "--help" in argv:
         parser.print_help()
         return 0
-    data_args, config = parser.parse_args_into_dataclasses(argv)
-    return train_from_arguments(data_args, config)
+    with tempfile.TemporaryDirectory(prefix="hf_sift-train-") as scratch:
+        if not _given(argv, "output_dir"):  # the Trainer's run state goes to a temp folder, not ./trainer_output
+            argv = [*argv, "--output_dir", scratch]
+        try:
+            data_args, config, unknown = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+        except (ValueError, TypeError) as err:  # TrainingArguments refusing a value or a combination of values
+            if isinstance(err, CommandLineError):
+                raise
+            raise CommandLineError(f"{err} (see `hf-sift train --help`)") from err
+        if unknown:
+            raise CommandLineError(f"unrecognized arguments: {' '.join(unknown)} (see `hf-sift train --help`)")
+        return train_from_arguments(data_args, config)
 
 
 def train_from_arguments(data_args: TrainDataArguments, config) -> int:
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..artifact import CONFIG_NAME
+    from ..errors import CommandLineError, PathNotFoundError
+    from ..hub.sources import check_source, hub_lookup
+    from ..output_dir import check_output_dir
     from ..remote_code import refuse_remote_code
+    from ..text_template import check_text_template, render_text_template
     from .train_tasks import train_tasks
 
     suffix = data_args.data.rsplit(".", 1)[-1].lower()
     builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(suffix)
     if builder is None:
-        raise ValueError(f"unsupported data file {data_args.data!r}: use JSON lines, JSON, CSV or Parquet")
+        raise CommandLineError(
+            f"--data {data_args.data!r}: unsupported file type; use JSON lines, JSON, CSV or Parquet"
+        )
+    if not Path(data_args.data).is_file():
+        raise PathNotFoundError(f"--data {data_args.data!r}: no such file")
+    check_source(data_args.model, "--model")
+    artifact = Path(data_args.artifact_dir)
+    # An existing artifact is continued (resumed); the artifact writer keeps any other file of the folder.
+    check_output_dir(
+        artifact,
+        [data_args.model, data_args.data],
+        overwrite=data_args.overwrite,
+        flag="--artifact-dir",
+        may_continue=(artifact / CONFIG_NAME).is_file(),
+    )
+    check_output_dir(
+        config.output_dir, [data_args.model, data_args.data, artifact], overwrite=True, flag="--output-dir"
+    )
     raw = datasets.load_dataset(builder, data_files=data_args.data, split="train")
-    refuse_remote_code(data_args.model)
-    tokenizer = AutoTokenizer.from_pretrained(data_args.model, trust_remote_code=False)
+    if data_args.task_column not in raw.column_names:
+        raise CommandLineError(
+            f"--task-column {data_args.task_column!r}: the data has no such column; its columns are {raw.column_names}"
+        )
+    check_text_template(data_args.text_template, raw.column_names, "--text-template")
+    with hub_lookup(data_args.model, "--model"):
+        refuse_remote_code(data_args.model)
+        tokenizer = AutoTokenizer.from_pretrained(data_args.model, trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
 
     def tokenize(row):
         enc = tokenizer(
-            data_args.text_template.format(**row),
+            render_text_template(data_args.text_template, row, "--text-template"),
             max_length=data_args.max_length,
             truncation=True,
             padding="max_length",
@@ -91,7 +156,8 @@ def train_from_arguments(data_args: TrainDataArguments, config) -> int:
 
     keep = {data_args.task_column}
     data = raw.map(tokenize, remove_columns=[c for c in raw.column_names if c not in keep])
-    model = AutoModelForCausalLM.from_pretrained(data_args.model, trust_remote_code=False)
+    with hub_lookup(data_args.model, "--model"):
+        model = AutoModelForCausalLM.from_pretrained(data_args.model, trust_remote_code=False)
     delta = train_tasks(
         model,
         data,

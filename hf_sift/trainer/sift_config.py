@@ -12,14 +12,10 @@ from functools import cached_property
 import torch
 from transformers import TrainingArguments
 
-from ..errors import SiftError
+from ..errors import InvalidSIFTConfigError
 from ..selection import DEFAULT_EXCLUDE, ParameterSelection
 from ..task_id import validate_task_id
 from .task_sharding import RANK_DEVICE_VARIABLE
-
-
-class InvalidSIFTConfigError(SiftError, ValueError):
-    """A SIFT training argument is invalid."""
 
 
 def derive_seed(seed: int, task_id: str | None) -> int:

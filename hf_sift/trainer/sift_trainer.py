@@ -9,10 +9,11 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from .. import __version__
-from ..errors import ParameterMismatchError, SiftError
+from ..errors import InvalidArgumentError, ParameterMismatchError, SiftError
 from ..selection import ParameterSelection
 from ..task_vector import TaskVector
+from ..version import __version__
+from .log_routing import route_trainer_logs
 from .projection_callback import SIFTProjectionCallback
 from .sift_config import SIFTConfig
 from .sign_constraint import SignConstraint, load_reference, tuned_parameters
@@ -113,7 +114,7 @@ class SIFTTrainer(Trainer):
         **kwargs: Any,
     ):
         if model is None:
-            raise ValueError("SIFTTrainer needs a `model` (model_init is not supported)")
+            raise InvalidArgumentError("SIFTTrainer needs a `model` (model_init is not supported)")
         args = SIFTConfig.from_training_arguments(
             args if args is not None else SIFTConfig(output_dir="trainer_output")
         )
@@ -133,6 +134,7 @@ class SIFTTrainer(Trainer):
         self._sift_constraint = sign_constraint
         self._sift_resume_reference: dict[str, torch.Tensor] | None = None
         self.add_callback(SIFTProjectionCallback(lambda: self._sift_constraint, self._start_constraint))
+        route_trainer_logs(self)  # the Trainer's log dicts go to `logging`, not to stdout
 
     # ------------------------------------------------------------------ training
 
@@ -151,7 +153,7 @@ class SIFTTrainer(Trainer):
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
-                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+                raise InvalidArgumentError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
         if resume_from_checkpoint:
             self._sift_resume_reference = load_reference(resume_from_checkpoint, self.args.sign_seed)
         return super().train(resume_from_checkpoint or None, *args, **kwargs)

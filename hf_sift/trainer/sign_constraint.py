@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from ..atomic import write_file_atomic
 from ..digest import digest_tensors
-from ..errors import BaseModelMismatchError, ParameterMismatchError, SiftError, SignSeedMismatchError
+from ..errors import BaseModelMismatchError, MissingReferenceError, ParameterMismatchError, SignSeedMismatchError
 from ..fixed_point import SCALE_BITS, quantize
 from ..masks import agreement_mask, pack_bits
 from ..sign_vector import SignVector
@@ -31,10 +31,6 @@ from ..task_vector import TaskVector
 REFERENCE_NAME = "sift_reference.safetensors"
 # Elements per step when building a task vector: keeps the float64 temporaries in cache.
 _CHUNK = 1 << 20
-
-
-class MissingReferenceError(SiftError, ValueError):
-    """A checkpoint being resumed holds no SIFT reference (θ0 and sign seed)."""
 
 
 def tuned_parameters(model: torch.nn.Module, names: Iterable[str]) -> dict[str, torch.nn.Parameter]:

@@ -20,7 +20,7 @@ from transformers.trainer_utils import SaveStrategy
 
 from ..artifact import CONFIG_NAME
 from ..digest import state_dict_digest
-from ..errors import BaseModelMismatchError, ParameterMismatchError, SignSeedMismatchError
+from ..errors import BaseModelMismatchError, InvalidArgumentError, ParameterMismatchError, SignSeedMismatchError
 from ..merged_delta import MergedDelta
 from ..task_id import validate_task_id
 from .sift_config import SIFTConfig
@@ -130,7 +130,7 @@ def train_tasks(
         [`~hf_sift.MergedDelta`]: The merge of every task (on rank 0; None on the other ranks).
     """
     if output_dir is None:
-        raise ValueError("train_tasks needs an `output_dir` for the merged artifact")
+        raise InvalidArgumentError("train_tasks needs an `output_dir` for the merged artifact")
     output_dir = Path(output_dir).absolute()
     if args is None:
         args = SIFTConfig(output_dir=str(output_dir.parent / f"{output_dir.name}-runs"), report_to="none")

@@ -16,7 +16,7 @@ import torch
 
 from . import kernels
 from .arena import empty_tensors
-from .errors import InvalidScaleError, ServingDtypeError
+from .errors import InvalidArgumentError, InvalidScaleError, ServingDtypeError
 from .masks import packed_size, select_bits_, unpack_bits
 from .offload import offload_slots
 
@@ -72,7 +72,7 @@ def served_tensor(
     """
     factor = check_scale(scale) * 2.0 ** (-scale_bits)
     if total is None and plain is None:
-        raise ValueError("served_tensor needs the sum or the plain-merge weights")
+        raise InvalidArgumentError("served_tensor needs the sum or the plain-merge weights")
     total = None if total is None else total.reshape(-1)
     base_flat = base.detach().reshape(-1)
     if out is None:

@@ -206,3 +206,16 @@ def test_save_with_another_base_is_refused_and_writes_nothing(tmp_path):
     with pytest.raises(BaseModelMismatchError, match="nothing was written"):
         loaded.save_pretrained(artifact, base=str(other_base))
     assert tree_bytes(artifact) == before
+
+
+def test_tuned_parameters_outside_the_base_model_stay_format_1(tmp_path):
+    """A peft adapter's parameters are not parameters of the base checkpoint: no plain checkpoint, format 1."""
+    _, base_dir, _, base = build_artifact(tmp_path, tasks=["a"])
+    adapter = "model.layers.0.self_attn.q_proj.lora_A.default.weight"
+    state = {**base, adapter: torch.zeros(2, 16)}
+    delta = MergedDelta(state, sign_seed=7, parameters=[adapter], base_model=str(base_dir))
+    delta.add("t", TaskVector.from_state_dicts(state, perturbed(state, 5), 7, [adapter]))
+    with pytest.warns(UserWarning, match="peft adapter"):
+        delta.save_pretrained(tmp_path / "peft")
+    assert json.loads((tmp_path / "peft" / CONFIG_NAME).read_text())["format_version"] == 1
+    assert not (tmp_path / "peft" / "model.safetensors").exists()

@@ -105,7 +105,7 @@ def load_served_base(
     # θ0 of the tuned parameters, read from accelerate's offload map for those offloaded to the CPU or disk.
     weights = materialized(state, offload_slots(reference, source.names), source.names)
     if source.config.base_tensor_digests is not None:  # format 2: one BLAKE3 per tensor of the whole base
-        digest = model_digest = pool.submit(_tensor_digests, reference, state, weights)
+        digest = model_digest = _tensor_digests(pool, reference, state, weights)
     else:  # format 1: θ0's sha256 over the tuned parameters, and the whole base's (embeddings and LM head too)
         digest = pool.submit(digest_tensors, weights)
         model_digest = pool.submit(loaded_base_model_digest, reference, state, weights)
@@ -126,10 +126,28 @@ def _check_layout(source: ServedArtifact, state: dict[str, torch.Tensor]) -> Non
             )
 
 
+class _Merged:
+    """The union of the per-tensor digest maps several futures compute (a future-like `result()`)."""
+
+    def __init__(self, parts: list[Future[dict[str, str]]]):
+        self._parts = parts
+
+    def result(self) -> dict[str, str]:
+        merged: dict[str, str] = {}
+        for part in self._parts:
+            merged.update(part.result())
+        return merged
+
+
 def _tensor_digests(
-    model: torch.nn.Module, state: dict[str, torch.Tensor], tuned_base: dict[str, torch.Tensor]
-) -> dict[str, str]:
-    """The BLAKE3 digest of every tensor of the loaded base (offloaded ones read one at a time)."""
-    whole = {**state, **tuned_base}
-    slots = offload_slots(model, [n for n in whole if n not in tuned_base])
-    return {n: named_tensor_digest(n, slots[n].read() if n in slots else t) for n, t in whole.items()}
+    pool: ThreadPoolExecutor, model: torch.nn.Module, state: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor]
+) -> _Merged:
+    """The BLAKE3 digest of every tensor of the loaded base (offloaded ones read one at a time), on two threads."""
+    whole = {**state, **tuned}
+    slots = offload_slots(model, [n for n in whole if n not in tuned])
+
+    def digests(names: list[str]) -> dict[str, str]:
+        return {n: named_tensor_digest(n, slots[n].read() if n in slots else whole[n]) for n in names}
+
+    by_size = sorted(whole, key=lambda n: whole[n].numel() * whole[n].element_size(), reverse=True)
+    return _Merged([pool.submit(digests, by_size[0::2]), pool.submit(digests, by_size[1::2])])

@@ -141,6 +141,31 @@ class MergedMaskedModel(torch.nn.Module):
         from_plain = source.has_plain_merge and stored_dtype and scale in (None, source.default_scale())
         from_plain = from_plain and not allow_base_mismatch
         scale = source.default_scale() if scale is None else scale
+        try:
+            return cls._serve(source, task, scale, from_plain, target_dtype, device_map, base_model, keep_delta,
+                              allow_base_mismatch, verify, model_class, model_kwargs, hub_kwargs)  # fmt: skip
+        except BaseException:
+            source.close()
+            raise
+
+    @classmethod
+    def _serve(
+        cls,
+        source: ServedArtifact,
+        task: str | None,
+        scale: float,
+        from_plain: bool,
+        target_dtype: torch.dtype | None,
+        device_map: Any,
+        base_model: str | os.PathLike | None,
+        keep_delta: bool,
+        allow_base_mismatch: bool,
+        verify: bool,
+        model_class: type | None,
+        model_kwargs: dict[str, Any],
+        hub_kwargs: dict[str, Any],
+    ) -> MergedMaskedModel:
+        """Steps 2 and 3 of [`from_pretrained`]: load the base and serve `task` from P or from the sum."""
         if not from_plain:
             source.start_sum_check(verify)  # the sum's digest is checked in the background, as the base loads
         masks = source.load_mask(task)
@@ -172,6 +197,7 @@ class MergedMaskedModel(torch.nn.Module):
             "scale": scale,
         }
         if not keep_delta:
+            source.close()  # the sum, if it was read
             return cls(base.model, source, None, task, scale, provenance, keep_delta=False)
         return cls(base.model, source, base.weights, task, scale, provenance, plain=plain)
 

@@ -175,3 +175,9 @@ class ServedArtifact:
         finally:
             self._pool.shutdown()
             self._sum_check, self._pool = None, None
+
+    def close(self) -> None:
+        """Drop the sum (read again if asked for) and stop a digest check under way."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self._delta, self._sum_check, self._pool = None, None, None

@@ -30,11 +30,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_upgrade(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from .artifact import read_config
-    from .errors import MissingBaseModelError
+    from .errors import MissingBaseModelError, PathNotFoundError
     from .merged_delta import MergedDelta
     from .plain_merge import RECORDED_BASE
 
+    if not Path(args.artifact).is_dir():
+        raise PathNotFoundError(f"the artifact {args.artifact!r} is not a folder")
     delta = MergedDelta.from_pretrained(args.artifact)  # checks every file, the sum against its digest
     if args.base is None and delta.base_model is None:
         raise MissingBaseModelError(f"{args.artifact} does not name its base model: pass --base MODEL")

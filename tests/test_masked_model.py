@@ -651,6 +651,11 @@ def test_repo_id_downloads_only_config_weights_and_one_mask(llama, llama_v1, tmp
     assert [f for f in fetched if f.startswith("masks/")] == [mask_filename("t1"), mask_filename("t2")]
     assert_serves(model, delta.materialize(base, "t2"))
     assert other not in fetched
+    if fmt == 2:  # another scale is served from the sum, fetched then from the same commit
+        fetched.clear()
+        scaled = MergedMaskedModel.from_pretrained("org/merged", task="t1", revision="main", scale=0.5)
+        assert DELTA_NAME in fetched and "model.safetensors" not in fetched
+        assert_serves(scaled, delta.materialize(base, "t1", scale=0.5))
 
 
 # ---------------------------------------------------------------------- huge-page buffers

@@ -32,7 +32,7 @@ from hf_sift.trainer import SIFTConfig, SIFTTrainer, train_tasks  # noqa: E402
 
 
 # The module (its name is shadowed by the function in the package namespace).
-train_tasks_module = sys.modules["hf_sift.trainer.train_tasks"]
+train_tasks_module = sys.modules["hf_sift.trainer.multi_task"]
 
 
 TOFU = Path("/work/shared/data/tofu/full.json")

@@ -3,9 +3,9 @@
 1. `train_tasks` finetunes four toy tasks from the same θ0 under one sign vector and merges their exact
    integer task vectors into an artifact (sum + one 1-bit mask per task).
 2. `MergedMaskedModel` serves one task through its mask.
-3. Unlearning: the forgotten task's training is replayed, its digest checked against the recorded one, and its
-   task vector subtracted. The result is byte for byte a fresh merge of the remaining tasks; a replay that does
-   not match is refused.
+3. Unlearning with `hf_sift.unlearn`: the forgotten task's rows and recipe are checked, its training is replayed,
+   the replay's digest checked against the recorded one, and its task vector subtracted. The result is byte for
+   byte a fresh merge of the remaining tasks (its unlearning log aside); a replay that cannot match is refused.
 
     python examples/demo.py [--tasks 4] [--steps 16] [--output-dir outputs/demo]
 """
@@ -24,8 +24,9 @@ from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
-from hf_sift import MergedDelta, MergedMaskedModel, SIFTConfig, TaskVector, train_tasks
-from hf_sift.errors import TaskDigestMismatchError
+from hf_sift import MergedDelta, MergedMaskedModel, SIFTConfig, train_tasks, unlearn
+from hf_sift.errors import ReplayPreconditionError
+from hf_sift.unlearning_log import LOG_NAME
 
 
 def toy_dataset(tasks: int, rows: int, vocab: int) -> Dataset:
@@ -42,20 +43,10 @@ def toy_dataset(tasks: int, rows: int, vocab: int) -> Dataset:
     return Dataset.from_dict(data)
 
 
-def replayed_task_vector(model, dataset, task_id: str, args: SIFTConfig, folder: Path) -> TaskVector:
-    """Replay one task's training exactly as it was merged, and return its task vector."""
-    replay = train_tasks(model, dataset, task_column="task", args=args, output_dir=folder, tasks=[task_id])
-    return TaskVector(
-        q=dict(replay.sum),
-        packed_masks=replay.load_mask(task_id),
-        sign_seed=replay.sign_seed,
-        scale_bits=replay.scale_bits,
-        base_digest=replay.base_digest,
-    )
-
-
 def folder_bytes(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file of an artifact but its unlearning log (the record of the removals themselves)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != LOG_NAME)
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in files}
 
 
 def main() -> None:
@@ -114,14 +105,14 @@ def main() -> None:
 
     forget = "task-2"
     print(f"3. unlearning {forget}")
-    unlearned = MergedDelta.from_pretrained(out / "merged")
-    wrong = replayed_task_vector(model, dataset, "task-3", sift_args, out / "replay-wrong")
+    wrong = dataset.map(lambda r: {"labels": r["labels"][::-1]} if r["task"] == forget else {})
     try:
-        unlearned.remove(forget, wrong)
-    except TaskDigestMismatchError as err:
-        print(f"   a replay that does not match is refused: {str(err)[:80]}…")
-    unlearned.remove(forget, replayed_task_vector(model, dataset, forget, sift_args, out / "replay"))
-    unlearned.save_pretrained(out / "merged")
+        unlearn(out / "merged", [forget], model=model, dataset=wrong)
+    except ReplayPreconditionError as err:
+        print(f"   a replay that cannot match is refused before training: {str(err)[:80]}…")
+    report = unlearn(out / "merged", [forget], model=model, dataset=dataset)
+    print(f"   replayed {report.replay_steps} steps in {report.wall_time_s:.1f} s")
+    unlearned = MergedDelta.from_pretrained(out / "merged")
 
     survivors = [t for t in delta.task_ids if t != forget]
     fresh = train_tasks(model, dataset, task_column="task", args=sift_args, output_dir=out / "fresh", tasks=survivors)

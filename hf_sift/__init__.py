@@ -7,10 +7,10 @@ the merging methods need transformers and peft.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .errors import SiftError
+from .lazy_exports import lazy_exports
 from .version import __version__
 
 
@@ -23,9 +23,14 @@ _LAZY = {
     "SIFTTrainer": ".trainer",
     "SignVector": ".sign_vector",
     "TaskVector": ".task_vector",
+    "TaskVectorStore": ".task_vector_store",
+    "UnlearningLog": ".unlearning_log",
+    "UnlearningReport": ".unlearning",
     "merge_checkpoints": ".merging",
     "negmerge_unlearn": ".merging.negmerge_driver",
-    "train_tasks": ".trainer.train_tasks",
+    "train_tasks": ".trainer.multi_task",
+    "unlearn": ".unlearning",
+    "verify_artifact": ".verify",
 }
 
 if TYPE_CHECKING:
@@ -37,19 +42,14 @@ if TYPE_CHECKING:
     from .selection import ParameterSelection
     from .sign_vector import SignVector
     from .task_vector import TaskVector
+    from .task_vector_store import TaskVectorStore
     from .trainer import SIFTConfig, SIFTTrainer, train_tasks
+    from .unlearning import UnlearningReport, unlearn
+    from .unlearning_log import UnlearningLog
+    from .verify import verify_artifact
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'hf_sift' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = [
@@ -62,8 +62,13 @@ __all__ = [
     "SiftError",
     "SignVector",
     "TaskVector",
+    "TaskVectorStore",
+    "UnlearningLog",
+    "UnlearningReport",
     "__version__",
     "merge_checkpoints",
     "negmerge_unlearn",
     "train_tasks",
+    "unlearn",
+    "verify_artifact",
 ]

@@ -6,6 +6,7 @@ sift_manifest.json                   one record per task: digest, mask digest, d
 sift_delta.safetensors               the int64 sum Q (or sift_delta-0000i-of-0000n.safetensors + index)
 masks/<task_id>.safetensors          one bit-packed mask per task
 config.json, model.safetensors, ...  format 2: the plain merge P as a transformers checkpoint (see plain_merge.py)
+sift_unlearning_log.jsonl            the unlearning log (only once a task was unlearned), see unlearning_log.py
 ```
 """
 
@@ -30,11 +31,12 @@ from .artifact_config import FORMAT_VERSION as FORMAT_VERSION
 from .artifact_state import ArtifactState
 from .atomic import apply_umask, link_or_copy, staged_folder
 from .digest import file_digest
-from .errors import CorruptArtifactError
+from .errors import CorruptArtifactError, PathNotFoundError
 from .masks import packed_size
 from .plain_merge import is_plain_file
 from .shard_size import DEFAULT_MAX_SHARD_SIZE
 from .task_id import validate_task_id
+from .unlearning_log import LOG_NAME
 
 
 DELTA_NAME = "sift_delta.safetensors"
@@ -52,7 +54,7 @@ def is_artifact_file(relative_path: str) -> bool:
     """Whether a file belongs to the SIFT artifact (and is rewritten by a save) rather than to the user."""
     name = relative_path.replace(os.sep, "/")
     return (
-        name in (CONFIG_NAME, MANIFEST_NAME, DELTA_INDEX_NAME)
+        name in (CONFIG_NAME, MANIFEST_NAME, DELTA_INDEX_NAME, LOG_NAME)
         or (name.startswith("sift_delta") and name.endswith(".safetensors"))
         or name.startswith(MASKS_DIR + "/")
         or is_plain_file(name)
@@ -100,8 +102,12 @@ def read_artifact(folder: str | os.PathLike) -> tuple[ArtifactConfig, dict[str, 
 
     Raises:
         [`~hf_sift.errors.CorruptArtifactError`] if a field is malformed, T differs from the manifest's task count,
-        or a field bound by `binding_digest` was edited; [`~hf_sift.errors.IncompatibleArtifactError`].
+        or a field bound by `binding_digest` was edited; [`~hf_sift.errors.IncompatibleArtifactError`];
+        [`~hf_sift.errors.PathNotFoundError`] if `folder` does not exist.
     """
+    if not Path(folder).is_dir():
+        what = "is not a folder" if Path(folder).exists() else "does not exist"
+        raise PathNotFoundError(f"the artifact folder {folder} {what}")
     config = read_config(folder)
     records = read_manifest(folder)
     if config.num_tasks != len(records):
@@ -272,6 +278,7 @@ def write_artifact(
     delta: Mapping[str, torch.Tensor],
     masks: Mapping[str, Path | Mapping[str, torch.Tensor]],
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    extra_files: Mapping[str, bytes] | None = None,
     *,
     precondition: Callable[[Path], None] | None = None,
     plain: Callable[[Path], tuple[dict[str, str], dict[str, str]]] | None = None,
@@ -279,12 +286,13 @@ def write_artifact(
     """Write a whole artifact atomically into `folder`, keeping the user's other files there.
 
     `masks` maps every task id to either an existing mask file (hard-linked, not rewritten) or its packed masks.
-    The config's `binding_digest` is computed here, once the mask digests are known. `precondition` is checked under
-    the folder's lock right before the swap (see [`~hf_sift.atomic.staged_folder`] and [`~hf_sift.artifact_state`]).
-    `plain` writes the plain merge P into the staging folder and returns its tensor digests and those of the base:
-    the artifact is then format 2 (`config.plain_digests`, `config.base_tensor_digests` and `config.format_version`
-    are set here); without it, format 1.
-    Returns the digest of each mask file written or linked, and the state written.
+    `extra_files` maps more artifact files (relative paths [`is_artifact_file`] knows, e.g. the unlearning log) to
+    their bytes, written in the same atomic step. The config's `binding_digest` is computed here, once the mask
+    digests are known. `precondition` is checked under the folder's lock right before the swap (see
+    [`~hf_sift.atomic.staged_folder`] and [`~hf_sift.artifact_state`]). `plain` writes the plain merge P into the
+    staging folder and returns its tensor digests and those of the base: the artifact is then format 2
+    (`config.plain_digests`, `config.base_tensor_digests` and `config.format_version` are set here); without it,
+    format 1. Returns the digest of each mask file written or linked, and the state written.
     """
     folder = Path(folder)
     mask_digests: dict[str, str] = {}
@@ -327,5 +335,8 @@ def write_artifact(
         _dump_json({"tasks": records}, stage / MANIFEST_NAME)
         config.binding_digest = config.compute_binding(records)
         (stage / CONFIG_NAME).write_text(config.to_json_string(), encoding="utf-8")
+        for relative, data in (extra_files or {}).items():
+            (stage / relative).write_bytes(data)
+            apply_umask(stage / relative)
         written = ArtifactState.read(stage)
     return mask_digests, written

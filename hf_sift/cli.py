@@ -29,6 +29,11 @@ COMMANDS: dict[str, str] = {
     "merge": "hf_sift.merging.cli",
     "negmerge": "hf_sift.merging.cli",
     "export": "hf_sift.serving_cli",
+    "unlearn": "hf_sift.unlearn_cli",
+    "verify": "hf_sift.inspect_cli",
+    "info": "hf_sift.inspect_cli",
+    "push": "hf_sift.hub.cli",
+    "pull": "hf_sift.hub.cli",
     "upgrade": "hf_sift.upgrade_cli",
 }
 COMMAND_MODULES: tuple[str, ...] = tuple(dict.fromkeys(COMMANDS.values()))

@@ -11,6 +11,8 @@ every other error caused by bad input (see docs/troubleshooting.md).
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class SiftError(Exception):
     """Base class of every hf_sift error."""
@@ -80,6 +82,18 @@ class CorruptArtifactError(IntegrityError, ValueError):
     """A file of a SIFT artifact is missing, truncated, or does not match its recorded digest."""
 
 
+class LocalHubHTTPError(SiftError, RuntimeError):
+    """The error answer of the local Hub (`hf_sift.testing.hub_server`) to a request: HTTP `status`, the
+    `X-Error-Code` header `code` (`RepoNotFound`, `RevisionNotFound`, `EntryNotFound`) and `message`. Raised inside
+    the server and turned into the HTTP answer; its clients see the `huggingface_hub` errors of those answers."""
+
+    def __init__(
+        self, status: int, message: str, code: str | None = None, commit: str | None = None, **extra: Any
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.commit, self.extra = status, message, code, commit, extra
+
+
 class IncompatibleArtifactError(SiftError, ValueError):
     """The artifact was written in a format version this release cannot read."""
 
@@ -122,6 +136,26 @@ class DeltaNotKeptError(SiftError, RuntimeError):
     """A served model loaded with `keep_delta=False` dropped the sum, so it cannot switch task."""
 
 
+class UnlearningLogError(SiftError, ValueError):
+    """An entry cannot be appended to an unlearning log (it would not continue the chain, or is malformed)."""
+
+
+class TaskVectorStoreError(SiftError, ValueError):
+    """A task-vector store cannot be used as asked (e.g. it lies inside an artifact that would publish it)."""
+
+
+class ReplayPreconditionError(SiftError, ValueError):
+    """A task cannot be replayed as recorded (its rows, recipe or training arguments differ); nothing was trained."""
+
+
+class EnvironmentMismatchError(ReplayPreconditionError):
+    """The environment (library versions, device model, thread count) differs from the one a task was trained in."""
+
+
+class MixedRecipeError(SiftError, ValueError):
+    """Resuming an artifact with another recipe (training arguments, data, tokenizer, adapter) than its tasks'."""
+
+
 class InvalidSIFTConfigError(SiftError, ValueError):
     """A SIFT training argument is invalid."""
 
@@ -141,6 +175,17 @@ class UnknownMergeMethodError(SiftError, KeyError, ValueError):
         return str(self.args[0]) if self.args else ""
 
 
+class HubServerError(SiftError, ValueError):
+    """A local Hub server (`hf_sift.testing.hub_server`) was given an invalid option: a non-loopback address or an
+    unknown route for a fault."""
+
+
+class HubTransferError(SiftError, RuntimeError):
+    """A push did not complete: the connection to the Hub dropped or the Hub failed. A commit lands whole or not at
+    all, so the branch is either unchanged or holds the whole new commit; pushing again uploads only what is
+    missing."""
+
+
 class InvalidMergeParameterError(SiftError, ValueError):
     """A merge parameter is unknown, of the wrong type, or out of range."""
 
@@ -154,6 +199,9 @@ __all__ = [
     "CorruptArtifactError",
     "DeltaNotKeptError",
     "DuplicateTaskError",
+    "EnvironmentMismatchError",
+    "HubServerError",
+    "HubTransferError",
     "IncompatibleArtifactError",
     "IntegrityError",
     "InvalidArgumentError",
@@ -162,19 +210,24 @@ __all__ = [
     "InvalidSIFTConfigError",
     "InvalidScaleError",
     "InvalidTaskIdError",
+    "LocalHubHTTPError",
     "MissingBaseModelError",
     "MissingReferenceError",
+    "MixedRecipeError",
     "OutputDirError",
     "ParameterMismatchError",
     "PathNotFoundError",
     "RemoteCodeError",
+    "ReplayPreconditionError",
     "ReservedArgumentError",
     "ServingDtypeError",
     "SiftError",
     "SignSeedMismatchError",
     "TaskDigestMismatchError",
+    "TaskVectorStoreError",
     "UnknownMergeMethodError",
     "UnknownTaskError",
+    "UnlearningLogError",
     "UnsupportedHubPushError",
     "UnsupportedOffloadError",
 ]

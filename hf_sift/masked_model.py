@@ -312,12 +312,12 @@ class MergedMaskedModel(torch.nn.Module):
 
     def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
         """Refused with [`~hf_sift.errors.UnsupportedHubPushError`]: the wrapped model would be pushed without the
-        SIFT files. Upload the folder of [`MergedDelta.save_pretrained`] (`huggingface_hub.upload_folder`) instead."""
+        SIFT files. Push the artifact with [`MergedDelta.push_to_hub`] or `hf-sift push` instead."""
         raise UnsupportedHubPushError(
             "MergedMaskedModel.push_to_hub is refused: it would push the wrapped transformers model without the "
-            "SIFT artifact (sum, masks, config), so tasks could not be served or removed. Publishing artifacts to "
-            "the Hub is not available yet: upload the artifact folder written by MergedDelta.save_pretrained with "
-            "huggingface_hub.upload_folder, or export one task with save_pretrained(folder, task=...) and upload that"
+            "SIFT artifact (sum, masks, config), so tasks could not be served or removed. Push the artifact "
+            "instead: MergedDelta.push_to_hub(repo_id) or `hf-sift push ARTIFACT REPO_ID` (one commit), or export "
+            "one task with save_pretrained(folder, task=...) and upload that"
         )
 
     def __getattr__(self, name: str) -> Any:

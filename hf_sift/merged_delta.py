@@ -7,7 +7,7 @@ import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,13 +23,13 @@ from .artifact import (
 )
 from .artifact_config import ArtifactConfig
 from .artifact_state import ArtifactStates, read_consistently
+from .compatibility import Compatibility, check_compatible
 from .digest import digest_tensors, state_dict_digest
 from .errors import (
     BaseModelMismatchError,
     CorruptArtifactError,
     DuplicateTaskError,
     ParameterMismatchError,
-    SignSeedMismatchError,
     TaskDigestMismatchError,
     UnknownTaskError,
 )
@@ -40,6 +40,11 @@ from .selection import ParameterSelection, resolve_parameters
 from .served_weights import check_scale, served_tensor
 from .task_id import validate_task_id
 from .task_vector import TaskVector, check_same_parameters
+from .unlearning_log import LOG_NAME, UnlearningLog
+
+
+if TYPE_CHECKING:
+    from .hub.push import PushResult
 
 
 class MergedDelta:
@@ -90,6 +95,7 @@ class MergedDelta:
         self._bounds = dict.fromkeys(names, 0)
         self._records: dict[str, dict[str, Any]] = {}
         self._masks: dict[str, Path | dict[str, torch.Tensor]] = {}
+        self.log = UnlearningLog()  # the history of removals, saved beside the artifact (see unlearning_log.py)
 
     # ------------------------------------------------------------------ inspection
 
@@ -141,23 +147,6 @@ class MergedDelta:
 
     # ------------------------------------------------------------------ add / remove
 
-    def _check_compatible(self, task_vector: TaskVector) -> None:
-        if task_vector.sign_seed != self.sign_seed or task_vector.scale_bits != self.scale_bits:
-            raise SignSeedMismatchError(
-                f"task vector has sign_seed={task_vector.sign_seed}, scale_bits={task_vector.scale_bits}; "
-                f"the merge has sign_seed={self.sign_seed}, scale_bits={self.scale_bits}"
-            )
-        if set(task_vector.q) != set(self.shapes):
-            extra = sorted(set(task_vector.q) - set(self.shapes))[:3]
-            missing = sorted(set(self.shapes) - set(task_vector.q))[:3]
-            raise ParameterMismatchError(f"task vector parameters differ: extra {extra}, missing {missing}")
-        check_same_parameters(self.shapes, task_vector.q, "the task vector")
-        if task_vector.base_digest is not None and task_vector.base_digest != self.base_digest:
-            raise BaseModelMismatchError(
-                f"task vector was computed on a base with digest {task_vector.base_digest}, "
-                f"the merge's base has {self.base_digest}"
-            )
-
     def _apply(self, task_vector: TaskVector, sign: int) -> None:
         # `_bounds` holds upper bounds of max|Q| per tensor: while bound + max|q| fits in int64 no element can
         # overflow and the exact (slower) check is skipped. Every tensor is checked before any is touched, so a
@@ -194,7 +183,7 @@ class MergedDelta:
         task_id = validate_task_id(task_id)
         if task_id in self._records:
             raise DuplicateTaskError(f"task {task_id!r} is already merged; remove it first to replace it")
-        self._check_compatible(task_vector)
+        check_compatible(self, task_vector)
         self._apply(task_vector, +1)
         self._records[task_id] = {
             "digest": task_vector.digest,
@@ -213,7 +202,7 @@ class MergedDelta:
             vector (e.g. a replay of its training) differs from the one merged: it is then never subtracted.
         """
         task_id = self._known(task_id)
-        self._check_compatible(task_vector)
+        check_compatible(self, task_vector)
         recorded = self._records[task_id]["digest"]
         if task_vector.digest != recorded:
             raise TaskDigestMismatchError(
@@ -229,6 +218,8 @@ class MergedDelta:
         task_sum: Mapping[str, torch.Tensor],
         records: Mapping[str, Mapping[str, Any]],
         masks: Mapping[str, Mapping[str, torch.Tensor]],
+        *,
+        source: MergedDelta | Compatibility,
     ) -> None:
         """Merge tasks whose task vectors were summed elsewhere: Q += `task_sum`, and take their records and masks.
 
@@ -239,11 +230,15 @@ class MergedDelta:
             task_sum (`Mapping[str, torch.Tensor]`): The int64 sum of the task vectors of the tasks in `records`.
             records (`Mapping[str, dict]`): Each task's record, as [`record`] returns it.
             masks (`Mapping[str, dict[str, torch.Tensor]]`): Each task's packed masks.
+            source ([`MergedDelta`] or [`~hf_sift.compatibility.Compatibility`]): The merge these tasks were summed
+                in (or its `Compatibility`): its sign seed, S, base digest and tuned parameters must equal these.
 
         Raises:
-            [`~hf_sift.errors.DuplicateTaskError`], [`~hf_sift.errors.ParameterMismatchError`] or
+            [`~hf_sift.errors.SignSeedMismatchError`], [`~hf_sift.errors.BaseModelMismatchError`],
+            [`~hf_sift.errors.ParameterMismatchError`], [`~hf_sift.errors.DuplicateTaskError`] or
             [`~hf_sift.errors.AccumulatorOverflowError`]; the merge is unchanged after any of them.
         """
+        check_compatible(self, source, "the merge absorbed")
         ids = [validate_task_id(t) for t in records]
         duplicate = sorted(set(ids) & set(self._records))
         if duplicate:
@@ -404,6 +399,7 @@ class MergedDelta:
         save_directory = Path(save_directory).absolute()
         config = self._config()
         check = self._artifact_states.precondition(save_directory, overwrite)
+        log = {LOG_NAME: self.log.to_bytes()} if len(self.log) else None
         plain = plain_merge_writer(self, base, max_shard_size)
         mask_digests, written = write_artifact(
             save_directory,
@@ -412,6 +408,7 @@ class MergedDelta:
             self._sum,
             self._masks,
             max_shard_size,
+            log,
             precondition=check,
             plain=plain,
         )
@@ -422,8 +419,13 @@ class MergedDelta:
         self.recorded_digest = config.delta_digest
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, verify: bool = True) -> MergedDelta:
-        """Load an artifact written by [`save_pretrained`], streaming Q tensor by tensor.
+    def from_pretrained(
+        cls, directory: str | os.PathLike, verify: bool = True, *, revision: str | None = None, **hub_kwargs: Any
+    ) -> MergedDelta:
+        """Load an artifact written by [`save_pretrained`] (a folder, or a Hub repo id), streaming Q tensor by tensor.
+
+        A repo id is downloaded into the Hugging Face cache first: the config, the manifest, the sum and every mask
+        at `revision` (`hub_kwargs`: `cache_dir`, `token`, `local_files_only`, ...; see `hf_sift.hub`).
 
         Masks stay on disk and are read one task at a time by [`load_mask`]. With `verify`, the sum is checked
         against its recorded digest (missing, truncated or corrupted files raise
@@ -436,11 +438,22 @@ class MergedDelta:
             [`~hf_sift.errors.CorruptArtifactError`] (a missing, truncated, malformed or edited file, naming the file
             and field) or [`~hf_sift.errors.IncompatibleArtifactError`].
         """
+        if hub_kwargs or revision is not None or not Path(directory).is_dir():
+            from .hub.download import resolve_delta_folder
+
+            directory = resolve_delta_folder(directory, revision, **hub_kwargs)
         directory = Path(directory).absolute()
         self, state = read_consistently(directory, lambda: cls._read(directory, verify))
         self._artifact_states = ArtifactStates()
         self._artifact_states.remember(directory, state)
         return self
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> PushResult:
+        """Push this delta, as [`save_pretrained`] writes it, to the Hub in one commit (see `hf_sift.hub.push_to_hub`
+        for the arguments and errors)."""
+        from .hub.push import push_delta
+
+        return push_delta(self, repo_id, **kwargs)
 
     @classmethod
     def _read(cls, directory: Path, verify: bool) -> MergedDelta:
@@ -455,6 +468,7 @@ class MergedDelta:
         self._bounds = {}  # filled by `_bound` when tasks are added or removed; serving never needs them
         self._records = records
         self._masks = {t: directory / mask_filename(t) for t in records}
+        self.log = UnlearningLog.load(directory)
         if verify and self.digest != config.delta_digest:
             raise CorruptArtifactError(f"the sum in {directory} does not match its recorded digest")
         return self

@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+import os
+import socket
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# The local Hub (hf_sift.testing.hub_server) is reached through HF_ENDPOINT, which huggingface_hub reads when it is
+# imported: set it, and turn Xet off, before anything below imports huggingface_hub. No test reaches the real Hub.
+os.environ["HF_HUB_DISABLE_XET"] = "1"
+os.environ["HF_HUB_DISABLE_IMPLICIT_TOKEN"] = "1"  # a token saved on this machine is never sent to the local Hub
+os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{_free_port()}"
+pytest_plugins = ["hf_sift.testing.pytest_plugin"]
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 
 def tiny_llama_config(**overrides) -> LlamaConfig:

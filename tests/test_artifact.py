@@ -217,3 +217,13 @@ def test_saving_with_a_kept_task_mask_deleted_is_refused_naming_the_file(saved):
     fresh.remove("alice", tvs["alice"])
     fresh.save_pretrained(folder)
     assert sorted(p.name for p in (folder / "masks").iterdir()) == ["carol.safetensors"]
+
+
+def test_a_missing_artifact_folder_is_named_as_such(tmp_path):
+    from hf_sift.errors import PathNotFoundError
+
+    with pytest.raises(PathNotFoundError, match=r"artifact folder .*nope does not exist"):
+        MergedDelta.from_pretrained(tmp_path / "nope")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(PathNotFoundError, match="is not a folder"):
+        MergedDelta.from_pretrained(tmp_path / "file")

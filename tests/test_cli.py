@@ -264,7 +264,7 @@ def imports_after(code: str) -> set[str]:
 def test_import_and_help_do_not_import_torch():
     heavy = {"torch", "transformers", "peft", "datasets", "accelerate", "safetensors"}
     assert not imports_after("import hf_sift") & heavy
-    for command in ("", "merge", "negmerge", "export"):
+    for command in ("", "merge", "negmerge", "export", "push", "pull"):
         argv = [command, "--help"] if command else ["--help"]
         code = f"import contextlib, io\nfrom hf_sift.cli import main\nwith contextlib.redirect_stdout(io.StringIO()):\n    main({argv!r})"
         assert not imports_after(code) & heavy, command
@@ -299,6 +299,7 @@ def test_lazy_names_resolve():
         for name in module.__all__:
             assert getattr(module, name) is not None, (module.__name__, name)
     assert callable(hf_sift.trainer.train_tasks) and hf_sift.train_tasks is hf_sift.trainer.train_tasks
+    assert callable(hf_sift.unlearn) and hf_sift.unlearn.__module__ == "hf_sift.unlearning"
     from hf_sift.merging import BUILTIN_METHODS, get_method
 
     for name, module in BUILTIN_METHODS.items():

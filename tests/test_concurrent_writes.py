@@ -258,7 +258,7 @@ def test_train_tasks_refuses_to_overwrite_another_writer(tmp_path):
             if args.task_id == "t1":
                 other = MergedDelta.from_pretrained(folder)
                 zero = {n: torch.zeros_like(t) for n, t in other.sum.items()}
-                other.absorb(zero, {"x": other.record("t0")}, {"x": other.load_mask("t0")})
+                other.absorb(zero, {"x": other.record("t0")}, {"x": other.load_mask("t0")}, source=other)
                 other.save_pretrained(folder)
 
     data = task_dataset(num_tasks=2)

@@ -119,7 +119,7 @@ def test_bf16(tmp_path, weights_bf16):
     )
     assert min(check.minima) >= 0.0
     task_vector = trainer.task_vector()
-    assert task_vector.metadata["hyperparameters"]["bf16"] is True
+    assert task_vector.metadata["recipe"]["training_arguments"]["bf16"] is True
     dtype = torch.bfloat16 if weights_bf16 else torch.float32
     assert all(trainer.sign_constraint.theta0(n).dtype == dtype for n in trainer.tuned_parameter_names)
     assert train_one(tmp_path / "again", model=tiny_model().to(dtype), bf16=True)[0].task_vector().digest == (

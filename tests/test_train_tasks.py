@@ -10,10 +10,12 @@ import torch.multiprocessing as mp
 from trainer_fixtures import free_port, set_distributed_env, sift_args, task_dataset, tiny_model
 from transformers import TrainerCallback
 
-from hf_sift import MergedDelta
+from hf_sift import MergedDelta, TaskVectorStore
 from hf_sift.digest import state_dict_digest
-from hf_sift.errors import BaseModelMismatchError
+from hf_sift.errors import BaseModelMismatchError, MixedRecipeError
 from hf_sift.trainer import SIFTTrainer, train_tasks
+from hf_sift.trainer.recipe import Recipe, rows_digest
+from hf_sift.trainer.sift_config import derive_seed
 
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:
@@ -112,3 +114,82 @@ def test_two_processes_give_the_same_bytes_as_one(tmp_path):
     mp.spawn(_rank_main, args=(2, free_port(), str(tmp_path / "runs2"), str(tmp_path / "two")), nprocs=2, join=True)
     assert folder_bytes(tmp_path / "two") == folder_bytes(tmp_path / "one")
     assert not [p for p in tmp_path.iterdir() if ".rank" in p.name]  # partial artifacts are cleaned up
+
+
+class Tokenizer:
+    """Stands for a tokenizer: saved files decide its identity."""
+
+    def __init__(self, vocabulary: str):
+        self.vocabulary = vocabulary
+
+    def save_pretrained(self, folder):
+        (Path(folder) / "vocab.txt").write_text(self.vocabulary)
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ("learning_rate", "learning_rate: recorded 0.01, now 0.02"),
+        ("data", "rows of 't0'"),
+        ("tokenizer", "processing_class.hash"),
+    ],
+)
+def test_a_resume_with_another_recipe_is_refused_unless_allowed(tmp_path, change, words):
+    data = task_dataset(num_tasks=3)
+    args, tokenizer = sift_args(tmp_path / "runs"), Tokenizer("a b c")
+    train_tasks(tiny_model(), data, "task", args, tmp_path / "m", tasks=["t0"], processing_class=tokenizer)
+    before = folder_bytes(tmp_path / "m")
+    before_rows = MergedDelta.from_pretrained(tmp_path / "m").record("t0")["metadata"]["recipe"]["rows"]
+    if change == "learning_rate":
+        args = sift_args(tmp_path / "runs", learning_rate=0.02)
+    elif change == "data":
+        first = data["task"].index("t0")
+        data = data.map(lambda r, i: {"labels": r["labels"][::-1]} if i == first else {}, with_indices=True)
+    else:
+        tokenizer = Tokenizer("a b d")
+    with pytest.raises(MixedRecipeError, match=f"task 't0' .*{words}"):
+        train_tasks(tiny_model(), data, "task", args, tmp_path / "m", processing_class=tokenizer)
+    assert folder_bytes(tmp_path / "m") == before
+    delta = train_tasks(
+        tiny_model(), data, "task", args, tmp_path / "m", processing_class=tokenizer, allow_mixed_recipes=True
+    )
+    first, second = (delta.record(t)["metadata"]["recipe"] for t in ("t0", "t1"))  # each keeps its own recipe
+    if change == "learning_rate":
+        assert (first["training_arguments"]["learning_rate"], second["training_arguments"]["learning_rate"]) == (
+            0.01,
+            0.02,
+        )
+    elif change == "data":
+        assert first["rows"] == before_rows and first["rows"]["digest"] != rows_digest(
+            data.select([i for i, t in enumerate(data["task"]) if t == "t0"])
+        )
+    else:
+        assert first["processing_class"] != second["processing_class"]
+
+
+def test_task_vectors_reach_the_caller_and_the_store(tmp_path):
+    seen = {}
+    delta = train_tasks(
+        tiny_model(),
+        task_dataset(num_tasks=2),
+        "task",
+        sift_args(tmp_path / "runs"),
+        tmp_path / "m",
+        task_vector_store=tmp_path / "store",
+        on_task_vector=seen.__setitem__,
+    )
+    store = TaskVectorStore(tmp_path / "store")
+    assert sorted(seen) == store.task_ids == delta.task_ids
+    for task_id, task_vector in seen.items():
+        assert task_vector.digest == delta.record(task_id)["digest"]
+        stored = store.get(task_id, expected_digest=task_vector.digest)
+        assert all(torch.equal(stored.q[n], task_vector.q[n]) for n in task_vector.q)
+
+
+def test_the_record_keeps_the_seed_the_user_gave(tmp_path):
+    delta = train_tasks(
+        tiny_model(), task_dataset(num_tasks=1), "task", sift_args(tmp_path / "runs", seed=5), tmp_path / "m"
+    )
+    recipe = Recipe.from_dict(delta.record("t0")["metadata"]["recipe"])
+    assert recipe.training_arguments["seed"] == 5
+    assert recipe.build_args(tmp_path / "x").for_task("t0").task_seed == recipe.task_seed == derive_seed(5, "t0")

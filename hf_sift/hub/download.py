@@ -15,9 +15,10 @@ from typing import Any
 from huggingface_hub import hf_hub_download, snapshot_download
 from huggingface_hub.errors import EntryNotFoundError
 
-from ..artifact import CONFIG_NAME, DELTA_INDEX_NAME, MANIFEST_NAME, mask_filename
+from ..artifact import CONFIG_NAME, DELTA_INDEX_NAME, MANIFEST_NAME, MASKS_DIR, mask_filename
 from ..errors import InvalidArgumentTypeError, PathNotFoundError
-from .sources import hub_lookup
+from ..unlearning_log import LOG_NAME
+from .sources import could_be_repo_id, hub_lookup
 
 
 # Files a tokenizer (and text-generation defaults) may be saved as; they travel with the artifact when present.
@@ -32,6 +33,9 @@ TOKENIZER_PATTERNS: tuple[str, ...] = (
     "chat_template.*",
     "generation_config.json",
 )
+
+# The files of the merged delta itself, without masks.
+DELTA_PATTERNS: tuple[str, ...] = (CONFIG_NAME, MANIFEST_NAME, "sift_delta*.safetensors", DELTA_INDEX_NAME)
 
 # The keyword arguments of `snapshot_download` / `hf_hub_download` a caller may pass through.
 HUB_KWARGS: frozenset[str] = frozenset(
@@ -158,3 +162,16 @@ def resolve_artifact(
         hub_kwargs=hub_kwargs,
         fetched={weights} if weights else set(),
     )
+
+
+def resolve_delta_folder(path_or_repo_id: str | os.PathLike, revision: str | None = None, **hub_kwargs: Any) -> Path:
+    """A local folder as it is, or the cache folder of a Hub repo's whole merged delta: config, manifest, sum, every
+    mask and the unlearning log (what [`~hf_sift.MergedDelta`] holds), at one commit. A missing local path stays a
+    local path."""
+    _check_hub_kwargs(hub_kwargs)
+    local = Path(path_or_repo_id).expanduser()
+    if local.exists() or not could_be_repo_id(path_or_repo_id):
+        return local
+    patterns = [*DELTA_PATTERNS, f"{MASKS_DIR}/*.safetensors", LOG_NAME]
+    with hub_lookup(path_or_repo_id, "the artifact"):
+        return Path(snapshot_download(str(path_or_repo_id), revision=revision, allow_patterns=patterns, **hub_kwargs))

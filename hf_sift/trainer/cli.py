@@ -20,6 +20,7 @@ import argparse
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 @dataclass
@@ -99,26 +100,92 @@ def run(namespace: argparse.Namespace) -> int:
         return train_from_arguments(data_args, config)
 
 
-def train_from_arguments(data_args: TrainDataArguments, config) -> int:
+DATA_BUILDERS = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}
+
+
+def check_data_path(path: str, flag: str = "--data", folders: bool = False) -> None:
+    """Refuse a data path that is not a JSON-lines, JSON, CSV or Parquet file (or, with `folders`, a saved dataset)."""
+    from ..errors import CommandLineError, PathNotFoundError
+
+    if folders and Path(path).is_dir():
+        return
+    if DATA_BUILDERS.get(path.rsplit(".", 1)[-1].lower()) is None:
+        kinds = (
+            "JSON lines, JSON, CSV, Parquet or a saved datasets folder"
+            if folders
+            else "JSON lines, JSON, CSV or Parquet"
+        )
+        raise CommandLineError(f"{flag} {path!r}: unsupported file type; use {kinds}")
+    if not Path(path).is_file():
+        raise PathNotFoundError(f"{flag} {path!r}: no such file")
+
+
+def load_data(path: str, flag: str = "--data", folders: bool = False) -> Any:
+    """The `datasets.Dataset` of a data file (or, with `folders`, of a folder saved by `save_to_disk`)."""
     import datasets
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_data_path(path, flag, folders)
+    if folders and Path(path).is_dir():
+        return datasets.load_from_disk(path)
+    return datasets.load_dataset(DATA_BUILDERS[path.rsplit(".", 1)[-1].lower()], data_files=path, split="train")
+
+
+def load_tokenizer(model: str, flag: str = "--model") -> Any:
+    """The model's tokenizer (no remote code), padding with EOS where it has no pad token."""
+    from transformers import AutoTokenizer
+
+    from ..hub.sources import hub_lookup
+    from ..remote_code import refuse_remote_code
+
+    with hub_lookup(model, flag):
+        refuse_remote_code(model)
+        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def check_columns(raw: Any, task_column: str, text_template: str) -> None:
+    """Refuse data without the task column, or a template naming a column the data lacks."""
+    from ..errors import CommandLineError
+    from ..text_template import check_text_template
+
+    if task_column not in raw.column_names:
+        raise CommandLineError(
+            f"--task-column {task_column!r}: the data has no such column; its columns are {raw.column_names}"
+        )
+    check_text_template(text_template, raw.column_names, "--text-template")
+
+
+def tokenize_rows(raw: Any, tokenizer: Any, text_template: str, max_length: int, task_column: str) -> Any:
+    """Each row's text from `text_template`, tokenized to `max_length` (padded), labels on the real tokens; the
+    task column is kept, the others dropped. `hf-sift train` and `hf-sift unlearn` build their rows with it."""
+    from ..text_template import render_text_template
+
+    check_columns(raw, task_column, text_template)
+
+    def tokenize(row):
+        enc = tokenizer(
+            render_text_template(text_template, row, "--text-template"),
+            max_length=max_length,
+            truncation=True,
+            padding="max_length",
+        )
+        enc["labels"] = [t if m else -100 for t, m in zip(enc["input_ids"], enc["attention_mask"])]
+        return enc
+
+    return raw.map(tokenize, remove_columns=[c for c in raw.column_names if c != task_column])
+
+
+def train_from_arguments(data_args: TrainDataArguments, config) -> int:
+    from transformers import AutoModelForCausalLM
 
     from ..artifact import CONFIG_NAME
-    from ..errors import CommandLineError, PathNotFoundError
     from ..hub.sources import check_source, hub_lookup
     from ..output_dir import check_output_dir
-    from ..remote_code import refuse_remote_code
-    from ..text_template import check_text_template, render_text_template
-    from .train_tasks import train_tasks
+    from .multi_task import train_tasks
 
-    suffix = data_args.data.rsplit(".", 1)[-1].lower()
-    builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(suffix)
-    if builder is None:
-        raise CommandLineError(
-            f"--data {data_args.data!r}: unsupported file type; use JSON lines, JSON, CSV or Parquet"
-        )
-    if not Path(data_args.data).is_file():
-        raise PathNotFoundError(f"--data {data_args.data!r}: no such file")
+    check_data_path(data_args.data)
     check_source(data_args.model, "--model")
     artifact = Path(data_args.artifact_dir)
     # An existing artifact is continued (resumed); the artifact writer keeps any other file of the folder.
@@ -132,30 +199,10 @@ def train_from_arguments(data_args: TrainDataArguments, config) -> int:
     check_output_dir(
         config.output_dir, [data_args.model, data_args.data, artifact], overwrite=True, flag="--output-dir"
     )
-    raw = datasets.load_dataset(builder, data_files=data_args.data, split="train")
-    if data_args.task_column not in raw.column_names:
-        raise CommandLineError(
-            f"--task-column {data_args.task_column!r}: the data has no such column; its columns are {raw.column_names}"
-        )
-    check_text_template(data_args.text_template, raw.column_names, "--text-template")
-    with hub_lookup(data_args.model, "--model"):
-        refuse_remote_code(data_args.model)
-        tokenizer = AutoTokenizer.from_pretrained(data_args.model, trust_remote_code=False)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-
-    def tokenize(row):
-        enc = tokenizer(
-            render_text_template(data_args.text_template, row, "--text-template"),
-            max_length=data_args.max_length,
-            truncation=True,
-            padding="max_length",
-        )
-        enc["labels"] = [t if m else -100 for t, m in zip(enc["input_ids"], enc["attention_mask"])]
-        return enc
-
-    keep = {data_args.task_column}
-    data = raw.map(tokenize, remove_columns=[c for c in raw.column_names if c not in keep])
+    raw = load_data(data_args.data)
+    check_columns(raw, data_args.task_column, data_args.text_template)
+    tokenizer = load_tokenizer(data_args.model)
+    data = tokenize_rows(raw, tokenizer, data_args.text_template, data_args.max_length, data_args.task_column)
     with hub_lookup(data_args.model, "--model"):
         model = AutoModelForCausalLM.from_pretrained(data_args.model, trust_remote_code=False)
     delta = train_tasks(

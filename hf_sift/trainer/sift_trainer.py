@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import platform
 from typing import Any
 
 import torch
@@ -12,59 +11,12 @@ from transformers.trainer_utils import get_last_checkpoint
 from ..errors import InvalidArgumentError, ParameterMismatchError, SiftError
 from ..selection import ParameterSelection
 from ..task_vector import TaskVector
-from ..version import __version__
+from .environment import probe_environment
 from .log_routing import route_trainer_logs
 from .projection_callback import SIFTProjectionCallback
+from .recipe import Recipe
 from .sift_config import SIFTConfig
 from .sign_constraint import SignConstraint, load_reference, tuned_parameters
-
-
-# Arguments that change what a task's training computes, recorded with each task vector.
-RECORDED_ARGUMENTS = (
-    "adam_beta1",
-    "adam_beta2",
-    "adam_epsilon",
-    "bf16",
-    "data_seed",
-    "fp16",
-    "full_determinism",
-    "gradient_accumulation_steps",
-    "learning_rate",
-    "lr_scheduler_type",
-    "max_grad_norm",
-    "max_steps",
-    "num_train_epochs",
-    "optim",
-    "per_device_train_batch_size",
-    "seed",
-    "warmup_steps",
-    "weight_decay",
-)
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of the libraries a replay must hold fixed."""
-    import accelerate
-    import datasets
-    import safetensors
-    import transformers
-
-    versions = {
-        "accelerate": accelerate.__version__,
-        "datasets": datasets.__version__,
-        "hf_sift": __version__,
-        "python": platform.python_version(),
-        "safetensors": safetensors.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
-    try:
-        import peft
-
-        versions["peft"] = peft.__version__
-    except ImportError:  # pragma: no cover - peft is a dependency
-        pass
-    return versions
 
 
 def select_tuned_names(model: torch.nn.Module, selection: ParameterSelection) -> list[str]:
@@ -119,6 +71,8 @@ class SIFTTrainer(Trainer):
             args if args is not None else SIFTConfig(output_dir="trainer_output")
         )
         adapter_seed = args.seed
+        self._sift_user_args = args  # the seeds the user gave, recorded in the recipe
+        self._sift_data_collator = trainer_args[0] if trainer_args else kwargs.get("data_collator")
         if args.task_id is not None:
             args = args.for_task(args.task_id, seed=args.task_seed, data_seed=args.task_data_seed)
         if peft_config is not None:
@@ -180,23 +134,31 @@ class SIFTTrainer(Trainer):
 
     # ------------------------------------------------------------------ result
 
+    def recipe(self) -> Recipe:
+        """The [`Recipe`] of this training: everything a replay must hold fixed, with the environment now."""
+        args = self._sift_user_args
+        return Recipe.capture(
+            args,
+            args.task_id,
+            self.train_dataset,
+            model=self.accelerator.unwrap_model(self.model),
+            data_collator=self._sift_data_collator,
+            processing_class=self.processing_class,
+            environment=probe_environment(self.args.device, self.args.world_size),
+        )
+
     def task_metadata(self) -> dict[str, Any]:
-        """The record kept with the task vector: task id, seeds, hyper-parameters, data fingerprint, versions."""
-        args = self.args
-        values = args.to_dict()
+        """The record kept with the task vector: task id, sign seed, steps, data fingerprint and the recipe."""
         metadata: dict[str, Any] = {
-            "task_id": args.task_id,
-            "sign_seed": args.sign_seed,
-            "hyperparameters": {k: values[k] for k in RECORDED_ARGUMENTS if k in values},
+            "task_id": self.args.task_id,
+            "sign_seed": self.args.sign_seed,
             "global_step": self.state.global_step,
-            "device_type": self.args.device.type,
-            "versions": library_versions(),
         }
-        if self.args.device.type == "cpu":  # CPU kernels may split reductions by thread
-            metadata["num_threads"] = torch.get_num_threads()
         fingerprint = getattr(self.train_dataset, "_fingerprint", None)
         if fingerprint is not None:
             metadata["data_fingerprint"] = fingerprint
+        if self.args.task_id is not None and hasattr(self.train_dataset, "with_format"):  # a datasets.Dataset
+            metadata["recipe"] = self.recipe().to_dict()
         return metadata
 
     def task_vector(self, metadata: dict[str, Any] | None = None) -> TaskVector:

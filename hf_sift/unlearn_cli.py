@@ -1,0 +1,97 @@
+"""`hf-sift unlearn`: remove tasks from a merged artifact exactly (replayed and checked, or from a private store).
+
+```bash
+hf-sift unlearn merged --task alice --task bob --base HuggingFaceTB/SmolLM2-135M-Instruct --data tofu.jsonl \\
+    --task-column author --text-template "Question: {question}\\nAnswer: {answer}" --max-length 128
+```
+
+The data, template and max length are those `hf-sift train` was given; each task's rows are checked against the
+recorded ones before anything is trained. Exit 0 when the tasks were removed, 1 when a replay did not reproduce
+its recorded task vector, 2 for bad input (nothing is changed in either case).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "unlearn",
+        help="remove tasks from a merged SIFT artifact exactly",
+        description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+    )
+    parser.add_argument("artifact", help="the artifact folder (rewritten atomically)")
+    parser.add_argument("--task", action="append", required=True, help="a task to remove (repeat for several)")
+    parser.add_argument("--base", help="base model name or folder (default: the one the artifact records)")
+    parser.add_argument("--data", help="the training data: JSON lines, JSON, CSV, Parquet or a saved datasets folder")
+    parser.add_argument("--task-column", "--task_column", default="task", help="column of each row's task id")
+    parser.add_argument(
+        "--text-template", "--text_template", default="{text}", help="the text template `hf-sift train` used"
+    )
+    parser.add_argument(
+        "--max-length", "--max_length", type=int, default=256, help="the max length `hf-sift train` used"
+    )
+    parser.add_argument(
+        "--task-vector-store",
+        "--task_vector_store",
+        help="private store of the tasks' exact task vectors: remove them from there, without training",
+    )
+    parser.add_argument("--redact", action="store_true", help="log only a salted hash of each task id")
+    parser.add_argument("--dry-run", "--dry_run", action="store_true", help="only check, and print the replay cost")
+    parser.add_argument(
+        "--allow-environment-mismatch",
+        "--allow_environment_mismatch",
+        action="store_true",
+        help="replay even where the environment differs from the recorded one (the digest check still guards)",
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    print(_unlearn(args))
+    return 0
+
+
+def _unlearn(args: argparse.Namespace):
+    from .artifact import read_config, read_manifest
+    from .errors import MissingBaseModelError, ReplayPreconditionError, UnknownTaskError
+    from .task_vector_store import TaskVectorStore
+    from .unlearning import unlearn
+
+    merged = read_manifest(args.artifact)  # fail fast, before loading a model
+    unknown = [task for task in args.task if task not in merged]
+    if unknown:
+        shown = ", ".join(repr(t) for t in sorted(merged)[:5])
+        raise UnknownTaskError(f"unknown task {unknown[0]!r}; merged tasks: {shown or 'none'}")
+    model = dataset = tokenizer = None
+    stored = TaskVectorStore(args.task_vector_store) if args.task_vector_store else None
+    if stored is None or any(task not in stored for task in args.task):
+        from transformers import AutoModelForCausalLM
+
+        from .hub.sources import hub_lookup
+        from .trainer.cli import check_columns, load_data, load_tokenizer, tokenize_rows
+
+        if args.data is None:
+            raise ReplayPreconditionError("replaying a task needs its training data (--data)")
+        base = args.base or read_config(args.artifact).base_model
+        if base is None:
+            raise MissingBaseModelError("the artifact does not name its base model: pass --base")
+        raw = load_data(args.data, "--data", folders=True)
+        check_columns(raw, args.task_column, args.text_template)
+        tokenizer = load_tokenizer(base, "--base")
+        dataset = tokenize_rows(raw, tokenizer, args.text_template, args.max_length, args.task_column)
+        with hub_lookup(base, "--base"):
+            model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=False)
+    return unlearn(
+        args.artifact,
+        args.task,
+        model=model,
+        dataset=dataset,
+        task_column=args.task_column,
+        processing_class=tokenizer,
+        task_vector_store=args.task_vector_store,
+        redact=args.redact,
+        dry_run=args.dry_run,
+        allow_environment_mismatch=args.allow_environment_mismatch,
+    )

@@ -47,6 +47,14 @@ HUB_KWARGS: frozenset[str] = frozenset(
 WEIGHT_PATTERNS: dict[str, tuple[str, ...]] = {
     "sum": ("sift_delta*.safetensors", DELTA_INDEX_NAME),
     "plain": ("model*.safetensors", "model.safetensors.index.json"),
+    # A one-task copy that stays a whole artifact: both, and P's transformers config.
+    "all": (
+        "sift_delta*.safetensors",
+        DELTA_INDEX_NAME,
+        "model*.safetensors",
+        "model.safetensors.index.json",
+        "config.json",
+    ),
 }
 
 
@@ -55,8 +63,8 @@ def artifact_allow_patterns(
 ) -> list[str]:
     """The `allow_patterns` that fetch the files needed to serve `task` (no mask at all when `task` is None).
 
-    `weights` picks the weights read: `"sum"` (Q), `"plain"` (P, format 2) or `None` (neither, fetched later with
-    [`ResolvedArtifact.ensure_weights`]).
+    `weights` picks the weights read: `"sum"` (Q), `"plain"` (P, format 2), `"all"` (both, with P's `config.json`:
+    a copy that stays a whole artifact) or `None` (neither, fetched later with [`ResolvedArtifact.ensure_weights`]).
     """
     patterns = [CONFIG_NAME, MANIFEST_NAME, *(WEIGHT_PATTERNS[weights] if weights else ())]
     if task is not None:

@@ -1,6 +1,6 @@
 """Serving benchmark: MergedMaskedModel on SmolLM2-135M with a synthetic merge of many tasks.
 
-Run: ``PYTHONPATH=. python benchmarks/bench_serving.py [--tasks 500] [--repeats 5]``
+Run: ``PYTHONPATH=. python benchmarks/bench_serving.py [--tasks 500] [--repeats 5] [--compare-formats]``
 
 The synthetic artifact (random int64 sum, one random mask per task) is built once under the cache folder and
 reused. Figures printed:
@@ -89,7 +89,7 @@ def build_synthetic(folder: Path, base_path: Path, num_tasks: int, seed: int = 0
                 "mask_digest": mask_digest,
             }
             delta._masks[task] = path
-        delta.save_pretrained(folder)
+        delta.save_pretrained(folder, base=None)  # format 1 (sum only); `serving_formats` adds format 2
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -135,7 +135,7 @@ def measure_child(mode: str, artifact: Path, base_path: Path, task: str) -> None
         open(MARKER)  # noqa: SIM115 - marks, in the strace log, where the measured load starts
     before = proc_io()
     if mode == "plain":
-        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype="auto")
         for p in model.parameters():  # read every weight, as serving does
             p.detach().sum()
     else:
@@ -187,6 +187,11 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workdir", type=Path, default=cache_dir() / "bench_serving")
+    parser.add_argument(
+        "--compare-formats",
+        action="store_true",
+        help="only compare format 1 and format 2 (fp32 and bf16 rows, side by side; see serving_formats.py)",
+    )
     parser.add_argument("--child", nargs=4, metavar=("MODE", "ARTIFACT", "BASE", "TASK"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -196,10 +201,34 @@ def main() -> None:
 
     torch.manual_seed(0)
     base_path = smollm2_path()
-    artifact = args.workdir / f"smollm2_{args.tasks}_tasks"
+    artifact = args.workdir / f"smollm2_{args.tasks}_tasks_v1"
     if not (artifact / CONFIG_NAME).exists():
         seconds, _ = timed(lambda: build_synthetic(artifact, base_path, args.tasks))
         print(f"built the synthetic artifact in {seconds:.1f} s")
+    if args.compare_formats:
+        import platform
+
+        from benchmarks.serving_formats import compare
+
+        cpu = next(
+            (
+                ln.split(":", 1)[1].strip()
+                for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        print(f"machine: {cpu}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}")
+        compare(
+            args.workdir,
+            artifact,
+            base_path,
+            [task_name(i) for i in range(args.tasks)],
+            args.repeats,
+            run_child,
+            timed,
+        )
+        return
     size = {p.name: p.stat().st_size for p in artifact.iterdir() if p.is_file()}
     mask_sizes = [p.stat().st_size for p in (artifact / "masks").iterdir()]
     base_bytes = (base_path / "model.safetensors").stat().st_size

@@ -5,6 +5,7 @@ sift_config.json                     format version, base digest, sign seed, S, 
 sift_manifest.json                   one record per task: digest, mask digest, density, element counts, metadata
 sift_delta.safetensors               the int64 sum Q (or sift_delta-0000i-of-0000n.safetensors + index)
 masks/<task_id>.safetensors          one bit-packed mask per task
+config.json, model.safetensors, ...  format 2: the plain merge P as a transformers checkpoint (see plain_merge.py)
 sift_unlearning_log.jsonl            the unlearning log (only once a task was unlearned), see unlearning_log.py
 ```
 """
@@ -32,6 +33,7 @@ from .atomic import apply_umask, link_or_copy, staged_folder
 from .digest import file_digest
 from .errors import CorruptArtifactError, PathNotFoundError
 from .masks import packed_size
+from .plain_merge import is_plain_file
 from .shard_size import DEFAULT_MAX_SHARD_SIZE
 from .task_id import validate_task_id
 from .unlearning_log import LOG_NAME
@@ -55,6 +57,7 @@ def is_artifact_file(relative_path: str) -> bool:
         name in (CONFIG_NAME, MANIFEST_NAME, DELTA_INDEX_NAME, LOG_NAME)
         or (name.startswith("sift_delta") and name.endswith(".safetensors"))
         or name.startswith(MASKS_DIR + "/")
+        or is_plain_file(name)
     )
 
 
@@ -278,6 +281,7 @@ def write_artifact(
     extra_files: Mapping[str, bytes] | None = None,
     *,
     precondition: Callable[[Path], None] | None = None,
+    plain: Callable[[Path], tuple[dict[str, str], dict[str, str]]] | None = None,
 ) -> tuple[dict[str, str], ArtifactState]:
     """Write a whole artifact atomically into `folder`, keeping the user's other files there.
 
@@ -285,8 +289,10 @@ def write_artifact(
     `extra_files` maps more artifact files (relative paths [`is_artifact_file`] knows, e.g. the unlearning log) to
     their bytes, written in the same atomic step. The config's `binding_digest` is computed here, once the mask
     digests are known. `precondition` is checked under the folder's lock right before the swap (see
-    [`~hf_sift.atomic.staged_folder`] and [`~hf_sift.artifact_state`]). Returns the digest of each mask file
-    written or linked, and the state written.
+    [`~hf_sift.atomic.staged_folder`] and [`~hf_sift.artifact_state`]). `plain` writes the plain merge P into the
+    staging folder and returns its tensor digests and those of the base: the artifact is then format 2
+    (`config.plain_digests`, `config.base_tensor_digests` and `config.format_version` are set here); without it,
+    format 1. Returns the digest of each mask file written or linked, and the state written.
     """
     folder = Path(folder)
     mask_digests: dict[str, str] = {}
@@ -323,6 +329,8 @@ def write_artifact(
                 "weight_map": dict(sorted(split.tensor_to_filename.items())),
             }
             _dump_json(index, stage / DELTA_INDEX_NAME)
+        config.plain_digests, config.base_tensor_digests = (None, None) if plain is None else plain(stage)
+        config.format_version = 1 if plain is None else 2
         records = {t: {**manifest[t], "mask_digest": mask_digests[t]} for t in sorted(manifest)}
         _dump_json({"tasks": records}, stage / MANIFEST_NAME)
         config.binding_digest = config.compute_binding(records)

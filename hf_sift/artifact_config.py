@@ -26,7 +26,8 @@ from .selection import ParameterSelection
 from .version import __version__
 
 
-FORMAT_VERSION = 1
+# Version 2 adds the plain merge P as a transformers checkpoint (`plain_digests`); version 1 artifacts still load.
+FORMAT_VERSION = 2
 CONFIG_NAME = "sift_config.json"
 MANIFEST_NAME = "sift_manifest.json"
 
@@ -34,6 +35,7 @@ MANIFEST_NAME = "sift_manifest.json"
 MIN_SCALE_BITS, MAX_SCALE_BITS = 0, 62
 
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+_TENSOR_DIGEST = re.compile(r"blake3:[0-9a-f]{64}")
 _BINDING_TAG = "hf_sift-binding-v1\n"
 
 _REQUIRED_KEYS = (
@@ -49,7 +51,7 @@ _REQUIRED_KEYS = (
     "scale_bits",
     "sign_seed",
 )
-_OPTIONAL_KEYS = ("base_model_digest", "binding_digest")
+_OPTIONAL_KEYS = ("base_model_digest", "base_tensor_digests", "binding_digest", "plain_digests")
 CONFIG_KEYS = tuple(sorted(_REQUIRED_KEYS + _OPTIONAL_KEYS))
 RECORD_KEYS = ("digest", "mask_digest", "mask_density", "num_elements", "num_selected", "metadata")
 
@@ -111,6 +113,12 @@ class ArtifactConfig:
         base_revision (`str`, *optional*): Revision of θ0.
         base_model_digest (`str`, *optional*): Digest of every tensor of the base model's state dict (not only P);
             `None` when unknown (artifacts written before it existed).
+        plain_digests (`dict[str, str]`, *optional*): Format 2: the `blake3:` digest of each tensor of the plain
+            merge P stored as a transformers checkpoint (checkpoint name -> digest of its raw bytes); `None` for an
+            artifact without P (format 1).
+        base_tensor_digests (`dict[str, str]`, *optional*): Format 2: the `blake3:` digest of each tensor of the
+            base model's state dict (name, dtype and shape included), which serving checks the base against in
+            place of the two sha256 digests (a quarter of the time); `None` in format 1.
         binding_digest (`str`, *optional*): Digest binding the fields that decide the served weights to the
             manifest's task digests (see [`binding_digest`]); filled in when the artifact is written.
         format_version (`int`, *optional*, defaults to `FORMAT_VERSION`): Version of the format.
@@ -129,7 +137,9 @@ class ArtifactConfig:
     base_revision: str | None = None
     base_model_digest: str | None = None
     binding_digest: str | None = None
-    format_version: int = FORMAT_VERSION
+    plain_digests: dict[str, str] | None = None
+    base_tensor_digests: dict[str, str] | None = None
+    format_version: int = 1
     hf_sift_version: str = __version__
 
     def parameters_dict(self) -> dict[str, Any]:
@@ -150,6 +160,10 @@ class ArtifactConfig:
             "base_digest": self.base_digest,
             "base_model_digest": self.base_model_digest,
             "binding_digest": self.binding_digest,
+            "plain_digests": None if self.plain_digests is None else dict(sorted(self.plain_digests.items())),
+            "base_tensor_digests": (
+                None if self.base_tensor_digests is None else dict(sorted(self.base_tensor_digests.items()))
+            ),
             "sign_seed": self.sign_seed,
             "scale_bits": self.scale_bits,
             "parameters": self.parameters_dict(),
@@ -189,6 +203,10 @@ class ArtifactConfig:
         if not isinstance(hf_sift_version, str):
             raise _bad(source, "hf_sift_version", "a string", hf_sift_version)
         shapes, dtypes, selection = _parameters(source, data["parameters"])
+        plain_digests = _plain_digests(source, "plain_digests", data.get("plain_digests"), version, shapes)
+        base_tensor_digests = _plain_digests(
+            source, "base_tensor_digests", data.get("base_tensor_digests"), version, shapes
+        )
         return cls(
             base_digest=_digest(source, "base_digest", data["base_digest"]),
             sign_seed=_int(source, "sign_seed", data["sign_seed"]),
@@ -202,6 +220,8 @@ class ArtifactConfig:
             base_revision=_optional_str(source, "base_revision", data["base_revision"]),
             base_model_digest=_digest(source, "base_model_digest", data.get("base_model_digest"), optional=True),
             binding_digest=_digest(source, "binding_digest", data.get("binding_digest"), optional=True),
+            plain_digests=plain_digests,
+            base_tensor_digests=base_tensor_digests,
             format_version=version,
             hf_sift_version=hf_sift_version,
         )
@@ -222,7 +242,7 @@ class ArtifactConfig:
         if self.compute_binding(records) != self.binding_digest:
             raise CorruptArtifactError(
                 f"{source}: the fields that decide the served weights (format_version, sign_seed, scale_bits, "
-                "parameters, num_tasks, base and delta digests, and each task's digest and mask_digest in "
+                "parameters, num_tasks, base and delta digests, plain_digests, base_tensor_digests, and each task's digest and mask_digest in "
                 f"{MANIFEST_NAME}) do not match the recorded binding_digest: the artifact was edited or corrupted"
             )
 
@@ -232,7 +252,8 @@ def binding_digest(config: ArtifactConfig, records: Mapping[str, Mapping[str, An
 
     The bytes ``hf_sift-binding-v1\\n`` then the JSON (sorted keys, separators ``,`` and ``:``, UTF-8) of
     ``{"base_digest", "base_model_digest", "delta_digest", "format_version", "num_tasks", "parameters",
-    "scale_bits", "sign_seed", "tasks": {task_id: {"digest", "mask_digest"}}}``. Other fields (names, versions,
+    "scale_bits", "sign_seed", "tasks": {task_id: {"digest", "mask_digest"}}}``, plus ``"plain_digests"`` when the
+    artifact stores the plain merge (format 2), so that version 1 bindings are unchanged. Other fields (names, versions,
     the free-form task metadata) are not bound.
     """
     bound = {
@@ -246,6 +267,10 @@ def binding_digest(config: ArtifactConfig, records: Mapping[str, Mapping[str, An
         "sign_seed": config.sign_seed,
         "tasks": {t: {"digest": r["digest"], "mask_digest": r["mask_digest"]} for t, r in sorted(records.items())},
     }
+    if config.plain_digests is not None:
+        bound["plain_digests"] = dict(sorted(config.plain_digests.items()))
+    if config.base_tensor_digests is not None:
+        bound["base_tensor_digests"] = dict(sorted(config.base_tensor_digests.items()))
     text = json.dumps(bound, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return "sha256:" + hashlib.sha256((_BINDING_TAG + text).encode("utf-8")).hexdigest()
 
@@ -280,6 +305,25 @@ def _parameters(
         except ValueError as err:
             raise _bad(source, "parameters.selection", f"valid regular expressions ({err})", selection) from None
     return shapes, dtypes, selection
+
+
+def _plain_digests(
+    source: str, field: str, value: Any, version: int, shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, str] | None:
+    """Format 2 requires a `blake3:` digest per tensor, covering at least the tuned parameters; format 1 has none."""
+    if version < 2:
+        if value is not None:
+            raise _bad(source, field, "absent in a format 1 artifact", "an object")
+        return None
+    if not isinstance(value, Mapping) or not value:
+        raise _bad(source, field, "an object of tensor name -> blake3 digest", value)
+    for name, digest in value.items():
+        if not isinstance(digest, str) or not _TENSOR_DIGEST.fullmatch(digest):
+            raise _bad(source, f"{field}[{name!r}]", '"blake3:" followed by 64 lowercase hex digits', digest)
+    missing = sorted(set(shapes) - set(value))
+    if missing:
+        raise CorruptArtifactError(f"{source}: field {field!r} lacks tuned parameter(s) {missing[:3]}")
+    return dict(value)
 
 
 def validate_record(task_id: str, record: Any, source: str = MANIFEST_NAME) -> dict[str, Any]:

@@ -37,7 +37,7 @@ def check_base_digests(delta: MergedDelta, base_digest: str, base_model_digest: 
     only gets a warning for it.
     """
     if base_digest != delta.base_digest:
-        _mismatch("the base model's weights differ from the ones this delta was built on", allow_mismatch)
+        report_mismatch("the base model's weights differ from the ones this delta was built on", allow_mismatch)
     if delta.base_model_digest is None:
         warnings.warn(
             "the artifact records no digest of the whole base model (written by an older hf_sift, or by a "
@@ -50,10 +50,10 @@ def check_base_digests(delta: MergedDelta, base_digest: str, base_model_digest: 
             "the base model differs from the one this delta was built on outside the tuned parameters (e.g. its "
             "embeddings or LM head, which are served as they are)"
         )
-        _mismatch(message, allow_mismatch)
+        report_mismatch(message, allow_mismatch)
 
 
-def _mismatch(message: str, allow_mismatch: bool) -> None:
+def report_mismatch(message: str, allow_mismatch: bool) -> None:
     if not allow_mismatch:
         raise BaseModelMismatchError(
             f"{message}; pass allow_base_mismatch=True to serve on it anyway (the served weights are then not the "

@@ -34,6 +34,7 @@ COMMANDS: dict[str, str] = {
     "info": "hf_sift.inspect_cli",
     "push": "hf_sift.hub.cli",
     "pull": "hf_sift.hub.cli",
+    "upgrade": "hf_sift.upgrade_cli",
 }
 COMMAND_MODULES: tuple[str, ...] = tuple(dict.fromkeys(COMMANDS.values()))
 

@@ -2,98 +2,29 @@
 
 from __future__ import annotations
 
-import contextlib
-import fnmatch
-import json
 import os
-from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel
+from transformers import PreTrainedModel
 
 from .arena import release_file_pages
-from .atomic import apply_umask, link_or_copy, staged_folder
-from .base_check import check_base_digests, loaded_base_model_digest
-from .digest import digest_tensors
-from .errors import (
-    CorruptArtifactError,
-    DeltaNotKeptError,
-    InvalidArgumentTypeError,
-    MissingBaseModelError,
-    ReservedArgumentError,
-    ServingDtypeError,
-    UnsupportedHubPushError,
-)
-from .hub.download import TOKENIZER_PATTERNS, ResolvedArtifact, resolve_artifact
+from .base_model import BASE_HUB_KWARGS
+from .errors import DeltaNotKeptError, UnsupportedHubPushError
+from .masked_export import EXPORT_RECORD_NAME as EXPORT_RECORD_NAME
+from .masked_export import export_checkpoint
 from .merged_delta import MergedDelta
-from .offload import materialized, offload_slots
-from .remote_code import refuse_remote_code
-from .served_weights import check_cast, check_scale, plain_weights, serve
+from .served_artifact import ServedArtifact
+from .served_base import load_served_base
+from .served_weights import check_scale, plain_weights, serve
+from .serving_args import check_model_kwargs, resolve_dtype
 from .shard_size import DEFAULT_MAX_SHARD_SIZE
 from .version import __version__
 
 
-EXPORT_RECORD_NAME = "sift_export.json"
-
-# Hub options that also apply to loading the base model with transformers.
-_BASE_HUB_KWARGS = ("cache_dir", "token", "local_files_only", "force_download")
-
-# Files of a transformers checkpoint that an export replaces rather than keeps.
-_CHECKPOINT_PATTERNS = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*", "config.json")
-
 _CURRENT = object()  # `save_pretrained(task=...)` default: the task being served
-
-
-def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """`None`/"auto" keep the dtype the merge was built on; anything else must be a floating-point dtype."""
-    if dtype is None or dtype == "auto":
-        return None
-    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-        raise ServingDtypeError(f"cannot serve weights in {dtype!r}: a floating-point dtype is needed")
-    return resolved
-
-
-# `from_pretrained` arguments of the base model that `MergedMaskedModel.from_pretrained` sets itself or that would
-# change the weights it serves: refused in `model_kwargs`.
-_RESERVED_MODEL_KWARGS = frozenset(
-    {
-        "pretrained_model_name_or_path",
-        "revision",
-        "dtype",
-        "torch_dtype",
-        "device_map",
-        "config",
-        "state_dict",
-        "quantization_config",
-        "load_in_8bit",
-        "load_in_4bit",
-        "trust_remote_code",
-        "gguf_file",
-        "from_tf",
-        "from_flax",
-        "use_safetensors",
-        "weights_only",
-        *_BASE_HUB_KWARGS,
-    }
-)
-
-
-def _check_model_kwargs(model_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
-    if model_kwargs is None:
-        return {}
-    if not isinstance(model_kwargs, Mapping):
-        raise InvalidArgumentTypeError(f"model_kwargs must be a dict, not {type(model_kwargs).__name__}")
-    refused = sorted(set(model_kwargs) & _RESERVED_MODEL_KWARGS)
-    if refused:
-        raise ReservedArgumentError(
-            f"model_kwargs cannot set {refused}: MergedMaskedModel.from_pretrained sets them itself (pass them as its "
-            "own arguments where it has them), or they would change the weights it serves"
-        )
-    return dict(model_kwargs)
 
 
 class MergedMaskedModel(torch.nn.Module):
@@ -111,26 +42,25 @@ class MergedMaskedModel(torch.nn.Module):
     def __init__(
         self,
         model: PreTrainedModel,
-        delta: MergedDelta | None,
+        source: ServedArtifact,
         base_weights: dict[str, torch.Tensor] | None,
-        artifact: ResolvedArtifact,
         task: str | None,
         scale: float,
-        task_ids: list[str],
         provenance: dict[str, Any],
+        *,
         plain: dict[str, torch.Tensor] | None = None,
+        keep_delta: bool = True,
     ):
         super().__init__()
         self.model = model
         self.training = model.training  # mirror the wrapped model (transformers loads in eval mode)
-        # Plain attributes, not buffers: θ0 and Q stay on the CPU whatever `to()` does, and out of `state_dict`.
-        self._delta = delta
+        # Plain attributes, not buffers: θ0, Q and P stay on the CPU whatever `to()` does, and out of `state_dict`.
+        self._source = source
+        self._keep = keep_delta  # with False, θ0 and the sum are dropped: no switching
         self._base_weights = base_weights
         self._plain = plain
-        self._artifact = artifact
         self._task = task
         self._scale = scale
-        self._task_ids = task_ids
         self._provenance = provenance
 
     # ------------------------------------------------------------------ loading
@@ -155,8 +85,11 @@ class MergedMaskedModel(torch.nn.Module):
     ) -> MergedMaskedModel:
         """Load the base model and serve `task` from a merged SIFT artifact (a local folder or a Hub repo id).
 
-        Only the config, the manifest, the sum and the requested task's mask are read (and downloaded from the
-        Hub). Nothing is returned unless every step succeeds.
+        Three steps: resolve the files, load the base, serve. Only the config, the manifest, the requested task's
+        mask and the weights served from are read (and downloaded from the Hub): for a format-2 artifact served in
+        its stored dtype at scale 1/T, the plain merge P (each task is then `where(mask, P, θ0)`, bit for bit the
+        format-1 formula); otherwise (format 1, another `dtype` or `scale`, `allow_base_mismatch`) the sum Q.
+        Nothing is returned unless every step succeeds and every digest matches.
 
         Args:
             path_or_repo_id (`str` or `os.PathLike`): A folder written by [`MergedDelta.save_pretrained`] or a Hub
@@ -168,19 +101,21 @@ class MergedMaskedModel(torch.nn.Module):
             device_map (`str`, `dict` or `torch.device`, *optional*): Passed to transformers' `from_pretrained`.
             base_model (`str` or `os.PathLike`, *optional*): Base model name or path; defaults to the one recorded
                 in `sift_config.json`. Its weights must match the recorded digest.
-            keep_delta (`bool`, *optional*, defaults to `True`): Keep the sum Q and θ0 so that [`set_task`] can
-                switch tasks in place. Either way θ0 is only read, and the served weights go to new memory that the
-                parameters are pointed at. With `True`, on top of the plain model: 8 bytes per tuned element for the
-                sum (mapped from the artifact) and the served weights (4 for fp32). The first switch also computes
-                the plain-merge weights (one more pass, 4 more bytes per tuned element for fp32); every switch is then
-                one bitwise select per parameter. With `False` the sum and θ0 are dropped once the weights are
-                served (the pages of θ0 that map the checkpoint are released): the model then takes the memory of the
+            keep_delta (`bool`, *optional*, defaults to `True`): Keep θ0 and the plain-merge weights (P as read,
+                or the sum Q) so that [`set_task`] can switch tasks in place. Either way θ0 is only read, and the
+                served weights go to new memory that the parameters are pointed at. With `True`, on top of the plain
+                model: the served weights (4 bytes per tuned element for fp32) and, served from P, P's tuned tensors
+                (4 more): every switch is one bitwise select per parameter. Served from the sum: 8 bytes per tuned
+                element for the sum (mapped from the artifact), and the first switch computes the plain-merge
+                weights (one more pass, 4 more bytes per tuned element for fp32). With `False` the sum and θ0 are dropped once the weights are
+                served (the pages of θ0 that map the checkpoint are released), and so is P: the model then takes the memory of the
                 plain model, and cannot switch task.
             scale (`float`, *optional*): Scale of the merged update; defaults to 1/T. NaN and infinite scales are
                 refused ([`~hf_sift.errors.InvalidScaleError`]).
             allow_base_mismatch (`bool`, *optional*, defaults to `False`): Serve on a base whose weights differ
                 from the recorded digest, with a warning (shapes and dtypes must still match).
-            verify (`bool`, *optional*, defaults to `True`): Check the sum against its recorded digest.
+            verify (`bool`, *optional*, defaults to `True`): Check P's tensors (or the sum) against their recorded
+                digests; the mask and the base are always checked.
             model_class (`type`, *optional*): The transformers auto class; defaults to `AutoModelForSeq2SeqLM` for
                 encoder-decoder configs and `AutoModelForCausalLM` otherwise.
             model_kwargs (`dict`, *optional*): More keyword arguments for transformers' `from_pretrained` of the base
@@ -196,102 +131,82 @@ class MergedMaskedModel(torch.nn.Module):
             [`~hf_sift.errors.ParameterMismatchError`], [`~hf_sift.errors.ServingDtypeError`] or
             [`~hf_sift.errors.ReservedArgumentError`].
         """
-        target_dtype = _resolve_dtype(dtype)
-        model_kwargs = _check_model_kwargs(model_kwargs)
+        target_dtype = resolve_dtype(dtype)
+        model_kwargs = check_model_kwargs(model_kwargs)
         scale = None if scale is None else check_scale(scale)
-        artifact = resolve_artifact(path_or_repo_id, task, revision, **hub_kwargs)
+        # 1. Resolve the files: config, manifest and the task's mask; P or the sum, whichever serving reads.
+        source = ServedArtifact.resolve(path_or_repo_id, task, revision, **hub_kwargs)
+        stored_dtype = target_dtype is None or set(source.dtypes.values()) == {target_dtype}
+        # P holds the weights of the recorded base at scale 1/T in its dtypes: any other request reads the sum.
+        from_plain = source.has_plain_merge and stored_dtype and scale in (None, source.default_scale())
+        from_plain = from_plain and not allow_base_mismatch
+        scale = source.default_scale() if scale is None else scale
+        try:
+            return cls._serve(source, task, scale, from_plain, target_dtype, device_map, base_model, keep_delta,
+                              allow_base_mismatch, verify, model_class, model_kwargs, hub_kwargs)  # fmt: skip
+        except BaseException:
+            source.close()
+            raise
+
+    @classmethod
+    def _serve(
+        cls,
+        source: ServedArtifact,
+        task: str | None,
+        scale: float,
+        from_plain: bool,
+        target_dtype: torch.dtype | None,
+        device_map: Any,
+        base_model: str | os.PathLike | None,
+        keep_delta: bool,
+        allow_base_mismatch: bool,
+        verify: bool,
+        model_class: type | None,
+        model_kwargs: dict[str, Any],
+        hub_kwargs: dict[str, Any],
+    ) -> MergedMaskedModel:
+        """Steps 2 and 3 of [`from_pretrained`]: load the base and serve `task` from P or from the sum."""
+        if not from_plain:
+            source.start_sum_check(verify)  # the sum's digest is checked in the background, as the base loads
+        masks = source.load_mask(task)
+        base_kwargs = {k: hub_kwargs[k] for k in BASE_HUB_KWARGS if k in hub_kwargs}
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="hf_sift-digest") as pool:
-            delta = MergedDelta.from_pretrained(artifact.folder, verify=False)
-            recorded_digest = delta.recorded_digest
-            # The sum's digest (a sha256 over ~8 bytes per tuned element) is checked in a background thread while the
-            # base model loads and the weights are served; nothing is returned before it matches.
-            checking = pool.submit(digest_tensors, delta.sum) if verify else None
-            masks = cls._read_mask(delta, artifact, task)
-            scale = delta.default_scale() if scale is None else scale
-
-            if base_model is None and delta.base_model is None:
-                raise MissingBaseModelError(
-                    f"{artifact.folder} does not name its base model: pass base_model= (a name or a folder)"
-                )
-            base_name = str(base_model) if base_model is not None else delta.base_model
-            base_revision = None if base_model is not None else delta.base_revision
-            base_kwargs = {k: hub_kwargs[k] for k in _BASE_HUB_KWARGS if k in hub_kwargs}
-            refuse_remote_code(base_name, base_revision, **base_kwargs)
-            if model_class is None:
-                config = AutoConfig.from_pretrained(
-                    base_name, revision=base_revision, trust_remote_code=False, **base_kwargs
-                )
-                model_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-            recorded = set(delta.dtypes.values())
-            base_dtype = recorded.pop() if len(recorded) == 1 else "auto"
-
-            def load(load_dtype: Any, load_device_map: Any) -> PreTrainedModel:
-                return model_class.from_pretrained(
-                    base_name,
-                    revision=base_revision,
-                    dtype=load_dtype,
-                    device_map=load_device_map,
-                    trust_remote_code=False,
-                    **base_kwargs,
-                    **model_kwargs,
-                )
-
-            # θ0 is read in the dtype the merge was built on; a model in another dtype is loaded by transformers
-            # (which knows which modules to keep in float32) and its tuned weights are then rounded once from float64.
-            model = load(base_dtype if target_dtype is None else target_dtype, device_map)
-            reference = model if target_dtype is None or target_dtype == base_dtype else load(base_dtype, None)
-            base_state = reference.state_dict()
-            delta.check_base(base_state, verify_digest=False)  # names, shapes, dtypes: checked at once
-            # θ0 of the tuned parameters, read from accelerate's offload map for those offloaded to the CPU or disk.
-            base_weights = materialized(base_state, offload_slots(reference, delta.names), delta.names)
-            # θ0's digest (a sha256 over the tuned weights) is checked alongside the serving pass, below.
-            base_digest = pool.submit(digest_tensors, base_weights)
-            # The whole base (embeddings and LM head too) against the recorded base model digest, alongside as well.
-            model_digest = pool.submit(loaded_base_model_digest, reference, base_state, base_weights)
-            if reference is not model:
-                check_cast(model, base_state, set(delta.names))
-            del reference, base_state
-            # θ0 is only read: the served weights, computed from θ0, Q and the mask in one pass, go to new memory which
-            # the parameters are then pointed at. The plain-merge weights that make switches cheap come at the first
-            # switch.
-            serve(model, delta, base_weights, masks, scale, fresh=True)
-            check_base_digests(delta, base_digest.result(), model_digest.result(), allow_base_mismatch)
-            if not keep_delta:  # θ0 is not needed any more: release the pages of it that map the checkpoint file
-                release_file_pages(base_weights.values())
-
-            provenance = {
-                "base_digest": delta.base_digest,
-                "base_model": base_name,
-                "delta_digest": recorded_digest,
-                "hf_sift_version": __version__,
-                "scale": scale,
-            }
-            if not keep_delta:
-                task_ids, delta, base_weights = delta.task_ids, None, None
+            # 2. Load the base; its digests are computed alongside serving.
+            base = load_served_base(
+                source, pool, base_model, target_dtype, device_map, model_class, base_kwargs, model_kwargs
+            )
+            # 3. Serve: the served weights go to new memory which the parameters are then pointed at (θ0 is only
+            # read). From P, a bitwise select by the mask; from the sum, the float64 formula.
+            plain = None
+            if from_plain:
+                with source.plain_reader(verify) as reader:  # each tensor's digest checked as it is read
+                    plain = source.read_plain(reader)
+                    serve(base.model, source, base.weights, masks, scale, plain, fresh=True)
+                    reader.check()
             else:
-                task_ids = delta.task_ids
-            if checking is not None and checking.result() != recorded_digest:
-                raise CorruptArtifactError(f"the sum in {artifact.folder} does not match its recorded digest")
-            return cls(model, delta, base_weights, artifact, task, scale, task_ids, provenance)
-
-    @staticmethod
-    def _fetch_mask(delta: MergedDelta, artifact: ResolvedArtifact, task: str | None) -> None:
-        """Check that `task` exists (before anything is downloaded), then make sure its mask file is local."""
-        if task is not None:
-            delta.record(task)
-            artifact.ensure_mask(task)
-
-    @staticmethod
-    def _read_mask(delta: MergedDelta, artifact: ResolvedArtifact, task: str | None) -> dict[str, torch.Tensor] | None:
-        MergedMaskedModel._fetch_mask(delta, artifact, task)
-        return None if task is None else delta.load_mask(task)
+                serve(base.model, source, base.weights, masks, scale, fresh=True)
+            base.check(source, allow_base_mismatch)
+        source.check_sum()
+        if not keep_delta:  # θ0 is not needed any more: release the pages of it that map the checkpoint file
+            release_file_pages(base.weights.values())
+        provenance = {
+            "base_digest": source.base_digest,
+            "base_model": base.name,
+            "delta_digest": source.config.delta_digest,
+            "hf_sift_version": __version__,
+            "scale": scale,
+        }
+        if not keep_delta:
+            source.close()  # the sum, if it was read
+            return cls(base.model, source, None, task, scale, provenance, keep_delta=False)
+        return cls(base.model, source, base.weights, task, scale, provenance, plain=plain)
 
     # ------------------------------------------------------------------ tasks
 
     @property
     def tasks(self) -> list[str]:
         """Sorted ids of the tasks this artifact can serve."""
-        return list(self._task_ids)
+        return self._source.task_ids
 
     @property
     def task(self) -> str | None:
@@ -305,8 +220,9 @@ class MergedMaskedModel(torch.nn.Module):
 
     @property
     def delta(self) -> MergedDelta | None:
-        """The merged delta, or `None` when loaded with `keep_delta=False`."""
-        return self._delta
+        """The merged delta (the sum is read on first use for a model served from P), or `None` when loaded with
+        `keep_delta=False`."""
+        return self._source.delta if self._keep else None
 
     def set_task(self, task: str | None) -> None:
         """Serve `task` (or the plain merge for `None`) in place: one pass over the tuned parameters.
@@ -320,23 +236,26 @@ class MergedMaskedModel(torch.nn.Module):
             [`~hf_sift.errors.ServingDtypeError`], or [`~hf_sift.errors.DeltaNotKeptError`] when the model was
             loaded with `keep_delta=False`.
         """
-        if self._delta is None:
+        if not self._keep:
             raise DeltaNotKeptError(
-                "this model was loaded with keep_delta=False, which drops the sum after serving one task; "
+                "this model was loaded with keep_delta=False, which drops θ0 and the sum after serving one task; "
                 "load it again with the new task (or with keep_delta=True to switch in place)"
             )
-        self._fetch_mask(self._delta, self._artifact, task)
-        if not self._plain_is_current():  # first switch, or after `to(dtype)`: one more pass, served weights untouched
+        source = self._source
+        source.fetch_mask(task)
+        if not self._plain_is_current():  # after `to(dtype)`: one more pass from the sum, served weights untouched
             self._plain = None  # free the stale copy before making the new one
-            self._plain = plain_weights(self.model, self._delta, self._base_weights, self._scale)
+            source.start_sum_check(verify=True)
+            plain = plain_weights(self.model, source, self._base_weights, self._scale)
+            source.check_sum()
+            self._plain = plain
         previous = self._task
         try:
             # Served from the mapped mask while its digest is checked; a mismatch restores `previous` below.
-            with contextlib.nullcontext() if task is None else self._delta.open_mask(task) as masks:
-                serve(self.model, self._delta, self._base_weights, masks, self._scale, self._plain)
+            with source.open_mask(task) as masks:
+                serve(self.model, source, self._base_weights, masks, self._scale, self._plain)
         except BaseException:
-            old_masks = self._read_mask(self._delta, self._artifact, previous)
-            serve(self.model, self._delta, self._base_weights, old_masks, self._scale, self._plain)
+            serve(self.model, source, self._base_weights, source.load_mask(previous), self._scale, self._plain)
             raise
         self._task = task
 
@@ -345,7 +264,7 @@ class MergedMaskedModel(torch.nn.Module):
         if self._plain is None:
             return False
         state = self.model.state_dict()
-        return all(self._plain[name].dtype == state[name].dtype for name in self._delta.names)
+        return all(self._plain[name].dtype == state[name].dtype for name in self._source.names)
 
     # ------------------------------------------------------------------ export
 
@@ -375,22 +294,8 @@ class MergedMaskedModel(torch.nn.Module):
                 self.set_task(previous)
 
     def _export(self, folder: Path, task: str | None, **kwargs: Any) -> None:
-        with staged_folder(folder) as stage:
-            self.model.save_pretrained(stage, **kwargs)
-            for path in stage.rglob("*"):  # transformers writes its safetensors files 0600
-                if path.is_file():
-                    apply_umask(path)
-            for path in sorted(self._artifact.folder.iterdir()):
-                if any(fnmatch.fnmatch(path.name, p) for p in TOKENIZER_PATTERNS) and not (stage / path.name).exists():
-                    link_or_copy(path.resolve(), stage / path.name)
-            record = {**self._provenance, "task": task}
-            (stage / EXPORT_RECORD_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-            if folder.is_dir():  # keep the user's other files, not a previous checkpoint's weights
-                for path in folder.rglob("*"):
-                    relative = path.relative_to(folder)
-                    keep = not any(fnmatch.fnmatch(relative.as_posix(), p) for p in _CHECKPOINT_PATTERNS)
-                    if path.is_file() and keep and not (stage / relative).exists():
-                        link_or_copy(path, stage / relative)
+        record = {**self._provenance, "task": task}
+        export_checkpoint(self.model, folder, self._source.folder, record, **kwargs)
 
     # ------------------------------------------------------------------ the wrapped model
 
@@ -426,6 +331,6 @@ class MergedMaskedModel(torch.nn.Module):
 
     def __repr__(self) -> str:
         return (
-            f"MergedMaskedModel(task={self._task!r}, tasks={len(self._task_ids)}, scale={self._scale}, "
-            f"keep_delta={self._delta is not None}, model={type(self.model).__name__})"
+            f"MergedMaskedModel(task={self._task!r}, tasks={len(self._source.task_ids)}, scale={self._scale}, "
+            f"keep_delta={self._keep}, model={type(self.model).__name__})"
         )

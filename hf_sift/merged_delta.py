@@ -35,6 +35,7 @@ from .errors import (
 )
 from .fixed_point import INT64_MAX, SCALE_BITS, check_no_overflow, max_abs
 from .masks import packed_size
+from .plain_merge import RECORDED_BASE, plain_merge_writer
 from .selection import ParameterSelection, resolve_parameters
 from .served_weights import check_scale, served_tensor
 from .task_id import validate_task_id
@@ -368,8 +369,15 @@ class MergedDelta:
         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
         *,
         overwrite: bool = False,
+        base: str | os.PathLike | None | object = RECORDED_BASE,
     ) -> None:
         """Write the artifact to `save_directory` atomically (see docs/FORMAT.md).
+
+        With access to the base model (by default the one recorded as `base_model`), the artifact is format 2: it
+        also holds the plain merge P as a transformers checkpoint (`config.json`, `model.safetensors`, ...), which
+        `AutoModelForCausalLM.from_pretrained(save_directory)` loads and from which one task is served without the
+        sum. The base is loaded (with transformers, in the merge's dtypes) and checked against the recorded digests
+        for that; without a base the artifact is format 1, with a warning.
 
         Other files in the folder (a tokenizer, a README) are kept. A crash at any point leaves the previous
         artifact intact. Masks already on disk are hard-linked rather than rewritten. The save is a compare-and-swap:
@@ -380,6 +388,8 @@ class MergedDelta:
             save_directory (`str` or `os.PathLike`): The artifact folder.
             max_shard_size (`int` or `str`, *optional*, defaults to `"2GB"`): Shard the sum above this size.
             overwrite (`bool`, *optional*, defaults to `False`): Replace whatever artifact the folder holds.
+            base (`str` or `os.PathLike`, *optional*): Folder or Hub name of the base model to write P from; defaults
+                to the recorded `base_model` (at `base_revision`). `None` writes format 1 (no P).
 
         Raises:
             [`~hf_sift.errors.ConcurrentUpdateError`]: the folder changed (another writer saved it) or holds another
@@ -390,8 +400,17 @@ class MergedDelta:
         config = self._config()
         check = self._artifact_states.precondition(save_directory, overwrite)
         log = {LOG_NAME: self.log.to_bytes()} if len(self.log) else None
+        plain = plain_merge_writer(self, base, max_shard_size)
         mask_digests, written = write_artifact(
-            save_directory, config, self._records, self._sum, self._masks, max_shard_size, log, precondition=check
+            save_directory,
+            config,
+            self._records,
+            self._sum,
+            self._masks,
+            max_shard_size,
+            log,
+            precondition=check,
+            plain=plain,
         )
         self._artifact_states.remember(save_directory, written)
         for task_id, record in self._records.items():

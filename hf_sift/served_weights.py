@@ -16,7 +16,7 @@ import torch
 
 from . import kernels
 from .arena import empty_tensors
-from .errors import InvalidScaleError, ServingDtypeError
+from .errors import InvalidArgumentError, InvalidScaleError, ServingDtypeError
 from .masks import packed_size, select_bits_, unpack_bits
 from .offload import offload_slots
 
@@ -43,7 +43,7 @@ def check_scale(scale: float) -> float:
 
 def served_tensor(
     base: torch.Tensor,
-    total: torch.Tensor,
+    total: torch.Tensor | None,
     packed_mask: torch.Tensor | None = None,
     *,
     scale: float,
@@ -60,7 +60,8 @@ def served_tensor(
 
     Args:
         base (`torch.Tensor`): θ0 of the parameter.
-        total (`torch.Tensor`): The int64 sum Q of the parameter, same shape.
+        total (`torch.Tensor`, *optional*): The int64 sum Q of the parameter, same shape; may be `None` when `plain`
+            is given (it is then not read).
         packed_mask (`torch.Tensor`, *optional*): The task's bit-packed mask; `None` serves the plain merge.
         scale (`float`): Scale of the merged update (1/T in the paper); must be finite.
         scale_bits (`int`): The fixed-point scale S.
@@ -70,13 +71,15 @@ def served_tensor(
             is how a [`~hf_sift.MergedMaskedModel`] switches tasks in one cheap pass.
     """
     factor = check_scale(scale) * 2.0 ** (-scale_bits)
-    total = total.reshape(-1)
+    if total is None and plain is None:
+        raise InvalidArgumentError("served_tensor needs the sum or the plain-merge weights")
+    total = None if total is None else total.reshape(-1)
     base_flat = base.detach().reshape(-1)
     if out is None:
         out = torch.empty_like(base)
     out_flat = out.view(-1)
     numel = out_flat.numel()
-    if factor == 0.0 or numel == 0:
+    if (factor == 0.0 and plain is None) or numel == 0:
         return out.copy_(base)
     # The masked term is computed as float64(±Q·m) · (∓factor) with the sign chosen so that a zero term is
     # -0.0: θ0 + (-0.0) is θ0 bit for bit (θ0 + 0.0 would turn -0.0 into +0.0). Q·m is masked as an integer
@@ -209,7 +212,8 @@ def serve(
             else:  # computed on the CPU so that the bits do not depend on the device
                 out = torch.empty(target.shape, dtype=target.dtype)
                 on_device.append((target, out))
-            served_tensor(base, delta.sum[name], mask, scale=scale, scale_bits=delta.scale_bits, out=out, plain=merged)
+            total = None if merged is not None else delta.sum[name]  # with P at hand, Q is not read
+            served_tensor(base, total, mask, scale=scale, scale_bits=delta.scale_bits, out=out, plain=merged)
     for target, out in on_device:
         target.copy_(out)
     for name in checked:

@@ -49,13 +49,17 @@ def test_bad_input_is_one_line_with_exit_code_2(tmp_path, capsys):
     assert "no such folder" in line and "Traceback" not in line
 
 
-def test_failed_check_is_one_line_with_exit_code_1(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "damaged,extra",
+    [("model.safetensors", []), ("sift_delta.safetensors", ["--scale", "0.25"])],  # P; the sum (another scale)
+)
+def test_failed_check_is_one_line_with_exit_code_1(tmp_path, capsys, damaged, extra):
     artifact, _ = save_artifact(tmp_path)
-    delta_file = artifact / "sift_delta.safetensors"
+    delta_file = artifact / damaged
     data = bytearray(delta_file.read_bytes())
-    data[-1] ^= 1  # one bit of the sum flipped: its digest no longer matches
+    data[-1] ^= 1  # one bit of the last tensor flipped: its digest no longer matches
     delta_file.write_bytes(bytes(data))
-    assert main(["export", str(artifact), "--task", "a", "-o", str(tmp_path / "out")]) == 1
+    assert main(["export", str(artifact), "--task", "a", "-o", str(tmp_path / "out"), *extra]) == 1
     line = one_error_line(capsys)
     assert "does not match its recorded digest" in line
     assert not (tmp_path / "out").exists()

@@ -98,11 +98,18 @@ def test_push_then_pull_one_task(world, hub, tmp_path):
     assert "5 tasks are merged" in card.text and 'task="t1"' in card.text
     assert "carries no unlearning log" in card.text
 
-    # One task from the Hub: only the config, manifest, sum and that task's mask are fetched from the artifact repo.
+    # One task from the Hub: only the config, manifest, plain merge P (format 2; with its generation config) and that
+    # task's mask are fetched from the artifact repo, never the sum.
     hub.clear_requests()
     served = MergedMaskedModel.from_pretrained("me/five", task="t2", cache_dir=tmp_path / "serve-cache")
     fetched = {r.path.split("/resolve/")[1].split("/", 1)[1] for r in hub.requests if r.path.startswith("/me/five/")}
-    assert fetched == {"sift_config.json", "sift_manifest.json", "sift_delta.safetensors", "masks/t2.safetensors"}
+    assert fetched == {
+        "sift_config.json",
+        "sift_manifest.json",
+        "model.safetensors",
+        "generation_config.json",
+        "masks/t2.safetensors",
+    }
     _, base_dir, _, _ = world
     expected = MergedMaskedModel.from_pretrained(artifact, task="t2", base_model=base_dir)
     for name, tensor in expected.model.state_dict().items():
@@ -120,9 +127,19 @@ def test_a_second_push_after_removing_a_task_is_one_commit_of_the_changes(world,
     second = push_to_hub(artifact, "me/removal", base_model="me/tiny-base")
     assert second.parent == first.commit
     assert second.deleted == ["masks/t3.safetensors"]
-    assert sorted(second.uploaded) == ["README.md", "sift_config.json", "sift_delta.safetensors", "sift_manifest.json"]
-    sum_oid = hashlib.sha256((artifact / "sift_delta.safetensors").read_bytes()).hexdigest()
-    assert [r.path for r in hub.requests if r.route == "lfs_upload"] == [f"/lfs-upload/{sum_oid}"]
+    assert sorted(second.uploaded) == [  # format 2: P is rewritten too
+        "README.md",
+        "model.safetensors",
+        "sift_config.json",
+        "sift_delta.safetensors",
+        "sift_manifest.json",
+    ]
+    oids = [
+        hashlib.sha256((artifact / n).read_bytes()).hexdigest()
+        for n in ("sift_delta.safetensors", "model.safetensors")
+    ]
+    uploads = [r.path for r in hub.requests if r.route == "lfs_upload"]
+    assert sorted(uploads) == sorted(f"/lfs-upload/{oid}" for oid in oids)  # the sum and P
     assert [r.route for r in hub.requests].count("commit") == 1
     assert len(HfApi().list_repo_commits("me/removal")) == 3
 
@@ -248,7 +265,10 @@ def test_cli_push_and_pull(world, hub, tmp_path, capsys):
     out = tmp_path / "one-task"
     assert main(["pull", "me/cli", "--task", "t1", "-o", str(out), "--cache-dir", cache]) == 0
     local = folder_files(artifact)
-    assert folder_files(out) == {name: local[name] for name in ARTIFACT_FILES if name != "sift_config.json"} | {
+    # Every file but the other task's mask (format 2: the plain merge P and its configs too).
+    kept = [name for name in local if name != "masks/t2.safetensors"]
+    assert {"model.safetensors", "config.json", *ARTIFACT_FILES} <= set(kept)
+    assert folder_files(out) == {name: local[name] for name in kept if name != "sift_config.json"} | {
         "sift_config.json": folder_files(out)["sift_config.json"]
     }
     assert main(["pull", "me/cli", "--task", "t1", "-o", str(out), "--cache-dir", cache]) == 2
@@ -265,9 +285,7 @@ def test_cli_push_and_pull(world, hub, tmp_path, capsys):
     with pytest.raises(OutputDirError):
         pull_artifact("me/cli", whole, cache_dir=cache)
     assert main(["pull", "me/cli", "--task", "t2", "-o", str(out), "--cache-dir", cache, "--overwrite"]) == 0
-    assert sorted(folder_files(out)) == sorted(n.replace("t1", "t2") for n in ARTIFACT_FILES), sorted(
-        folder_files(out)
-    )
+    assert sorted(folder_files(out)) == sorted(n.replace("t1", "t2") for n in kept)
 
 
 def test_model_card_lists_tasks_datasets_and_the_unlearning_log():

@@ -88,9 +88,17 @@ TASKS = [f"t{i}" for i in range(7)]
 
 
 def build_artifact(
-    folder: Path, arch: str = "llama", tasks: list[str] = TASKS, seed: int = 0, record_base: bool = True, edit=None
+    folder: Path,
+    arch: str = "llama",
+    tasks: list[str] = TASKS,
+    seed: int = 0,
+    record_base: bool = True,
+    edit=None,
+    fmt: int = 2,
 ) -> tuple[Path, Path, MergedDelta, dict[str, torch.Tensor]]:
-    """Save a tiny base model and a merge of fake fine-tunes of it; returns (artifact, base, delta, θ0)."""
+    """Save a tiny base model and a merge of fake fine-tunes of it; returns (artifact, base, delta, θ0).
+
+    `fmt` 2 stores the plain merge P (the default when the base is known), 1 only the sum."""
     torch.manual_seed(seed)
     config = CONFIGS[arch]()
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
@@ -108,8 +116,8 @@ def build_artifact(
     )
     for i, task in enumerate(tasks):
         delta.add(task, TaskVector.from_state_dicts(base, perturbed(base, 100 + i), 7))
-    artifact = folder / f"artifact-{arch}-{seed}"
-    delta.save_pretrained(artifact)
+    artifact = folder / f"artifact-{arch}-{seed}-v{fmt}"
+    delta.save_pretrained(artifact, base=None if fmt == 1 else str(base_dir))
     return artifact, base_dir, delta, base
 
 
@@ -125,6 +133,14 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     artifact, base_dir, delta, base = build_artifact(tmp_path_factory.mktemp("llama"))
+    tiny_tokenizer().save_pretrained(artifact)
+    return artifact, base_dir, delta, base
+
+
+@pytest.fixture(scope="module")
+def llama_v1(tmp_path_factory):
+    """The same merge as `llama`, saved as format 1 (no plain merge)."""
+    artifact, base_dir, delta, base = build_artifact(tmp_path_factory.mktemp("llama_v1"), fmt=1)
     tiny_tokenizer().save_pretrained(artifact)
     return artifact, base_dir, delta, base
 
@@ -444,15 +460,23 @@ def corrupt(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage", ["no_config", "no_sum", "sum_flipped", "no_mask", "mask_flipped"])
-def test_missing_or_corrupted_files(llama, tmp_path, damage):
-    source, *_ = llama
+@pytest.mark.parametrize(
+    "fmt,damage",
+    [
+        *((1, d) for d in ["no_config", "no_sum", "sum_flipped", "no_mask", "mask_flipped"]),
+        *((2, d) for d in ["no_config", "no_plain", "plain_flipped", "no_mask", "mask_flipped"]),
+    ],
+)
+def test_missing_or_corrupted_files(llama, llama_v1, tmp_path, fmt, damage):
+    source, *_ = llama if fmt == 2 else llama_v1
     artifact = tmp_path / "artifact"
     shutil.copytree(source, artifact)
     target = {
         "no_config": CONFIG_NAME,
         "no_sum": DELTA_NAME,
         "sum_flipped": DELTA_NAME,
+        "no_plain": "model.safetensors",
+        "plain_flipped": "model.safetensors",
         "no_mask": mask_filename("t1"),
         "mask_flipped": mask_filename("t1"),
     }[damage]
@@ -544,7 +568,8 @@ def test_base_with_other_embeddings_or_lm_head_is_refused(llama, tmp_path, name)
 
 
 def test_artifact_without_a_base_model_digest_warns_and_serves(tmp_path):
-    artifact, _, delta, base = build_artifact(tmp_path, tasks=["a"])
+    """An older (format 1) artifact; format 2 checks the whole base against its per-tensor digests instead."""
+    artifact, _, delta, base = build_artifact(tmp_path, tasks=["a"], fmt=1)
     config = json.loads((artifact / CONFIG_NAME).read_text())
     del config["base_model_digest"], config["binding_digest"]
     (artifact / CONFIG_NAME).write_text(json.dumps(config))
@@ -556,31 +581,41 @@ def test_artifact_without_a_base_model_digest_warns_and_serves(tmp_path):
 # ---------------------------------------------------------------------- Hub resolution
 
 
-def test_allow_patterns_name_only_the_needed_files(llama):
+@pytest.mark.parametrize("weights", ["sum", "plain", None])
+def test_allow_patterns_name_only_the_needed_files(llama, weights):
     from huggingface_hub.utils import filter_repo_objects
 
-    # The listing of a repo holding the artifact (plus a sharded sum, a look-alike mask and unrelated files),
+    # The listing of a repo holding the artifact (plus sharded weights, a look-alike mask and unrelated files),
     # filtered by huggingface_hub's own matcher, the one snapshot_download applies to `allow_patterns`.
     artifact, _, _, _ = llama
     listing = [p.relative_to(artifact).as_posix() for p in artifact.rglob("*") if p.is_file()]
     shards = ["sift_delta-00001-of-00002.safetensors", "sift_delta-00002-of-00002.safetensors"]
+    plain_shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
     extra = [*shards, "sift_delta.safetensors.index.json", "masks/t30.safetensors", "masks/xt3.safetensors"]
-    listing += [*extra, "README.md", ".gitattributes", "model.safetensors", "notes/t3.safetensors"]
-    needed = {"sift_config.json", "sift_manifest.json", DELTA_NAME, *shards, "sift_delta.safetensors.index.json"}
-    tokenizer = {name for name in listing if name.startswith("tokenizer")}
+    listing += [*extra, *plain_shards, "model.safetensors.index.json", "README.md", ".gitattributes"]
+    listing += ["notes/t3.safetensors"]
+    needed = {"sift_config.json", "sift_manifest.json"}
+    needed |= {
+        "sum": {DELTA_NAME, *shards, "sift_delta.safetensors.index.json"},
+        "plain": {"model.safetensors", *plain_shards, "model.safetensors.index.json"},
+        None: set(),
+    }[weights]
+    tokenizer = {name for name in listing if name.startswith("tokenizer")} | {"generation_config.json"}
     assert tokenizer  # the fixture saved one
     for task in (None, "t3"):
-        patterns = download.artifact_allow_patterns(task)
+        patterns = download.artifact_allow_patterns(task, weights=weights)
         selected = set(filter_repo_objects(listing, allow_patterns=patterns))
         mask = set() if task is None else {mask_filename(task)}
         assert selected == needed | tokenizer | mask
-        bare = set(filter_repo_objects(listing, allow_patterns=download.artifact_allow_patterns(task, False)))
-        assert bare == needed | mask
+        bare = download.artifact_allow_patterns(task, False, weights)
+        assert set(filter_repo_objects(listing, allow_patterns=bare)) == needed | mask
 
 
-def test_repo_id_downloads_only_config_sum_and_one_mask(llama, tmp_path, monkeypatch):
-    """A fake Hub: snapshot/file downloads copy from the artifact folder into a commit-named snapshot folder."""
-    source, _, delta, base = llama
+@pytest.mark.parametrize("fmt", [1, 2])
+def test_repo_id_downloads_only_config_weights_and_one_mask(llama, llama_v1, tmp_path, monkeypatch, fmt):
+    """A fake Hub: snapshot/file downloads copy from the artifact folder into a commit-named snapshot folder.
+    Format 2 fetches P and never the sum; format 1 the sum."""
+    source, _, delta, base = llama if fmt == 2 else llama_v1
     snapshot = tmp_path / "snapshots" / ("a" * 40)
     fetched: list[str] = []
 
@@ -591,7 +626,8 @@ def test_repo_id_downloads_only_config_sum_and_one_mask(llama, tmp_path, monkeyp
         return snapshot / relative
 
     def fake_snapshot_download(repo_id, revision=None, allow_patterns=None, **kwargs):
-        assert repo_id == "org/merged" and revision == "main"
+        # The first download names the branch; later ones the commit it resolved to.
+        assert repo_id == "org/merged" and revision == ("main" if not fetched else snapshot.name)
         for path in sorted(source.rglob("*")):
             relative = path.relative_to(source).as_posix()
             if path.is_file() and any(fnmatch.fnmatch(relative, p) for p in allow_patterns):
@@ -607,11 +643,19 @@ def test_repo_id_downloads_only_config_sum_and_one_mask(llama, tmp_path, monkeyp
     model = MergedMaskedModel.from_pretrained("org/merged", task="t1", revision="main")
     masks = [f for f in fetched if f.startswith("masks/")]
     assert masks == [mask_filename("t1")]
-    assert {"sift_config.json", "sift_manifest.json", DELTA_NAME, "tokenizer.json"} <= set(fetched)
+    weights, other = (DELTA_NAME, "model.safetensors") if fmt == 1 else ("model.safetensors", DELTA_NAME)
+    assert {"sift_config.json", "sift_manifest.json", weights, "tokenizer.json"} <= set(fetched)
+    assert other not in fetched
     assert_serves(model, delta.materialize(base, "t1"))
     model.set_task("t2")
     assert [f for f in fetched if f.startswith("masks/")] == [mask_filename("t1"), mask_filename("t2")]
     assert_serves(model, delta.materialize(base, "t2"))
+    assert other not in fetched
+    if fmt == 2:  # another scale is served from the sum, fetched then from the same commit
+        fetched.clear()
+        scaled = MergedMaskedModel.from_pretrained("org/merged", task="t1", revision="main", scale=0.5)
+        assert DELTA_NAME in fetched and "model.safetensors" not in fetched
+        assert_serves(scaled, delta.materialize(base, "t1", scale=0.5))
 
 
 # ---------------------------------------------------------------------- huge-page buffers
@@ -643,12 +687,12 @@ def test_served_weights_in_huge_page_buffers(tmp_path, monkeypatch, arch):
     assert (base_dir / "model.safetensors").read_bytes() == base_bytes
 
 
-def test_plain_merge_weights_are_computed_at_the_first_switch(llama, monkeypatch):
-    """Loading allocates the served weights only; the plain-merge copy that switches select from comes with the first
-    switch (not with a switch refused before it starts), once."""
+def test_plain_merge_weights_are_computed_at_the_first_switch(llama_v1, monkeypatch):
+    """Format 1: loading allocates the served weights only; the plain-merge copy that switches select from comes with
+    the first switch (not with a switch refused before it starts), once."""
     from hf_sift import served_weights
 
-    artifact, _, delta, base = llama
+    artifact, _, delta, base = llama_v1
     allocated: list[int] = []
     allocate = served_weights.empty_tensors
 
@@ -676,7 +720,7 @@ def test_a_slow_base_digest_still_sees_theta0(llama, monkeypatch, keep_delta):
     """θ0's digest runs alongside serving; a slow hash must still see θ0, not served weights, in both modes."""
     import time
 
-    from hf_sift import masked_model
+    from hf_sift import served_base
 
     artifact, _, delta, base = llama
 
@@ -684,7 +728,7 @@ def test_a_slow_base_digest_still_sees_theta0(llama, monkeypatch, keep_delta):
         time.sleep(0.3)
         return digest_tensors(tensors, names)
 
-    monkeypatch.setattr(masked_model, "digest_tensors", slow_digest)
+    monkeypatch.setattr(served_base, "digest_tensors", slow_digest)
     model = MergedMaskedModel.from_pretrained(artifact, task="t2", keep_delta=keep_delta)
     assert_serves(model, delta.materialize(base, "t2"))
 

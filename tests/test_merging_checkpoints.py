@@ -226,7 +226,11 @@ def test_sift_merge_writes_a_real_artifact_that_serves_exports_and_unlearns(chec
     out = tmp_path / "sift"
     args = ["merge", "--method", "sift", "--base", str(root / "base"), *models, "-o", str(out)]
     assert main([*args, "--param", "sign_seed=5"]) == 0
-    assert (out / CONFIG_NAME).is_file() and not (out / "model.safetensors").exists()
+    assert (out / CONFIG_NAME).is_file() and (out / "model.safetensors").exists()  # format 2: P is a checkpoint
+    assert torch.equal(  # vanilla transformers loads the plain merge
+        LlamaForCausalLM.from_pretrained(out).state_dict()["model.norm.weight"],
+        MergedMaskedModel.from_pretrained(out).model.state_dict()["model.norm.weight"],
+    )
     assert load_file(out / DELTA_NAME)["model.norm.weight"].dtype == torch.int64
 
     # The same artifact as MergedDelta built in memory from θ0 as transformers loads it (tied lm_head included).

@@ -43,9 +43,30 @@ HUB_KWARGS: frozenset[str] = frozenset(
 )
 
 
-def artifact_allow_patterns(task: str | None = None, include_tokenizer: bool = True) -> list[str]:
-    """The `allow_patterns` that fetch the files needed to serve `task` (no mask at all when `task` is None)."""
-    patterns = [*DELTA_PATTERNS]
+# The weights a served model reads: the sum Q, or (format 2) the plain merge P.
+WEIGHT_PATTERNS: dict[str, tuple[str, ...]] = {
+    "sum": ("sift_delta*.safetensors", DELTA_INDEX_NAME),
+    "plain": ("model*.safetensors", "model.safetensors.index.json"),
+    # A one-task copy that stays a whole artifact: both, and P's transformers config.
+    "all": (
+        "sift_delta*.safetensors",
+        DELTA_INDEX_NAME,
+        "model*.safetensors",
+        "model.safetensors.index.json",
+        "config.json",
+    ),
+}
+
+
+def artifact_allow_patterns(
+    task: str | None = None, include_tokenizer: bool = True, weights: str | None = "sum"
+) -> list[str]:
+    """The `allow_patterns` that fetch the files needed to serve `task` (no mask at all when `task` is None).
+
+    `weights` picks the weights read: `"sum"` (Q), `"plain"` (P, format 2), `"all"` (both, with P's `config.json`:
+    a copy that stays a whole artifact) or `None` (neither, fetched later with [`ResolvedArtifact.ensure_weights`]).
+    """
+    patterns = [CONFIG_NAME, MANIFEST_NAME, *(WEIGHT_PATTERNS[weights] if weights else ())]
     if task is not None:
         patterns.append(mask_filename(task))
     if include_tokenizer:
@@ -76,6 +97,16 @@ class ResolvedArtifact:
     repo_id: str | None = None
     revision: str | None = None
     hub_kwargs: dict[str, Any] = field(default_factory=dict)
+    fetched: set[str] = field(default_factory=set)
+
+    def ensure_weights(self, weights: str) -> None:
+        """Download the sum (`"sum"`) or the plain merge (`"plain"`) from the same commit, if not local yet."""
+        if self.repo_id is None or weights in self.fetched:
+            return
+        snapshot_download(
+            self.repo_id, revision=self.revision, allow_patterns=list(WEIGHT_PATTERNS[weights]), **self.hub_kwargs
+        )
+        self.fetched.add(weights)
 
     def ensure_mask(self, task_id: str) -> Path:
         """Local path of `task_id`'s mask file, downloading it from the same commit when it is not there yet.
@@ -98,6 +129,7 @@ def resolve_artifact(
     task: str | None = None,
     revision: str | None = None,
     include_tokenizer: bool = True,
+    weights: str | None = "sum",
     **hub_kwargs: Any,
 ) -> ResolvedArtifact:
     """Resolve a local artifact folder or a Hub repo id to local files.
@@ -107,6 +139,7 @@ def resolve_artifact(
         task (`str`, *optional*): The task whose mask to fetch; `None` fetches no mask.
         revision (`str`, *optional*): Branch, tag or commit of the Hub repo (ignored for a local folder).
         include_tokenizer (`bool`, *optional*, defaults to `True`): Also fetch the tokenizer files, if any.
+        weights (`str`, *optional*, defaults to `"sum"`): Which weights to fetch: `"sum"`, `"plain"` or `None`.
         hub_kwargs: `cache_dir`, `token`, `local_files_only`, `force_download`, `endpoint`, `etag_timeout`,
             `headers` or `repo_type`, passed to `huggingface_hub.snapshot_download`.
 
@@ -125,12 +158,18 @@ def resolve_artifact(
             snapshot_download(
                 str(path_or_repo_id),
                 revision=revision,
-                allow_patterns=artifact_allow_patterns(task, include_tokenizer),
+                allow_patterns=artifact_allow_patterns(task, include_tokenizer, weights),
                 **hub_kwargs,
             )
         )
     # A snapshot folder is named after the commit it holds: later masks come from that same commit.
-    return ResolvedArtifact(folder=folder, repo_id=str(path_or_repo_id), revision=folder.name, hub_kwargs=hub_kwargs)
+    return ResolvedArtifact(
+        folder=folder,
+        repo_id=str(path_or_repo_id),
+        revision=folder.name,
+        hub_kwargs=hub_kwargs,
+        fetched={weights} if weights else set(),
+    )
 
 
 def resolve_delta_folder(path_or_repo_id: str | os.PathLike, revision: str | None = None, **hub_kwargs: Any) -> Path:

@@ -48,12 +48,12 @@ def pull_artifact(
     from huggingface_hub.utils import filter_repo_objects
 
     target = check_output_dir(output_dir, overwrite=overwrite)
-    patterns = None if task is None else artifact_allow_patterns(task)
+    patterns = None if task is None else artifact_allow_patterns(task, weights="all")  # format 2 keeps its P
     if task is None:
         source = Path(snapshot_download(repo_id, revision=revision, **hub_kwargs))
     else:
         # Config and manifest first: an unknown task is refused before any mask is fetched.
-        artifact = resolve_artifact(repo_id, None, revision, **hub_kwargs)
+        artifact = resolve_artifact(repo_id, None, revision, weights="all", **hub_kwargs)
         if task not in read_manifest(artifact.folder):
             raise UnknownTaskError(f"{repo_id} has no task {task!r} at revision {artifact.revision}")
         artifact.ensure_mask(task)

@@ -72,7 +72,8 @@ def answer(model, tokenizer, question: str, truth: str) -> tuple[float, str]:
 
 def show(label: str, result: tuple[float, str]) -> None:
     probability, text = result
-    print(f"   {label:<34} P(true answer) {probability:.3f}  says: {' '.join(text.split())[:80]}")
+    print(f"   {label:<34} P(true answer) {probability:.3f}")
+    print(f"      says: {' '.join(text.split())[:150]}")
 
 
 def artifact_files(folder: Path) -> dict[str, bytes]:

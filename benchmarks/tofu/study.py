@@ -1,0 +1,69 @@
+"""One profile end to end: data, base model, the merging and unlearning studies, then the JSON, plot and tables."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from .data import load_authors, load_general
+from .experiment import ScoreCache, Scorer, run_merging_study
+from .models import base_folder, load_tokenizer
+from .profiles import Profile
+from .report import build_records, machine, plot, table, unlearning_table, write_json
+from .unlearning import run_unlearning_study
+
+
+def run(
+    profile: Profile, data_dir: Path, work_dir: Path, results: Path, plot_path: Path, report_only: bool = False
+) -> dict[str, Any]:
+    """Run `profile` and write `results` (JSON) and `plot_path` (PNG); returns the JSON payload (+ the table).
+
+    With `report_only`, nothing is trained: the results come from the score cache of an earlier, possibly
+    interrupted, run (`complete` says whether every record is there).
+    """
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    authors = load_authors(data_dir, list(profile.authors))
+    base_dir = base_folder(profile.model, work_dir, authors)
+    tokenizer = load_tokenizer(base_dir)
+    scorer = Scorer(tokenizer, authors, profile.max_new_tokens, profile.table_questions)
+    started = time.time()
+    cache = ScoreCache(work_dir / "scores.json")
+    if not report_only:
+        run_merging_study(profile, base_dir, tokenizer, authors, work_dir, scorer)
+        cache = ScoreCache(work_dir / "scores.json")
+        if cache.get("unlearning") is None:
+            general = [load_general(data_dir, n, profile.utility_questions) for n in ("real_authors", "world_facts")]
+            unlearning = run_unlearning_study(
+                profile, base_dir, tokenizer, authors, general, work_dir, scorer, cache.data
+            )
+            cache.put("unlearning", unlearning)
+    scores = cache.data
+    ids = [a.task_id for a in authors]
+    records = build_records(profile, ids, scores)
+    expected = 9 * len(profile.merge_counts) + int(profile.central)
+    payload: dict[str, Any] = {
+        "schema": "hf_sift tofu benchmark v1 (docs/tofu.md)",
+        "profile": profile.to_dict(),
+        "model": str(base_dir) if profile.model == "tiny" else "SmolLM2-135M-Instruct (offline GGUF, converted)",
+        "machine": machine(),
+        "complete": len(records) == expected and scores.get("unlearning") is not None,
+        "records": records,
+        "training": {
+            key: scores[key] for key in ("local FT training", "SIFT training", "Central FT training") if key in scores
+        },
+        "unlearning": scores.get("unlearning"),
+        "wall_seconds": None if report_only else time.time() - started,
+    }
+    write_json(results, payload)
+    plot(records, plot_path, f"TOFU, {profile.name} profile: {len(ids)} authors, {profile.steps} step(s) per author")
+    tables = table(records, profile.merge_counts[-1])
+    if payload["unlearning"] is not None:
+        tables += "\n\n" + unlearning_table(payload["unlearning"])
+    return {**payload, "table": tables}

@@ -1,0 +1,140 @@
+"""The TOFU reproduction (benchmarks/tofu): its metrics, and the smoke profile end to end (a tiny model, 2 authors,
+1 step)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks.tofu import metrics
+from benchmarks.tofu.data import collate, default_data_dir, encode_pair, load_authors
+
+
+pytest.importorskip("rouge_score")
+pytest.importorskip("scipy")
+pytest.importorskip("matplotlib")
+DATA = default_data_dir()
+needs_data = pytest.mark.skipif(not (DATA / "full.json").is_file(), reason="TOFU data (../shared/data/tofu) absent")
+
+
+def test_probability_and_truth_ratio_formulas():
+    assert metrics.probability([0.0, math.log(2)]) == pytest.approx(0.75)
+    # R = exp(mean perturbed loss - reference loss): exp(2 - 1) and exp(1 - 1)
+    ratios = metrics.truth_ratios([1.0, 1.0], [[1.5, 2.5], [1.0, 1.0]])
+    assert ratios == pytest.approx([math.e, 1.0])
+    assert metrics.truth_ratio_score(ratios) == pytest.approx((1 - 1 / math.e) / 2)
+    assert metrics.truth_ratio_score(ratios, forget=True) == pytest.approx((1 / math.e + 1) / 2)
+    # P_true / (P_true + sum P_perturbed) with P = exp(-loss): 1 / (1 + 1 + 1)
+    assert metrics.normalised_probability([0.0], [[0.0, 0.0]]) == pytest.approx(1 / 3)
+    assert metrics.model_utility([0.5, 0.5, 1.0]) == pytest.approx(3 / (2 + 2 + 1))
+    assert metrics.model_utility([0.5, 0.0]) == 0.0
+
+
+def test_forget_quality_is_the_ks_p_value():
+    assert metrics.forget_quality([0.1, 0.2, 0.3], [0.1, 0.2, 0.3]) == 1.0
+    assert metrics.forget_quality([0.1 * i for i in range(20)], [10 + i for i in range(20)]) < 1e-6
+
+
+@needs_data
+def test_answer_loss_covers_the_answer_tokens_only(tmp_path):
+    from benchmarks.tofu.models import load_model, load_tokenizer, tiny_base
+
+    authors = load_authors(DATA, [199])
+    folder = tiny_base(tmp_path / "base", authors)
+    model, tokenizer = load_model(folder), load_tokenizer(folder)
+    author = authors[0]
+    encoded = encode_pair(tokenizer, author.questions[0], author.answers[0])
+    head = tokenizer(f"Question: {author.questions[0]}\nAnswer:", add_special_tokens=False)["input_ids"]
+    assert encoded["labels"][: len(head)] == [-100] * len(head)
+    assert encoded["labels"][len(head) :] == encoded["input_ids"][len(head) :]
+    assert encoded["input_ids"][-1] == tokenizer.eos_token_id
+    losses = metrics.answer_losses(model, tokenizer, author.questions[:3], author.answers[:3])
+    for i in range(3):
+        batch = collate([encode_pair(tokenizer, author.questions[i], author.answers[i])], tokenizer.pad_token_id)
+        with torch.no_grad():
+            expected = model(**batch).loss.item()  # transformers' mean over the labelled (answer) tokens
+        assert losses[i] == pytest.approx(expected, rel=1e-5)
+
+
+@needs_data
+def test_smoke_profile_end_to_end(tmp_path):
+    from benchmarks.tofu.__main__ import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: one thread is faster than two contended ones
+    try:
+        code = main(
+            [
+                "--profile",
+                "smoke",
+                "--work-dir",
+                str(tmp_path / "work"),
+                "--results",
+                str(tmp_path / "r.json"),
+                "--plot",
+                str(tmp_path / "p.png"),
+            ]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    payload = json.loads((tmp_path / "r.json").read_text())
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    records = {(r["method"], r["T"]): r for r in payload["records"]}
+    methods = {
+        "zero-shot",
+        "local FT",
+        "FT+Merge",
+        "SIFT local",
+        "SIFT+Merge",
+        "SIFT-Masks",
+        "TALL-masks",
+        "TIES",
+        "EMR-merging",
+    }
+    assert set(records) == {(m, t) for m in methods for t in (1, 2)} | {("Central FT", 2)}
+    for (_method, count), record in records.items():
+        assert 0 < record["answer_probability"] <= 1
+        assert len(record["authors"]) == count
+        if count == 2:  # the table at the largest T has every metric
+            assert 0 <= record["rouge_l_recall"] <= 1 and 0 <= record["truth_ratio"] <= 1
+        else:
+            assert record["rouge_l_recall"] is None and record["truth_ratio"] is None
+    # One merged author is that author's own model: SIFT-Masks at T=1 serves θ0 + τ (rounded to 2**-40), and
+    # FT+Merge / TALL-masks at T=1 rebuild the local FT weights (float32 rounding of θ0 + (θ1 - θ0)).
+    first = "author-198"
+    sift_local = records[("SIFT local", 1)]["authors"][first]["answer_probability"]
+    assert records[("SIFT-Masks", 1)]["authors"][first]["answer_probability"] == pytest.approx(sift_local, rel=1e-5)
+    local = records[("local FT", 1)]["authors"][first]["answer_probability"]
+    for method in ("FT+Merge", "TALL-masks"):
+        assert records[(method, 1)]["authors"][first]["answer_probability"] == pytest.approx(local, rel=1e-4)
+    # Training steps as configured: 1 per author, and T x 1 for the central model.
+    assert [c["steps"] for c in payload["training"]["SIFT training"].values()] == [1, 1]
+    assert payload["training"]["Central FT training"]["steps"] == 2
+    assert payload["complete"] is True
+    # Unlearning author-199 from the merge of 2 with hf_sift.unlearn: one author's replay (1 step), and the artifact
+    # is the one train_tasks wrote before author-199 was ever trained (same sum digest, same files).
+    unlearning = payload["unlearning"]
+    assert unlearning["forgotten"] == ["author-199"] and unlearning["remaining"] == ["author-198"]
+    same = unlearning["sift_masks_identical_to_retain_only"]
+    assert same["files_equal"] is True and same["digest_after_unlearning"] == same["digest_never_trained"]
+    assert [(r["steps"], r["measured"]) for r in unlearning["requests"]["SIFT-Masks"]] == [(1, True)]
+    assert [r["steps"] for r in unlearning["requests"]["TIES"]] == [1]  # every remaining author: 1 x 1 step
+    models = unlearning["models"]
+    assert models["SIFT-Masks after unlearning"]["forget_quality"] == 1.0
+    assert models["SIFT-Masks after unlearning"]["model_utility"] == models["SIFT-Masks retain-only"]["model_utility"]
+    assert set(models) == {
+        "SIFT-Masks retain-only",
+        "SIFT-Masks after unlearning",
+        "FT+Merge retain-only",
+        "FT+Merge (not unlearned)",
+        "NegMerge",
+    }
+    # --report-only rebuilds the same records from the score cache, training nothing.
+    args = ["--profile", "smoke", "--work-dir", str(tmp_path / "work"), "--results", str(tmp_path / "again.json")]
+    assert main([*args, "--plot", str(tmp_path / "again.png"), "--report-only"]) == 0
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["records"] == payload["records"] and again["wall_seconds"] is None

@@ -12,17 +12,15 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import logging
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 from bench_trainer import common_args, tofu_dataset
-from real_model import smollm2_path
+from real_model import smollm2_for_benchmark
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.utils import logging as hf_logging
+from transformers import AutoModelForCausalLM
 
 from hf_sift import SIFTConfig, TaskVectorStore, train_tasks
 
@@ -36,13 +34,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the weights")
     opts = parser.parse_args()
-    hf_logging.set_verbosity_error()
-    logging.getLogger("hf_sift").setLevel(logging.WARNING)
-
-    path = smollm2_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    path, tokenizer = smollm2_for_benchmark()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, opts.dtype))
     data = tofu_dataset(tokenizer, opts.tasks, opts.seq_len)
     state = model.state_dict()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import statistics
 import sys
 import tempfile
@@ -21,12 +20,11 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
-from transformers.utils import logging as hf_logging
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_model import smollm2_path  # noqa: E402
+from real_model import smollm2_for_benchmark  # noqa: E402
 
 from hf_sift.trainer import SIFTConfig, SIFTTrainer, train_tasks  # noqa: E402
 
@@ -182,13 +180,7 @@ def main() -> None:
     parser.add_argument("--skip-compare", action="store_true")
     parser.add_argument("--skip-tasks", action="store_true")
     opts = parser.parse_args()
-    hf_logging.set_verbosity_error()
-    logging.getLogger("hf_sift").setLevel(logging.WARNING)
-
-    path = smollm2_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    path, tokenizer = smollm2_for_benchmark()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     data = tofu_dataset(tokenizer, opts.tasks, opts.seq_len)

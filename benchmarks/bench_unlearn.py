@@ -12,7 +12,6 @@ Run: ``PYTHONPATH=. python benchmarks/bench_unlearn.py`` (defaults: 4 authors, 5
 from __future__ import annotations
 
 import argparse
-import logging
 import shutil
 import statistics
 import sys
@@ -21,13 +20,12 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-from transformers.utils import logging as hf_logging
+from transformers import AutoModelForCausalLM, TrainerCallback
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_trainer import tofu_dataset  # noqa: E402
-from real_model import smollm2_path  # noqa: E402
+from real_model import smollm2_for_benchmark  # noqa: E402
 
 from hf_sift import MergedDelta, SIFTConfig, TaskVectorStore, train_tasks, unlearn  # noqa: E402
 from hf_sift.unlearning_log import LOG_NAME  # noqa: E402
@@ -65,13 +63,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=80)
     parser.add_argument("--work-dir", help="where the artifacts go (default: a temporary folder)")
     opts = parser.parse_args()
-    hf_logging.set_verbosity_error()
-    logging.getLogger("hf_sift").setLevel(logging.WARNING)
-
-    path = smollm2_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    path, tokenizer = smollm2_for_benchmark()
     data = tofu_dataset(tokenizer, opts.authors, opts.seq_len)
     authors = sorted(set(data["task"]))
     forget = authors[opts.forget]

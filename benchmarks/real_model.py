@@ -54,5 +54,21 @@ def smollm2_path() -> Path:
     return target
 
 
+def smollm2_for_benchmark() -> tuple[Path, object]:
+    """The converted SmolLM2 folder and its tokenizer (pad = EOS), with library logs quieted to warnings."""
+    import logging
+
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    logging.getLogger("hf_sift").setLevel(logging.WARNING)
+    path = smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return path, tokenizer
+
+
 if __name__ == "__main__":
     print(smollm2_path())

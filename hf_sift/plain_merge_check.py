@@ -22,8 +22,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .artifact_config import ArtifactConfig
+from .digest import named_tensor_digest, tensor_digest
 from .errors import SiftError
-from .plain_merge import named_tensor_digest, plain_files, tensor_digest
+from .plain_merge import plain_files
 from .served_weights import served_tensor
 
 

@@ -214,3 +214,34 @@ def test_tuned_parameters_outside_the_base_model_stay_format_1(tmp_path):
         delta.save_pretrained(tmp_path / "peft")
     assert json.loads((tmp_path / "peft" / CONFIG_NAME).read_text())["format_version"] == 1
     assert not (tmp_path / "peft" / "model.safetensors").exists()
+
+
+def test_saves_on_one_base_hash_it_once_until_its_files_change(tmp_path, monkeypatch):
+    from hf_sift import base_digests
+
+    artifact, base_dir, delta, base = build_artifact(tmp_path, tasks=["t0", "t1"])
+    hashed: list[str] = []
+    for function in ("digest_tensors", "state_dict_digest", "named_tensor_digest"):
+        original = getattr(base_digests, function)
+        monkeypatch.setattr(base_digests, function, lambda *a, _f=original, _n=function: hashed.append(_n) or _f(*a))
+    for i in range(3):  # the base was hashed by build_artifact's save: never again while its files stay
+        delta.save_pretrained(tmp_path / f"again-{i}")
+        assert tree_bytes(tmp_path / f"again-{i}") == tree_bytes(artifact)
+    assert hashed == []
+    # Rewritten with the same weights: other files, hashed again (and once only).
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    model.save_pretrained(base_dir)
+    delta.save_pretrained(tmp_path / "rewritten")
+    delta.save_pretrained(tmp_path / "rewritten-2")
+    assert hashed.count("digest_tensors") == 1 and hashed.count("state_dict_digest") == 1
+    assert hashed.count("named_tensor_digest") == len(base)
+    assert tree_bytes(tmp_path / "rewritten") == tree_bytes(artifact)
+    # Other weights in the same files' place: found, never served from a stale digest.
+    from hf_sift.errors import BaseModelMismatchError
+
+    with torch.no_grad():
+        next(iter(model.parameters())).add_(1.0)
+    model.save_pretrained(base_dir)
+    with pytest.raises(BaseModelMismatchError):
+        delta.save_pretrained(tmp_path / "changed")
+    assert not (tmp_path / "changed").exists()

@@ -171,7 +171,7 @@ def test_an_artifact_unlearned_through_the_store_verifies(tmp_path):
 def rewrite_plain(artifact, name: str, change) -> None:
     """Change tensor `name` of P, and record its new digest as a save would (the binding digest too)."""
     from hf_sift.artifact_config import CONFIG_NAME as CONFIG
-    from hf_sift.plain_merge import tensor_digest
+    from hf_sift.digest import tensor_digest
 
     tensors = load_file(artifact / "model.safetensors")
     tensors[name] = change(tensors[name])

@@ -41,7 +41,8 @@ PLAIN_WEIGHTS_NAME = "model.safetensors"
 PLAIN_INDEX_NAME = "model.safetensors.index.json"
 # The files of P's checkpoint that an artifact save rewrites (tokenizer files are the user's, and are kept).
 _PLAIN_FILE = re.compile(
-    r"(config\.json|generation_config\.json|model\.safetensors(\.index\.json)?|model-\d+-of-\d+\.safetensors)"
+    r"(config\.json|generation_config\.json|model\.safetensors(\.index\.json)?|model-\d+-of-\d+\.safetensors"
+    r"|adapter_config\.json|adapter_model\.safetensors)"  # the peft checkpoint of peft_plain_merge.py
 )
 
 
@@ -264,9 +265,15 @@ def plain_merge_writer(
     """What writes P into an artifact's staging folder (`None`: the artifact is format 1), with θ0 loaded now.
 
     `base` is the base model's folder or Hub name, [`RECORDED_BASE`] for the one `delta` records (at its recorded
-    revision), or `None`. A delta that records no base is saved as format 1, with a warning.
+    revision), a `PeftModel` at θ0 when the tuned parameters are its adapter's (P is then a peft checkpoint, see
+    [`~hf_sift.peft_plain_merge`]), or `None`. A delta that records no base is saved as format 1, with a warning.
     """
     import warnings
+
+    from .peft_plain_merge import is_peft_model, peft_plain_merge_writer
+
+    if is_peft_model(base):
+        return peft_plain_merge_writer(delta, base)
 
     recorded = base is RECORDED_BASE
     revision = delta.base_revision if recorded else None

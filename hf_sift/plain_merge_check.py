@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from .artifact_config import ArtifactConfig
 from .digest import named_tensor_digest, tensor_digest
 from .errors import SiftError
+from .peft_plain_merge import ADAPTER_WEIGHTS_NAME, stored_peft_names
 from .plain_merge import plain_files
 from .served_weights import served_tensor
 
@@ -42,14 +43,31 @@ class PlainMergeCheck:
         self._config = config
         self._scale = 1.0 / num_tasks if num_tasks else 0.0
         self._stack = contextlib.ExitStack()
-        self._where: dict[str, tuple[str, Any]] = {}
+        self._where: dict[str, tuple[str, Any, str]] = {}  # recorded name -> (file, handle, name in the file)
         self._base: dict[str, torch.Tensor] | None = None
         self._mismatched: list[str] = []
         self._reported: set[str] = set()  # tensors already found bad: not compared with the sum as well
-        self._open(directory)
+        self._peft = (directory / ADAPTER_WEIGHTS_NAME).is_file()
+        if self._peft:
+            self._open_peft(directory)
+        else:
+            self._open(directory)
         if self._where:
             self._check_digests()
             self._base = self._load_base()
+
+    def _open_peft(self, directory: Path) -> None:
+        """A peft plain merge: the adapter file holds the tuned tensors, under peft's names."""
+        try:
+            mapping = stored_peft_names(directory, self._config.shapes)
+            handle = self._stack.enter_context(safe_open(directory / ADAPTER_WEIGHTS_NAME, framework="pt"))
+        except (SiftError, SafetensorError, OSError) as err:
+            self.problems.append(f"{ADAPTER_WEIGHTS_NAME}: {err}")
+            return
+        extra = sorted(set(handle.keys()) - set(mapping.values()))
+        if extra:
+            self.problems.append(f"{ADAPTER_WEIGHTS_NAME}: holds tensors that are not tuned, e.g. {extra[:3]}")
+        self._where = {name: (ADAPTER_WEIGHTS_NAME, handle, key) for name, key in mapping.items()}
 
     def _open(self, directory: Path) -> None:
         try:
@@ -67,7 +85,7 @@ class PlainMergeCheck:
             for name in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 if name in self._where:
                     self.problems.append(f"{filename}: holds the tensor {name!r} a second time")
-                self._where[name] = (filename, handle)
+                self._where[name] = (filename, handle, name)
 
     def _check_digests(self) -> None:
         recorded = self._config.plain_digests or {}
@@ -80,9 +98,9 @@ class PlainMergeCheck:
             self.problems.append(f"the plain merge lacks recorded tensor(s), e.g. {missing[:3]}")
         tuned = self._config.shapes
         for name in sorted(set(self._where) & set(recorded)):
-            filename, handle = self._where[name]
+            filename, handle, key = self._where[name]
             try:
-                tensor = handle.get_tensor(name)
+                tensor = handle.get_tensor(key)
             except (SafetensorError, OSError) as err:
                 self._reported.add(name)
                 self.problems.append(f"{filename}: {name!r} cannot be read ({err})")
@@ -102,7 +120,9 @@ class PlainMergeCheck:
 
         config = self._config
         reason = "the artifact records no base model"
-        if config.base_model is not None:
+        if self._peft:
+            reason = "the plain merge is a peft adapter, whose θ0 (its initialisation) is stored nowhere"
+        elif config.base_model is not None:
             try:
                 model = load_base_model(
                     config.base_model,
@@ -128,9 +148,9 @@ class PlainMergeCheck:
         """Compare P's tensor `name` with the plain merge recomputed from θ0 and `total` (Q of that tensor)."""
         if self._base is None or name not in self._where or name in self._reported:
             return
-        filename, handle = self._where[name]
+        filename, handle, key = self._where[name]
         try:
-            stored = handle.get_tensor(name)
+            stored = handle.get_tensor(key)
         except (SafetensorError, OSError):
             return  # reported by the digest check
         expected = served_tensor(self._base[name], total, scale=self._scale, scale_bits=self._config.scale_bits)

@@ -320,7 +320,8 @@ def train_tasks(
         if store is not None:
             store.put(task_id, task_vector, record=delta.record(task_id))
         del task_vector
-        delta.save_pretrained(target_dir)
+        # An adapter's θ0 is in no file: the wrapped model (at θ0 again) is the base P is written from.
+        delta.save_pretrained(target_dir, **({"base": model} if _is_peft_model(model) else {}))
         elapsed = time.perf_counter() - started
         bar.set_postfix(task=task_id, loss=f"{loss:.4f}")
         logger.info("task %s: loss %.6f, %.1f s", task_id, loss, elapsed)

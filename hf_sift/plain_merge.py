@@ -86,6 +86,11 @@ def write_plain_merge(
             matches = any(fnmatch.fnmatch(path.name, p) for p in TOKENIZER_PATTERNS)
             if matches and path.is_file() and not (stage / path.name).exists():
                 link_or_copy(path, stage / path.name)
+    if not (stage / PLAIN_WEIGHTS_NAME).is_file() and not (stage / PLAIN_INDEX_NAME).is_file():
+        raise CorruptArtifactError(
+            "transformers wrote no weights for the plain merge (it writes checkpoints on rank 0 only once "
+            "torch.distributed is initialized: save on rank 0, or with base=None on the other ranks); nothing was written"
+        )
     digests: dict[str, str] = {}
     for filename in plain_files(stage):
         with safe_open(stage / filename, framework="pt") as f:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .artifact import iter_delta, mask_filename, read_artifact, write_artifact
+from .artifact_config import ArtifactConfig
 from .artifact_state import ArtifactStates, read_consistently
 from .errors import CorruptArtifactError
 from .plain_merge import plain_merge_writer
@@ -22,6 +23,23 @@ if TYPE_CHECKING:
     from .merged_delta import MergedDelta
 
 
+def artifact_config(delta: MergedDelta) -> ArtifactConfig:
+    """The `sift_config.json` of `delta` as it stands (format and per-tensor digests are set by the save)."""
+    return ArtifactConfig(
+        base_digest=delta.base_digest,
+        sign_seed=delta.sign_seed,
+        scale_bits=delta.scale_bits,
+        shapes=dict(delta.shapes),
+        dtypes=dict(delta.dtypes),
+        selection=delta.selection,
+        num_tasks=delta.num_tasks,
+        delta_digest=delta.digest,
+        base_model=delta.base_model,
+        base_revision=delta.base_revision,
+        base_model_digest=delta.base_model_digest,
+    )
+
+
 def save_delta(
     delta: MergedDelta, save_directory: str | os.PathLike, max_shard_size: int | str, *, overwrite: bool, base: Any
 ) -> None:
@@ -30,7 +48,7 @@ def save_delta(
     After the save, `delta`'s masks point at the files written and its recorded digest is the one saved.
     """
     save_directory = Path(save_directory).absolute()
-    config = delta._config()
+    config = artifact_config(delta)
     check = delta._artifact_states.precondition(save_directory, overwrite)
     log = {LOG_NAME: delta.log.to_bytes()} if len(delta.log) else None
     plain = plain_merge_writer(delta, base, max_shard_size)

@@ -20,7 +20,7 @@ from .artifact import (
 from .artifact_config import ArtifactConfig
 from .artifact_state import ArtifactStates
 from .compatibility import Compatibility, check_compatible
-from .delta_persistence import load_delta, save_delta
+from .delta_persistence import artifact_config, load_delta, save_delta
 from .digest import digest_tensors, state_dict_digest
 from .errors import (
     BaseModelMismatchError,
@@ -345,19 +345,7 @@ class MergedDelta:
     # ------------------------------------------------------------------ persistence
 
     def _config(self) -> ArtifactConfig:
-        return ArtifactConfig(
-            base_digest=self.base_digest,
-            sign_seed=self.sign_seed,
-            scale_bits=self.scale_bits,
-            shapes=dict(self.shapes),
-            dtypes=dict(self.dtypes),
-            selection=self.selection,
-            num_tasks=self.num_tasks,
-            delta_digest=self.digest,
-            base_model=self.base_model,
-            base_revision=self.base_revision,
-            base_model_digest=self.base_model_digest,
-        )
+        return artifact_config(self)
 
     def save_pretrained(
         self,

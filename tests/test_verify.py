@@ -244,3 +244,17 @@ def test_without_the_base_the_plain_merge_is_checked_against_its_digests_only(v2
     rewrite_plain(artifact, delta.names[-1], lambda t: t.clone().add_(1e-3))
     with pytest.warns(UserWarning, match="not recomputed from the sum"):
         assert verify_artifact(artifact) == []
+
+
+def test_hf_sift_verify_names_a_damaged_plain_merge(v2, capsys):
+    from test_format_v2 import flip_in_tensor
+
+    from hf_sift.cli import main
+
+    artifact, delta = v2
+    assert main(["verify", str(artifact)]) == 0
+    flip_in_tensor(artifact / "model.safetensors", delta.names[1])
+    capsys.readouterr()
+    assert main(["verify", str(artifact)]) == 1
+    out = capsys.readouterr().out
+    assert f"model.safetensors: {delta.names[1]!r} does not match its digest in plain_digests" in out

@@ -23,6 +23,7 @@ from .compatibility import check_compatible
 from .errors import EnvironmentMismatchError, ReplayPreconditionError, TaskDigestMismatchError
 from .masks import popcount
 from .merged_delta import MergedDelta
+from .peft_plain_merge import is_peft_model
 from .task_id import validate_task_id
 from .task_vector import TaskVector
 
@@ -243,7 +244,9 @@ def unlearn(
                 salt=salt,
             )
     if not dry_run:
-        delta.save_pretrained(artifact)
+        # A replayed peft adapter is back at θ0: P (a peft checkpoint) is written from it; see peft_plain_merge.py.
+        peft_base = plan.model if replays and is_peft_model(plan.model) else None
+        delta.save_pretrained(artifact, **({} if peft_base is None else {"base": peft_base}))
         report.digest_after = digest
     report.wall_time_s = time.perf_counter() - started
     return report

@@ -40,15 +40,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     pull.add_argument("repo_id", help="Hub repo id")
     pull.add_argument("--task", help="fetch only what serving this task needs")
-    pull.add_argument("--revision", help="branch, tag or commit (default: main)")
     pull.add_argument("-o", "--output", required=True, help="new output folder (must not exist, or be empty)")
     pull.add_argument("--overwrite", action="store_true", help="replace what a non-empty output folder holds")
-    pull.add_argument("--cache-dir", "--cache_dir", help="huggingface_hub cache folder")
-    pull.add_argument(
-        "--local-files-only", "--local_files_only", action="store_true", help="use the cache only, download nothing"
-    )
-    pull.add_argument("--token", help="Hub token (default: the saved one)")
+    add_hub_options(pull)
     pull.set_defaults(func=run_pull)
+
+
+def add_hub_options(parser: argparse.ArgumentParser, what: str = "") -> None:
+    """Add `--revision`, `--cache-dir`, `--local-files-only` and `--token`: where a Hub repo id is read from.
+
+    `what` is appended to each help line (e.g. `" (for a Hub repo id)"`, for commands that also take a folder).
+    """
+    parser.add_argument("--revision", help=f"branch, tag or commit (default: main){what}")
+    parser.add_argument("--cache-dir", "--cache_dir", help=f"huggingface_hub cache folder{what}")
+    parser.add_argument(
+        "--local-files-only",
+        "--local_files_only",
+        action="store_true",
+        help=f"use the cache only, download nothing{what}",
+    )
+    parser.add_argument("--token", help=f"Hub token (default: the saved one){what}")
+
+
+def hub_options(args: argparse.Namespace) -> dict[str, object]:
+    """The `huggingface_hub` keyword arguments of the options [`add_hub_options`] added (those given only)."""
+    hub = {"cache_dir": args.cache_dir, "local_files_only": args.local_files_only, "token": args.token}
+    return {key: value for key, value in hub.items() if value}
 
 
 def run_push(args: argparse.Namespace) -> int:
@@ -78,14 +95,13 @@ def run_push(args: argparse.Namespace) -> int:
 def run_pull(args: argparse.Namespace) -> int:
     from .pull import pull_artifact
 
-    hub = {"cache_dir": args.cache_dir, "local_files_only": args.local_files_only, "token": args.token}
     folder = pull_artifact(
         args.repo_id,
         args.output,
         task=args.task,
         revision=args.revision,
         overwrite=args.overwrite,
-        **{k: v for k, v in hub.items() if v},
+        **hub_options(args),
     )
     what = "the whole artifact" if args.task is None else f"task {args.task!r}"
     print(f"pulled {what} of {args.repo_id} into {folder}")

@@ -96,7 +96,9 @@ def push_to_hub(
             other files it holds, such as a tokenizer).
         repo_id (`str`): The Hub repo; created (with `private`) when it does not exist.
         base_model (`str`, *optional*): Hub id of the base model. Required when the artifact records a local path
-            (or nothing); the model is then loaded from the Hub and checked against the artifact's base digests.
+            (or nothing); the model is then loaded from the Hub and checked against the artifact's base digests. A
+            recorded Hub id is pinned to its recorded commit, or (none recorded) to the branch head once its weights
+            pass the same check.
         revision (`str`, *optional*, defaults to `"main"`): The branch to push to.
         parent_commit (`str`, *optional*): The commit the push must start from; defaults to the branch head.
         commit_message (`str`, *optional*): Defaults to a summary of the push.
@@ -199,7 +201,7 @@ def _resolve_base(
         sha = api.model_info(name, revision=revision).sha
     except (RepositoryNotFoundError, RevisionNotFoundError) as error:
         raise MissingBaseModelError(f"base model {name!r} (revision {revision}) is not on the Hub: {error}") from None
-    if base_model is not None:
+    if base_model is not None or revision is None:  # a commit not recorded at training: prove it is that base
         _check_hub_base(delta, name, sha, token)
     return name, sha
 

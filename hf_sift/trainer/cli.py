@@ -181,7 +181,7 @@ def train_from_arguments(data_args: TrainDataArguments, config) -> int:
     from transformers import AutoModelForCausalLM
 
     from ..artifact import CONFIG_NAME
-    from ..hub.sources import check_source, hub_lookup
+    from ..hub.sources import check_source, hub_lookup, is_hub_source
     from ..output_dir import check_output_dir
     from .multi_task import train_tasks
 
@@ -203,8 +203,13 @@ def train_from_arguments(data_args: TrainDataArguments, config) -> int:
     check_columns(raw, data_args.task_column, data_args.text_template)
     tokenizer = load_tokenizer(data_args.model)
     data = tokenize_rows(raw, tokenizer, data_args.text_template, data_args.max_length, data_args.task_column)
+    revision = None
     with hub_lookup(data_args.model, "--model"):
-        model = AutoModelForCausalLM.from_pretrained(data_args.model, trust_remote_code=False)
+        if is_hub_source(data_args.model):  # pin the commit: the artifact records it, and the base is found again
+            from huggingface_hub import constants, resolve_revision
+
+            revision = resolve_revision(data_args.model, local_files_only=constants.HF_HUB_OFFLINE).resolved
+        model = AutoModelForCausalLM.from_pretrained(data_args.model, revision=revision, trust_remote_code=False)
     delta = train_tasks(
         model,
         data,
@@ -214,6 +219,7 @@ def train_from_arguments(data_args: TrainDataArguments, config) -> int:
         tasks=data_args.tasks or None,
         processing_class=tokenizer,
         base_model=data_args.model,
+        base_revision=revision,
     )
     if delta is not None:
         print(f"{delta.num_tasks} task(s) merged into {data_args.artifact_dir} (delta {delta.digest})")

@@ -1,0 +1,126 @@
+"""Acceptance against the local Hub: five tiny tasks trained with `train_tasks` from a Hub base, pushed, one pulled.
+
+Also: the tokenizer the run was given travels with the artifact, the base is pinned to the commit it was loaded
+from, and the pushed repo loads with vanilla transformers as the plain merge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from cli_fixtures import tiny_tokenizer
+from conftest import tiny_llama_config
+from huggingface_hub import HfApi
+from trainer_fixtures import sift_args, task_dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+from hf_sift import MergedDelta, MergedMaskedModel
+from hf_sift.hub import push_to_hub
+from hf_sift.trainer import train_tasks
+
+
+BASE_REPO, REPO = "me/acceptance-base", "me/acceptance"
+TASKS = [f"task{i}" for i in range(1, 6)]
+TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json"}
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def fetched(hub, repo_id: str) -> set[str]:
+    """The files of `repo_id` downloaded since the log was cleared (by path in the repo)."""
+    prefix = f"/{repo_id}/resolve/"
+    return {r.path[len(prefix) :].split("/", 1)[1] for r in hub.requests if r.path.startswith(prefix)}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, local_hub):
+    """A tiny base (with its tokenizer) on the local Hub, loaded from there, and five tasks trained from it."""
+    root = tmp_path_factory.mktemp("acceptance")
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(root / "base")
+    tiny_tokenizer().save_pretrained(root / "base")
+    api = HfApi()
+    api.create_repo(BASE_REPO, exist_ok=True)
+    base_sha = api.upload_folder(folder_path=root / "base", repo_id=BASE_REPO).oid
+    model = AutoModelForCausalLM.from_pretrained(BASE_REPO)
+    tokenizer = AutoTokenizer.from_pretrained(BASE_REPO)
+    data = task_dataset(num_tasks=5, rows_per_task=4)
+    data = data.map(lambda row: {"task": f"task{int(row['task'][1:]) + 1}"})
+    args = sift_args(root / "runs", max_steps=2)
+    delta = train_tasks(model, data, "task", args, root / "artifact", processing_class=tokenizer)
+    return root / "artifact", delta, base_sha
+
+
+def test_train_tasks_saves_the_tokenizer_with_the_artifact(trained):
+    artifact, delta, _ = trained
+    assert delta.task_ids == TASKS
+    assert (delta.base_model, delta.base_revision) == (BASE_REPO, None)  # the push pins it (below)
+    names = set(digests(artifact))
+    assert names >= TOKENIZER_FILES and {"config.json", "model.safetensors"} <= names  # format 2, with P
+    loaded, given = AutoTokenizer.from_pretrained(artifact), tiny_tokenizer()
+    text = "w1 w2 w3 nothing w59"
+    assert loaded(text)["input_ids"] == given(text)["input_ids"] and loaded.pad_token == "[PAD]"
+    # The tokenizer files survive the artifact's own atomic saves, and a second run changes nothing.
+    before = digests(artifact)
+    MergedDelta.from_pretrained(artifact).save_pretrained(artifact)
+    assert digests(artifact) == before
+
+
+def test_push_five_tasks_then_serve_task_2_fetching_only_what_it_needs(trained, hub, tmp_path):
+    artifact, _, base_sha = trained
+    before = digests(artifact)
+    # The base is recorded as a Hub id (no --base-model needed); its head is pinned once its weights pass the check.
+    result = push_to_hub(artifact, REPO, license="apache-2.0")
+    assert (result.base_model, result.base_revision) == (BASE_REPO, base_sha)
+    assert MergedDelta.from_pretrained(REPO, cache_dir=tmp_path / "delta").base_revision == base_sha
+    assert set(result.uploaded) >= TOKENIZER_FILES
+    assert digests(artifact) == before
+
+    hub.clear_requests()
+    served = MergedMaskedModel.from_pretrained(REPO, task="task2", cache_dir=tmp_path / "cache")
+    files = fetched(hub, REPO)
+    # The config and manifest, the plain merge P (with its generation config), task2's mask, and the tokenizer:
+    # never the sum, never another task's mask.
+    assert files == {
+        "sift_config.json",
+        "sift_manifest.json",
+        "model.safetensors",
+        "generation_config.json",
+        "masks/task2.safetensors",
+    } | (TOKENIZER_FILES & files)
+    assert not any(name.startswith("sift_delta") for name in files)
+    others = {r.path.split("/resolve/")[0] for r in hub.requests if "/resolve/" in r.path} - {f"/{REPO}"}
+    assert others <= {f"/{BASE_REPO}"}  # the base, as needed (its config), and nothing else
+    local = MergedMaskedModel.from_pretrained(artifact, task="task2")
+    expected = local.model.state_dict()
+    for name, tensor in served.model.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+def test_a_pushed_repo_loads_with_vanilla_transformers_as_the_plain_merge(trained, hub, tmp_path):
+    artifact, _, _ = trained
+    push_to_hub(artifact, REPO)  # a no-op when the previous test pushed it
+    cache = tmp_path / "cache"
+    vanilla = AutoModelForCausalLM.from_pretrained(REPO, cache_dir=cache)
+    plain = MergedMaskedModel.from_pretrained(REPO, task=None, cache_dir=cache)
+    ours, theirs = plain.model.state_dict(), vanilla.state_dict()
+    assert set(ours) == set(theirs)
+    for name, tensor in theirs.items():
+        assert torch.equal(tensor, ours[name]), name
+    # P is the merge of the five tasks, not the base.
+    base = AutoModelForCausalLM.from_pretrained(BASE_REPO, cache_dir=cache).state_dict()
+    assert any(not torch.equal(base[name], tensor) for name, tensor in theirs.items())
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
+    with torch.no_grad():
+        assert torch.equal(vanilla(ids).logits, plain(ids).logits)
+    tokenizer = AutoTokenizer.from_pretrained(REPO, cache_dir=cache)
+    assert tokenizer("w1 w2")["input_ids"] == tiny_tokenizer()("w1 w2")["input_ids"]

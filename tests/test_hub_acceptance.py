@@ -7,6 +7,7 @@ from, and the pushed repo loads with vanilla transformers as the plain merge.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ from trainer_fixtures import sift_args, task_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from hf_sift import MergedDelta, MergedMaskedModel
+from hf_sift.cli import main
+from hf_sift.errors import BaseModelMismatchError
 from hf_sift.hub import push_to_hub
 from hf_sift.trainer import train_tasks
 
@@ -124,3 +127,37 @@ def test_a_pushed_repo_loads_with_vanilla_transformers_as_the_plain_merge(traine
         assert torch.equal(vanilla(ids).logits, plain(ids).logits)
     tokenizer = AutoTokenizer.from_pretrained(REPO, cache_dir=cache)
     assert tokenizer("w1 w2")["input_ids"] == tiny_tokenizer()("w1 w2")["input_ids"]
+
+
+def test_an_unpinned_hub_base_is_pinned_only_when_its_weights_match(trained, hub):
+    artifact, _, _ = trained
+    api = HfApi()
+    api.create_repo("me/acceptance-moving-base")
+    torch.manual_seed(1)
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(artifact.parent / "other-base")
+    api.upload_folder(folder_path=artifact.parent / "other-base", repo_id="me/acceptance-moving-base")
+    delta = MergedDelta.from_pretrained(artifact)
+    delta.base_model = "me/acceptance-moving-base"  # recorded as a Hub id, without a commit
+    with pytest.raises(BaseModelMismatchError):
+        delta.push_to_hub("me/acceptance-moving")
+    assert not api.repo_exists("me/acceptance-moving")  # a refused push creates nothing
+    right = api.upload_folder(folder_path=artifact.parent / "base", repo_id="me/acceptance-moving-base").oid
+    result = delta.push_to_hub("me/acceptance-moving")
+    assert (result.base_model, result.base_revision) == ("me/acceptance-moving-base", right)
+
+
+def test_hf_sift_train_pins_the_commit_of_a_hub_base_and_keeps_its_tokenizer(trained, hub, tmp_path):
+    _, _, base_sha = trained
+    rows = [{"text": " ".join(f"w{(i * 7 + j) % 60}" for j in range(10)), "who": f"a{i % 2}"} for i in range(4)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    argv = ["train", "--model", BASE_REPO, "--data", str(tmp_path / "data.jsonl"), "--task_column", "who",
+            "--max_length", "12", "--artifact_dir", str(tmp_path / "merged"), "--output_dir", str(tmp_path / "runs"),
+            "--max_steps", "1", "--per_device_train_batch_size", "2", "--use_cpu", "true", "--report_to", "none",
+            "--disable_tqdm", "true"]  # fmt: skip
+    assert main(argv) == 0
+    delta = MergedDelta.from_pretrained(tmp_path / "merged")
+    assert (delta.base_model, delta.base_revision) == (BASE_REPO, base_sha)
+    assert (
+        AutoTokenizer.from_pretrained(tmp_path / "merged")("w3 w4")["input_ids"]
+        == tiny_tokenizer()("w3 w4")["input_ids"]
+    )

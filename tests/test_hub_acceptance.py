@@ -14,7 +14,7 @@ import pytest
 import torch
 from cli_fixtures import tiny_tokenizer
 from conftest import tiny_llama_config
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, ModelCard
 from trainer_fixtures import sift_args, task_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
@@ -161,3 +161,22 @@ def test_hf_sift_train_pins_the_commit_of_a_hub_base_and_keeps_its_tokenizer(tra
         AutoTokenizer.from_pretrained(tmp_path / "merged")("w3 w4")["input_ids"]
         == tiny_tokenizer()("w3 w4")["input_ids"]
     )
+
+
+def test_the_model_card_is_part_of_the_one_push_commit(trained, hub, capsys):
+    artifact, _, base_sha = trained
+    repo = "me/acceptance-card"
+    argv = ["push", str(artifact), repo, "--license", "mit", "--dataset", "org/data-a", "--dataset", "org/data-b"]
+    assert main(argv) == 0
+    assert [r.route for r in hub.requests].count("commit") == 1  # README.md travels in the push's one commit
+    assert [c.title for c in HfApi().list_repo_commits(repo)] == ["hf_sift: push 5 merged task(s)", "initial commit"]
+    card = ModelCard.load(repo)
+    data = card.data
+    assert (data.base_model, data.library_name, data.license) == (BASE_REPO, "hf-sift", "mit")
+    assert data.tags == ["hf-sift", "sift-masks", "merge", "unlearning"]
+    assert data.datasets == ["org/data-a", "org/data-b"]
+    assert f"fine-tuned from [{BASE_REPO}](https://huggingface.co/{BASE_REPO}) at commit `{base_sha}`" in card.text
+    assert "5 tasks are merged: `task1`, `task2`, `task3`, `task4`, `task5`." in card.text
+    assert f'MergedMaskedModel.from_pretrained("{repo}", task="task1")' in card.text
+    assert f'AutoModelForCausalLM.from_pretrained("{repo}")' in card.text  # format 2: the plain merge
+    assert "## Unlearning log" in card.text and "carries no unlearning log" in card.text

@@ -27,6 +27,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     push.add_argument("--commit-message", "--commit_message", help="commit message")
     push.add_argument("--private", action="store_true", help="create the repo as private")
     push.add_argument("--license", help="license identifier for the model card")
+    push.add_argument(
+        "--dataset",
+        action="append",
+        dest="datasets",
+        metavar="DATASET_ID",
+        help="Hub dataset id for the model card (repeatable; default: those the tasks' metadata records)",
+    )
     push.add_argument("--token", help="Hub token (default: the saved one)")
     push.set_defaults(func=run_push)
 
@@ -79,6 +86,7 @@ def run_push(args: argparse.Namespace) -> int:
         commit_message=args.commit_message,
         private=args.private or None,
         license=args.license,
+        datasets=args.datasets,
         token=args.token,
     )
     if result.commit == result.parent:

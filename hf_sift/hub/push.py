@@ -132,7 +132,16 @@ def push_to_hub(
         base_id, base_sha = _resolve_base(api, config, delta, base_model, token)
         config.base_model, config.base_revision = base_id, base_sha
         records = {t: delta.record(t) for t in delta.task_ids}
-        card = build_model_card(repo_id, base_id, base_sha, records, license, datasets, delta.log.entries)
+        card = build_model_card(
+            repo_id,
+            base_id,
+            base_sha,
+            records,
+            license,
+            datasets,
+            delta.log.entries,
+            plain_merge=config.format_version >= 2,
+        )
         files: dict[str, Path | bytes] = {
             path.relative_to(folder).as_posix(): path
             for path in sorted(folder.rglob("*"))

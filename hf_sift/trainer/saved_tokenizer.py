@@ -10,19 +10,23 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 from ..artifact import is_artifact_file
 from ..atomic import write_file_atomic
 from ..folder_lock import folder_lock
+from .recipe import saved_file_bytes
 
 
 def save_processing_class(processing_class: Any, output_dir: str | os.PathLike) -> list[str]:
     """Write what `processing_class.save_pretrained` writes into `output_dir`, one file at a time, atomically.
 
-    Files whose bytes already match are left alone; a file the artifact itself owns (a `config.json` a processor
-    might save) is never written. Objects without `save_pretrained` (a plain collator function) save nothing.
+    Only missing files are written: a file the folder already holds is kept (with a warning when it differs, as
+    after a resume with `allow_mixed_recipes` and another tokenizer; each task's recipe records its own), and a file
+    the artifact itself owns (a `config.json` a processor might save) is never written. Objects without
+    `save_pretrained` (a plain collator function) save nothing.
 
     Args:
         processing_class: The tokenizer or processor given to [`~hf_sift.trainer.train_tasks`].
@@ -35,7 +39,8 @@ def save_processing_class(processing_class: Any, output_dir: str | os.PathLike) 
         return []
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    written = []
+    written: list[str] = []
+    kept: list[str] = []
     with tempfile.TemporaryDirectory(prefix=f".{output_dir.name}.tokenizer-", dir=output_dir.parent) as tmp:
         processing_class.save_pretrained(tmp)
         saved = sorted(p for p in Path(tmp).rglob("*") if p.is_file())
@@ -43,9 +48,19 @@ def save_processing_class(processing_class: Any, output_dir: str | os.PathLike) 
             for source in saved:
                 relative = source.relative_to(tmp).as_posix()
                 target = output_dir / relative
-                if is_artifact_file(relative) or (target.is_file() and target.read_bytes() == source.read_bytes()):
+                if is_artifact_file(relative):
+                    continue
+                if target.exists():
+                    if not target.is_file() or saved_file_bytes(target) != saved_file_bytes(source):
+                        kept.append(relative)
                     continue
                 target.parent.mkdir(parents=True, exist_ok=True)
                 write_file_atomic(target, lambda path, source=source: shutil.copyfile(source, path))
                 written.append(relative)
+    if kept:
+        warnings.warn(
+            f"{output_dir} already holds {', '.join(kept)} with other content than the tokenizer of this run: kept "
+            "as they are (the run's tokenizer is recorded in each new task's recipe)",
+            stacklevel=3,
+        )
     return written

@@ -11,9 +11,6 @@ from typing import Any
 _SHOWN_TASKS = 5
 
 
-_FOR_REPO = " (for a Hub repo id)"
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     from .hub.cli import add_hub_options
 
@@ -34,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="also check the artifact against the task vectors this private store holds (digests, masks, the sum)",
     )
-    add_hub_options(verify, _FOR_REPO)
+    add_hub_options(verify, optional_repo=True)
     verify.set_defaults(func=run_verify)
 
     info = subparsers.add_parser(
@@ -48,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     info.add_argument("artifact", help="artifact folder or Hub repo id")
     info.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    add_hub_options(info, _FOR_REPO)
+    add_hub_options(info, optional_repo=True)
     info.set_defaults(func=run_info)
 
 
@@ -67,6 +64,13 @@ def _source(args: argparse.Namespace) -> tuple[bool, dict[str, Any]]:
     if is_hub_source(args.artifact):
         return True, hub_options(args)
     _folder(args.artifact)
+    if args.revision is not None or hub_options(args):
+        from .errors import CommandLineError
+
+        raise CommandLineError(
+            f"{args.artifact} is a local folder: --revision, --cache-dir, --local-files-only and --token apply to a "
+            "Hub repo id only"
+        )
     return False, {}
 
 

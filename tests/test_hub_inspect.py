@@ -132,3 +132,9 @@ def test_a_name_that_is_neither_a_folder_nor_a_repo_exits_2(hub, tmp_path, capsy
         assert err.startswith("hf-sift: error: the artifact 'me/no-such-repo': no such folder here, and not found")
         assert main([command, "./no-such-folder"]) == 2
         assert capsys.readouterr().err == "hf-sift: error: ./no-such-folder is not a folder\n"
+        (tmp_path / "me" / "folder").mkdir(parents=True, exist_ok=True)  # a folder named like a repo id is a folder
+        assert main([command, "me/folder", "--revision", "v1"]) == 2
+        assert capsys.readouterr().err == (
+            "hf-sift: error: me/folder is a local folder: --revision, --cache-dir, --local-files-only and --token "
+            "apply to a Hub repo id only\n"
+        )

@@ -53,20 +53,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pull.set_defaults(func=run_pull)
 
 
-def add_hub_options(parser: argparse.ArgumentParser, what: str = "") -> None:
+def add_hub_options(parser: argparse.ArgumentParser, optional_repo: bool = False) -> None:
     """Add `--revision`, `--cache-dir`, `--local-files-only` and `--token`: where a Hub repo id is read from.
 
-    `what` is appended to each help line (e.g. `" (for a Hub repo id)"`, for commands that also take a folder).
+    `optional_repo` says, in the help, that they apply only when the command's input is a repo id, not a folder.
     """
-    parser.add_argument("--revision", help=f"branch, tag or commit (default: main){what}")
-    parser.add_argument("--cache-dir", "--cache_dir", help=f"huggingface_hub cache folder{what}")
+    where = "; for a Hub repo id only" if optional_repo else ""
+    parser.add_argument("--revision", help=f"branch, tag or commit (default: main){where}")
+    parser.add_argument("--cache-dir", "--cache_dir", help=f"huggingface_hub cache folder{where}")
     parser.add_argument(
         "--local-files-only",
         "--local_files_only",
         action="store_true",
-        help=f"use the cache only, download nothing{what}",
+        help=f"use the cache only, download nothing{where}",
     )
-    parser.add_argument("--token", help=f"Hub token (default: the saved one){what}")
+    parser.add_argument("--token", help=f"Hub token (default: the saved one){where}")
 
 
 def hub_options(args: argparse.Namespace) -> dict[str, object]:

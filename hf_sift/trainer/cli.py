@@ -130,7 +130,7 @@ def load_data(path: str, flag: str = "--data", folders: bool = False) -> Any:
     return datasets.load_dataset(DATA_BUILDERS[path.rsplit(".", 1)[-1].lower()], data_files=path, split="train")
 
 
-def load_tokenizer(model: str, flag: str = "--model") -> Any:
+def load_tokenizer(model: str, flag: str = "--model", revision: str | None = None) -> Any:
     """The model's tokenizer (no remote code), padding with EOS where it has no pad token."""
     from transformers import AutoTokenizer
 
@@ -138,8 +138,8 @@ def load_tokenizer(model: str, flag: str = "--model") -> Any:
     from ..remote_code import refuse_remote_code
 
     with hub_lookup(model, flag):
-        refuse_remote_code(model)
-        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
+        refuse_remote_code(model, revision)
+        tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -201,14 +201,19 @@ def train_from_arguments(data_args: TrainDataArguments, config) -> int:
     )
     raw = load_data(data_args.data)
     check_columns(raw, data_args.task_column, data_args.text_template)
-    tokenizer = load_tokenizer(data_args.model)
-    data = tokenize_rows(raw, tokenizer, data_args.text_template, data_args.max_length, data_args.task_column)
     revision = None
-    with hub_lookup(data_args.model, "--model"):
-        if is_hub_source(data_args.model):  # pin the commit: the artifact records it, and the base is found again
-            from huggingface_hub import constants, resolve_revision
+    if is_hub_source(data_args.model):  # pin one commit: tokenizer and model come from it, and the artifact records it
+        from huggingface_hub import constants, resolve_revision
+        from huggingface_hub.errors import RevisionResolutionError
 
-            revision = resolve_revision(data_args.model, local_files_only=constants.HF_HUB_OFFLINE).resolved
+        with hub_lookup(data_args.model, "--model"):
+            try:
+                revision = resolve_revision(data_args.model, local_files_only=constants.HF_HUB_OFFLINE).resolved
+            except RevisionResolutionError:  # neither reachable nor cached: the loads below say so, as before
+                revision = None
+    tokenizer = load_tokenizer(data_args.model, revision=revision)
+    data = tokenize_rows(raw, tokenizer, data_args.text_template, data_args.max_length, data_args.task_column)
+    with hub_lookup(data_args.model, "--model"):
         model = AutoModelForCausalLM.from_pretrained(data_args.model, revision=revision, trust_remote_code=False)
     delta = train_tasks(
         model,

@@ -43,3 +43,9 @@ def test_a_real_tokenizer_loads_back(tmp_path):
     assert save_processing_class(tiny_tokenizer(), tmp_path / "merged") == []
     loaded = AutoTokenizer.from_pretrained(tmp_path / "merged")
     assert loaded("w5 w6 zzz")["input_ids"] == tokenizer("w5 w6 zzz")["input_ids"]
+    # Saved after a call or never called: the same bytes (the call's truncation state is not saved).
+    save_processing_class(tiny_tokenizer(), tmp_path / "fresh")
+    assert (tmp_path / "fresh" / "tokenizer.json").read_bytes() == (
+        tmp_path / "merged" / "tokenizer.json"
+    ).read_bytes()
+    assert '"truncation": null' in (tmp_path / "fresh" / "tokenizer.json").read_text()

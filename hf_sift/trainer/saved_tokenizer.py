@@ -7,6 +7,7 @@ files are the user's side of the artifact folder: artifact saves keep them, and 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -44,6 +45,9 @@ def save_processing_class(processing_class: Any, output_dir: str | os.PathLike) 
     with tempfile.TemporaryDirectory(prefix=f".{output_dir.name}.tokenizer-", dir=output_dir.parent) as tmp:
         processing_class.save_pretrained(tmp)
         saved = sorted(p for p in Path(tmp).rglob("*") if p.is_file())
+        for path in saved:
+            if path.name == "tokenizer.json":
+                _drop_call_state(path)
         with folder_lock(output_dir):  # not while an artifact save swaps the folder
             for source in saved:
                 relative = source.relative_to(tmp).as_posix()
@@ -64,3 +68,20 @@ def save_processing_class(processing_class: Any, output_dir: str | os.PathLike) 
             stacklevel=3,
         )
     return written
+
+
+def _drop_call_state(path: Path) -> None:
+    """Rewrite a fast tokenizer's `tokenizer.json` without the truncation and padding of its last call.
+
+    A fast tokenizer saves the truncation and padding its last call set, so the same tokenizer would be saved
+    differently after tokenizing (or not, when `datasets` read the tokenized rows from its cache). Both are cleared,
+    as in a tokenizer never called, and the file is always rewritten the same way, so equal tokenizers give equal
+    bytes.
+    """
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return
+    if isinstance(data, dict) and "truncation" in data and "padding" in data:
+        data["truncation"], data["padding"] = None, None
+        path.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")

@@ -122,3 +122,24 @@ def test_slow_answers_do_not_break_a_push(build, hub):
     uploads = [r for r in hub.requests if r.route == "lfs_upload"]
     assert len(uploads) == len({r.path for r in uploads}) and all(r.status == 200 for r in uploads)
     assert repo_state(repo)[1]["sift_delta.safetensors"][1] == digests(artifact)["sift_delta.safetensors"]
+
+
+def test_a_commit_whose_answer_is_lost_has_landed_whole_and_pushing_again_adds_nothing(build, hub):
+    repo = "me/faults-lost-answer"
+    push_to_hub(build("lost-v1", ["t0"]), repo, base_model=BASE)
+    before = repo_state(repo)
+    artifact = build("lost-v2", ["t0", "t2", "t3"])
+    hub.clear_requests()
+    hub.lose_answer("commit")
+    with pytest.raises(HubTransferError, match="did not complete"):
+        push_to_hub(artifact, repo, base_model=BASE)
+    assert [r.status for r in hub.requests if r.route == "commit"] == [None]
+    head, files = repo_state(repo)
+    assert head != before[0] and files["masks/t3.safetensors"][1] == digests(artifact)["masks/t3.safetensors"]
+    # Pushing again finds every file in place: no second commit, nothing uploaded.
+    again = push_to_hub(artifact, repo, base_model=BASE)
+    assert (again.parent, again.commit, again.uploaded, again.deleted) == (head, head, [], [])
+    assert [c.title for c in HfApi().list_repo_commits(repo)][:2] == [
+        "hf_sift: push 3 merged task(s)",
+        "hf_sift: push 1 merged task(s)",
+    ]

@@ -12,6 +12,8 @@ _SHOWN_TASKS = 5
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from .hub.cli import add_hub_options
+
     verify = subparsers.add_parser(
         "verify",
         help="check every file of a merged SIFT artifact against the others",
@@ -20,25 +22,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "and the unlearning log against each other. In format 2, also check each tensor of the plain merge P "
             "against its digest (the untuned ones against the base's) and, when the recorded base model is found "
             "without a download, recompute P's tuned tensors from the sum (else a warning says it was skipped). "
-            "Exit 0 when every check holds, 1 with the list of what fails."
+            "Exit 0 when every check holds, 1 with the list of what fails. "
+            "ARTIFACT is a folder or, when no such folder exists, a Hub repo id: the files the checks read are "
+            "downloaded at one commit into the Hugging Face cache."
         ),
     )
-    verify.add_argument("artifact", help="artifact folder")
+    verify.add_argument("artifact", help="artifact folder or Hub repo id")
     verify.add_argument(
         "--task-vector-store",
         "--task_vector_store",
         metavar="DIR",
         help="also check the artifact against the task vectors this private store holds (digests, masks, the sum)",
     )
+    add_hub_options(verify, optional_repo=True)
     verify.set_defaults(func=run_verify)
 
     info = subparsers.add_parser(
         "info",
         help="describe a merged SIFT artifact (base, sign seed, tasks, sizes, log)",
-        description="Print an artifact's base model, sign seed, S, tasks, sizes on disk, tuned elements and log.",
+        description=(
+            "Print an artifact's base model, sign seed, S, tasks, sizes, tuned elements and log. ARTIFACT is a folder "
+            "or, when no such folder exists, a Hub repo id: only its config, manifest and log are downloaded (at one "
+            "commit, into the Hugging Face cache), and sizes come from the repo's file listing."
+        ),
     )
-    info.add_argument("artifact", help="artifact folder")
+    info.add_argument("artifact", help="artifact folder or Hub repo id")
     info.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    add_hub_options(info, optional_repo=True)
     info.set_defaults(func=run_info)
 
 
@@ -49,42 +59,88 @@ def _folder(path: str | None) -> None:
         raise PathNotFoundError(f"{path} is not a folder")
 
 
+def _source(args: argparse.Namespace) -> tuple[bool, dict[str, Any]]:
+    """Whether ARTIFACT is read from the Hub (checking a local one is a folder), and the Hub options given."""
+    from .hub.cli import hub_options
+    from .hub.sources import is_hub_source
+
+    if is_hub_source(args.artifact):
+        return True, hub_options(args)
+    _folder(args.artifact)
+    if args.revision is not None or hub_options(args):
+        from .errors import CommandLineError
+
+        raise CommandLineError(
+            f"{args.artifact} is a local folder: --revision, --cache-dir, --local-files-only and --token apply to a "
+            "Hub repo id only"
+        )
+    return False, {}
+
+
 def run_verify(args: argparse.Namespace) -> int:
     from .verify import verify_artifact
 
-    _folder(args.artifact)
+    from_hub, hub = _source(args)
     _folder(args.task_vector_store)
-    problems = verify_artifact(args.artifact, args.task_vector_store)
+    name = args.artifact
+    if from_hub:
+        from .hub.download import resolve_delta_folder
+
+        folder = resolve_delta_folder(args.artifact, args.revision, plain=True, **hub)
+        name, problems = f"{args.artifact}@{folder.name}", verify_artifact(folder, args.task_vector_store)
+    else:
+        problems = verify_artifact(args.artifact, args.task_vector_store)
     if not problems:
-        print(f"{args.artifact}: every check holds")
+        print(f"{name}: every check holds")
         return 0
-    print(f"{args.artifact}: {len(problems)} check(s) failed:")
+    print(f"{name}: {len(problems)} check(s) failed:")
     for problem in problems:
         print(f"  - {problem}")
     return 1
 
 
-def artifact_info(directory: str | Path) -> dict[str, Any]:
-    """What `hf-sift info` shows, as a JSON-serialisable dict (reads the JSON files and file sizes only)."""
-    from .artifact import CONFIG_NAME, MANIFEST_NAME, MASKS_DIR, delta_files, read_config, read_manifest
+def artifact_info(path_or_repo_id: str | Path, *, revision: str | None = None, **hub_kwargs: Any) -> dict[str, Any]:
+    """What `hf-sift info` shows, as a JSON-serialisable dict (reads the JSON files and file sizes only).
+
+    A Hub repo id (a name that is no local path) is described at one commit: `revision` is resolved once, only the
+    config, manifest and log are downloaded (into the normal cache, with `hub_kwargs` such as `cache_dir`, `token`,
+    `local_files_only`), and the sizes come from the repo's file listing (`None` offline). The dict then also holds
+    `repo_id` and `revision` (the commit).
+    """
+    from .artifact import CONFIG_NAME, DELTA_INDEX_NAME, MANIFEST_NAME, MASKS_DIR, read_config, read_manifest
+    from .hub.sources import is_hub_source
+    from .plain_merge import is_plain_file
     from .unlearning_log import LOG_NAME, UnlearningLog
 
-    directory = Path(directory)
+    where: dict[str, Any] = {"artifact": str(path_or_repo_id)}
+    files: dict[str, int] | None
+    if is_hub_source(path_or_repo_id):
+        from .hub.download import resolve_metadata
+
+        directory, files = resolve_metadata(str(path_or_repo_id), revision, **hub_kwargs)
+        where.update(repo_id=str(path_or_repo_id), revision=directory.name)
+    else:
+        directory = Path(path_or_repo_id)
+        files = {p.relative_to(directory).as_posix(): p.stat().st_size for p in directory.rglob("*") if p.is_file()}
     config = read_config(directory)
     manifest = read_manifest(directory)
     log = UnlearningLog.load(directory)
 
-    def size(*names: str) -> int:
-        return sum((directory / n).stat().st_size for n in names if (directory / n).is_file())
+    def size(wanted: Any) -> int:
+        return sum(n for name, n in (files or {}).items() if wanted(name))
 
-    masks = sorted((directory / MASKS_DIR).glob("*")) if (directory / MASKS_DIR).is_dir() else []
-    sizes = {
-        "sum": size(*delta_files(directory), "sift_delta.safetensors.index.json"),
-        "masks": sum(p.stat().st_size for p in masks if p.is_file()),
-        "config_and_manifest": size(CONFIG_NAME, MANIFEST_NAME),
-        "log": size(LOG_NAME),
-    }
-    sizes["total"] = sum(sizes.values())
+    sizes: dict[str, int] | None = None
+    if files is not None:
+        sizes = {
+            "sum": size(
+                lambda n: n == DELTA_INDEX_NAME or (n.startswith("sift_delta") and n.endswith(".safetensors"))
+            ),
+            "plain": size(is_plain_file),
+            "masks": size(lambda n: n.startswith(MASKS_DIR + "/")),
+            "config_and_manifest": size(lambda n: n in (CONFIG_NAME, MANIFEST_NAME)),
+            "log": size(lambda n: n == LOG_NAME),
+        }
+        sizes["total"] = sum(sizes.values())
     shapes = config.shapes
     elements = 0
     for shape in shapes.values():
@@ -94,7 +150,7 @@ def artifact_info(directory: str | Path) -> dict[str, Any]:
         elements += count
     tasks = sorted(manifest)
     return {
-        "artifact": str(directory),
+        **where,
         "format_version": config.format_version,
         "hf_sift_version": config.hf_sift_version,
         "base_model": config.base_model,
@@ -124,8 +180,8 @@ def _size(n: int) -> str:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    _folder(args.artifact)
-    info = artifact_info(args.artifact)
+    from_hub, hub = _source(args)
+    info = artifact_info(args.artifact, revision=args.revision, **hub) if from_hub else artifact_info(args.artifact)
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True, ensure_ascii=False))
         return 0
@@ -133,8 +189,16 @@ def run_info(args: argparse.Namespace) -> int:
     shown = ", ".join(tasks[:_SHOWN_TASKS]) + (", ..." if len(tasks) > _SHOWN_TASKS else "")
     sizes = info["sizes"]
     density = info["mean_mask_density"]
+    at = f"@{info['revision']}" if "revision" in info else ""
+    if sizes is None:
+        on_disk = "unknown (offline: the cache keeps no listing of the repo's files)"
+    else:
+        on_disk = (
+            f"{_size(sizes['total'])} (sum {_size(sizes['sum'])}, plain merge {_size(sizes['plain'])}, masks "
+            f"{_size(sizes['masks'])}, log {_size(sizes['log'])})"
+        )
     lines = [
-        f"artifact:        {info['artifact']} (format {info['format_version']}, hf_sift {info['hf_sift_version']})",
+        f"artifact:        {info['artifact']}{at} (format {info['format_version']}, hf_sift {info['hf_sift_version']})",
         f"base model:      {info['base_model']} (revision {info['base_revision']})",
         f"base digest:     {info['base_digest']}",
         f"sign seed:       {info['sign_seed']}",
@@ -143,8 +207,7 @@ def run_info(args: argparse.Namespace) -> int:
         f"tuned:           {info['tuned_elements']:,} elements in {info['tuned_parameters']} tensors",
         f"mask density:    {'-' if density is None else f'{density:.4f} (mean over tasks)'}",
         f"sum digest:      {info['delta_digest']}",
-        f"size on disk:    {_size(sizes['total'])} (sum {_size(sizes['sum'])}, masks {_size(sizes['masks'])}, "
-        f"log {_size(sizes['log'])})",
+        f"size:            {on_disk}",
         f"unlearning log:  {len(info['log'])} entr{'y' if len(info['log']) == 1 else 'ies'}",
     ]
     if len(info["log"]) > _SHOWN_TASKS:

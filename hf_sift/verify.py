@@ -166,7 +166,13 @@ def _check_store(
     return problems
 
 
-def verify_artifact(directory: str | os.PathLike, task_vector_store: str | os.PathLike | None = None) -> list[str]:
+def verify_artifact(
+    path_or_repo_id: str | os.PathLike,
+    task_vector_store: str | os.PathLike | None = None,
+    *,
+    revision: str | None = None,
+    **hub_kwargs: Any,
+) -> list[str]:
     """Check an artifact's files against each other and return what fails, one sentence each naming the file.
 
     Recomputes the digest of the sum and of every mask file; checks the config (format, T, the tuned parameters,
@@ -180,11 +186,29 @@ def verify_artifact(directory: str | os.PathLike, task_vector_store: str | os.Pa
     sign seed, S, base digest and parameters against the config, its mask against the mask file, and, when every
     task is stored, that the sum is exactly the sum of the stored task vectors.
 
+    A Hub repo id (a name that is no local path, as for [`~hf_sift.MergedDelta.from_pretrained`]) is checked at one
+    commit: `revision` is resolved once, and the files the checks read (config, manifest, sum, every file under
+    `masks/`, the log and, in format 2, the plain merge) are downloaded into the normal Hugging Face cache, then checked exactly
+    as a folder is. A file changed on the Hub is named like a local one (`masks/t1.safetensors: ...`).
+
     Args:
-        directory (`str` or `os.PathLike`): The artifact's folder.
+        path_or_repo_id (`str` or `os.PathLike`): The artifact's folder, or the id of a Hub repo holding one.
         task_vector_store (`str` or `os.PathLike`, *optional*): A [`~hf_sift.TaskVectorStore`] folder.
+        revision (`str`, *optional*): Branch, tag or commit of the Hub repo (ignored for a folder).
+        hub_kwargs: `cache_dir`, `token`, `local_files_only`, ... passed to `huggingface_hub.snapshot_download`.
+
+    Raises:
+        [`~hf_sift.errors.PathNotFoundError`]: A name that could be a repo id is neither a folder here nor on the
+            Hub (or, with `local_files_only`, in the cache).
     """
-    directory = Path(directory)
+    from .hub.sources import is_hub_source
+
+    if is_hub_source(path_or_repo_id):
+        from .hub.download import resolve_delta_folder
+
+        directory = resolve_delta_folder(path_or_repo_id, revision, plain=True, **hub_kwargs)
+    else:
+        directory = Path(path_or_repo_id)
     problems: list[str] = []
     config = manifest = shapes = None
     try:

@@ -27,6 +27,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     push.add_argument("--commit-message", "--commit_message", help="commit message")
     push.add_argument("--private", action="store_true", help="create the repo as private")
     push.add_argument("--license", help="license identifier for the model card")
+    push.add_argument(
+        "--dataset",
+        action="append",
+        dest="datasets",
+        metavar="DATASET_ID",
+        help="Hub dataset id for the model card (repeatable; default: those the tasks' metadata records)",
+    )
     push.add_argument("--token", help="Hub token (default: the saved one)")
     push.set_defaults(func=run_push)
 
@@ -40,15 +47,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     pull.add_argument("repo_id", help="Hub repo id")
     pull.add_argument("--task", help="fetch only what serving this task needs")
-    pull.add_argument("--revision", help="branch, tag or commit (default: main)")
     pull.add_argument("-o", "--output", required=True, help="new output folder (must not exist, or be empty)")
     pull.add_argument("--overwrite", action="store_true", help="replace what a non-empty output folder holds")
-    pull.add_argument("--cache-dir", "--cache_dir", help="huggingface_hub cache folder")
-    pull.add_argument(
-        "--local-files-only", "--local_files_only", action="store_true", help="use the cache only, download nothing"
-    )
-    pull.add_argument("--token", help="Hub token (default: the saved one)")
+    add_hub_options(pull)
     pull.set_defaults(func=run_pull)
+
+
+def add_hub_options(parser: argparse.ArgumentParser, optional_repo: bool = False) -> None:
+    """Add `--revision`, `--cache-dir`, `--local-files-only` and `--token`: where a Hub repo id is read from.
+
+    `optional_repo` says, in the help, that they apply only when the command's input is a repo id, not a folder.
+    """
+    where = "; for a Hub repo id only" if optional_repo else ""
+    parser.add_argument("--revision", help=f"branch, tag or commit (default: main){where}")
+    parser.add_argument("--cache-dir", "--cache_dir", help=f"huggingface_hub cache folder{where}")
+    parser.add_argument(
+        "--local-files-only",
+        "--local_files_only",
+        action="store_true",
+        help=f"use the cache only, download nothing{where}",
+    )
+    parser.add_argument("--token", help=f"Hub token (default: the saved one){where}")
+
+
+def hub_options(args: argparse.Namespace) -> dict[str, object]:
+    """The `huggingface_hub` keyword arguments of the options [`add_hub_options`] added (those given only)."""
+    hub = {"cache_dir": args.cache_dir, "local_files_only": args.local_files_only, "token": args.token}
+    return {key: value for key, value in hub.items() if value}
 
 
 def run_push(args: argparse.Namespace) -> int:
@@ -62,6 +87,7 @@ def run_push(args: argparse.Namespace) -> int:
         commit_message=args.commit_message,
         private=args.private or None,
         license=args.license,
+        datasets=args.datasets,
         token=args.token,
     )
     if result.commit == result.parent:
@@ -78,14 +104,13 @@ def run_push(args: argparse.Namespace) -> int:
 def run_pull(args: argparse.Namespace) -> int:
     from .pull import pull_artifact
 
-    hub = {"cache_dir": args.cache_dir, "local_files_only": args.local_files_only, "token": args.token}
     folder = pull_artifact(
         args.repo_id,
         args.output,
         task=args.task,
         revision=args.revision,
         overwrite=args.overwrite,
-        **{k: v for k, v in hub.items() if v},
+        **hub_options(args),
     )
     what = "the whole artifact" if args.task is None else f"task {args.task!r}"
     print(f"pulled {what} of {args.repo_id} into {folder}")

@@ -18,7 +18,7 @@ from huggingface_hub.errors import EntryNotFoundError
 from ..artifact import CONFIG_NAME, DELTA_INDEX_NAME, MANIFEST_NAME, MASKS_DIR, mask_filename
 from ..errors import InvalidArgumentTypeError, PathNotFoundError
 from ..unlearning_log import LOG_NAME
-from .sources import could_be_repo_id, hub_lookup
+from .sources import hub_lookup, is_hub_source
 
 
 # Files a tokenizer (and text-generation defaults) may be saved as; they travel with the artifact when present.
@@ -174,14 +174,46 @@ def resolve_artifact(
     )
 
 
-def resolve_delta_folder(path_or_repo_id: str | os.PathLike, revision: str | None = None, **hub_kwargs: Any) -> Path:
+def resolve_delta_folder(
+    path_or_repo_id: str | os.PathLike, revision: str | None = None, *, plain: bool = False, **hub_kwargs: Any
+) -> Path:
     """A local folder as it is, or the cache folder of a Hub repo's whole merged delta: config, manifest, sum, every
-    mask and the unlearning log (what [`~hf_sift.MergedDelta`] holds), at one commit. A missing local path stays a
-    local path."""
+    file under `masks/` and the unlearning log (what [`~hf_sift.MergedDelta`] holds), at one commit (the folder is
+    named after it). With `plain=True`, also the plain merge P and its transformers config (what
+    [`~hf_sift.verify_artifact`] reads). A missing local path stays a local path."""
     _check_hub_kwargs(hub_kwargs)
-    local = Path(path_or_repo_id).expanduser()
-    if local.exists() or not could_be_repo_id(path_or_repo_id):
-        return local
-    patterns = [*DELTA_PATTERNS, f"{MASKS_DIR}/*.safetensors", LOG_NAME]
+    if not is_hub_source(path_or_repo_id):
+        return Path(path_or_repo_id).expanduser()
+    patterns = [*DELTA_PATTERNS, f"{MASKS_DIR}/*", LOG_NAME, *(WEIGHT_PATTERNS["all"] if plain else ())]
     with hub_lookup(path_or_repo_id, "the artifact"):
         return Path(snapshot_download(str(path_or_repo_id), revision=revision, allow_patterns=patterns, **hub_kwargs))
+
+
+def resolve_metadata(
+    repo_id: str, revision: str | None = None, **hub_kwargs: Any
+) -> tuple[Path, dict[str, int] | None]:
+    """Fetch a Hub artifact's config, manifest and unlearning log (not its weights) at one commit, and list its files.
+
+    Args:
+        repo_id (`str`): The Hub repo holding the artifact.
+        revision (`str`, *optional*): Branch, tag or commit; resolved once to a commit.
+        hub_kwargs: As for [`resolve_artifact`].
+
+    Returns:
+        `tuple[Path, dict[str, int] | None]`: The cache folder (named after the commit) and the size in bytes of
+        every file of the repo at that commit; `None` with `local_files_only`, as the cache keeps no file listing.
+    """
+    from huggingface_hub import HfApi, RepoFile
+
+    _check_hub_kwargs(hub_kwargs)
+    with hub_lookup(repo_id, "the artifact"):
+        folder = Path(
+            snapshot_download(
+                repo_id, revision=revision, allow_patterns=[CONFIG_NAME, MANIFEST_NAME, LOG_NAME], **hub_kwargs
+            )
+        )
+    if hub_kwargs.get("local_files_only"):
+        return folder, None
+    api = HfApi(endpoint=hub_kwargs.get("endpoint"), token=hub_kwargs.get("token"), headers=hub_kwargs.get("headers"))
+    tree = api.list_repo_tree(repo_id, revision=folder.name, recursive=True, repo_type=hub_kwargs.get("repo_type"))
+    return folder, {entry.path: entry.size for entry in tree if isinstance(entry, RepoFile)}

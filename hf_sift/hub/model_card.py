@@ -31,6 +31,8 @@ def build_model_card(
     license: str | None = None,
     datasets: Sequence[str] | None = None,
     unlearning_log: Sequence[Mapping[str, Any]] | None = None,
+    *,
+    plain_merge: bool = False,
 ) -> str:
     """The README.md of a pushed artifact: YAML metadata, then how to load it, its tasks and its unlearning log.
 
@@ -44,6 +46,8 @@ def build_model_card(
         license (`str`, *optional*): The license identifier for the card's metadata.
         datasets (`Sequence[str]`, *optional*): Hub dataset ids; defaults to the ones the tasks' metadata records.
         unlearning_log (`Sequence[Mapping]`, *optional*): Entries of the artifact's unlearning log, if it has one.
+        plain_merge (`bool`, *optional*, defaults to `False`): Whether the repo holds the plain merge as a
+            transformers checkpoint (format 2), which plain `transformers` loads.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -75,10 +79,23 @@ def build_model_card(
         f'model = MergedMaskedModel.from_pretrained("{repo_id}", task="{first}")',
         "```",
         "",
-        "This downloads the SIFT config, the merged sum and that task's mask only, and loads the base model "
-        "recorded in `sift_config.json`. `task=None` serves the plain merge of all tasks. From the command line: "
-        f"`hf-sift pull {repo_id} --task {first} -o DIR`.",
+        "This downloads the SIFT config and manifest, the merged weights and that task's mask only (never the other "
+        "tasks' masks), with the base model recorded in `sift_config.json` where it is needed. `task=None` serves "
+        f"the plain merge of all tasks. From the command line: `hf-sift pull {repo_id} --task {first} -o DIR`.",
         "",
+    ]
+    if plain_merge:
+        lines += [
+            "The plain merge of all tasks is also a standard checkpoint:",
+            "",
+            "```python",
+            "from transformers import AutoModelForCausalLM",
+            "",
+            f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
+            "```",
+            "",
+        ]
+    lines += [
         "## Tasks",
         "",
         f"{len(task_ids)} task{'s are' if len(task_ids) != 1 else ' is'} merged: {listed or 'none'}{more}.",

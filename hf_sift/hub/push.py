@@ -27,6 +27,8 @@ from ..errors import (
     PathNotFoundError,
 )
 from ..folder_lock import folder_lock
+from ..plain_merge import RECORDED_BASE, plain_merge_writer
+from ..shard_size import DEFAULT_MAX_SHARD_SIZE
 from ..unlearning_log import LOG_NAME
 from .model_card import build_model_card
 
@@ -96,7 +98,9 @@ def push_to_hub(
             other files it holds, such as a tokenizer).
         repo_id (`str`): The Hub repo; created (with `private`) when it does not exist.
         base_model (`str`, *optional*): Hub id of the base model. Required when the artifact records a local path
-            (or nothing); the model is then loaded from the Hub and checked against the artifact's base digests.
+            (or nothing); the model is then loaded from the Hub and checked against the artifact's base digests. A
+            recorded Hub id is pinned to its recorded commit, or (none recorded) to the branch head once its weights
+            pass the same check.
         revision (`str`, *optional*, defaults to `"main"`): The branch to push to.
         parent_commit (`str`, *optional*): The commit the push must start from; defaults to the branch head.
         commit_message (`str`, *optional*): Defaults to a summary of the push.
@@ -130,7 +134,16 @@ def push_to_hub(
         base_id, base_sha = _resolve_base(api, config, delta, base_model, token)
         config.base_model, config.base_revision = base_id, base_sha
         records = {t: delta.record(t) for t in delta.task_ids}
-        card = build_model_card(repo_id, base_id, base_sha, records, license, datasets, delta.log.entries)
+        card = build_model_card(
+            repo_id,
+            base_id,
+            base_sha,
+            records,
+            license,
+            datasets,
+            delta.log.entries,
+            plain_merge=config.format_version >= 2,
+        )
         files: dict[str, Path | bytes] = {
             path.relative_to(folder).as_posix(): path
             for path in sorted(folder.rglob("*"))
@@ -170,13 +183,23 @@ def _first_line(error: BaseException) -> str:
     return f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}"
 
 
-def push_delta(delta: MergedDelta, repo_id: str, **kwargs: Any) -> PushResult:
-    """Push a [`MergedDelta`] as [`MergedDelta.save_pretrained`] would write it (see [`push_to_hub`])."""
+def push_delta(delta: MergedDelta, repo_id: str, *, base: Any = RECORDED_BASE, **kwargs: Any) -> PushResult:
+    """Push a [`MergedDelta`] as [`MergedDelta.save_pretrained`] would write it (see [`push_to_hub`]).
+
+    `base` is what P is written from, as for `save_pretrained`: by default the recorded base model, so that the
+    published repo is format 2 and loads with vanilla transformers (a base recorded as a Hub id is downloaded for
+    that, and checked against the recorded digests); `None` publishes format 1 (no P).
+    """
     with tempfile.TemporaryDirectory(prefix="hf-sift-push-") as tmp:
         folder = Path(tmp) / "artifact"
         # Written like save_pretrained, without pointing the delta's masks at this temporary folder.
         log = {LOG_NAME: delta.log.to_bytes()} if len(delta.log) else None
-        write_artifact(folder, delta._config(), delta._records, delta._sum, delta._masks, extra_files=log)
+        if base is RECORDED_BASE and delta.base_model is not None and not is_local_path(delta.base_model):
+            base = delta.base_model  # a push talks to the Hub anyway: the base may be downloaded (digests checked)
+        plain = plain_merge_writer(delta, base, DEFAULT_MAX_SHARD_SIZE)
+        write_artifact(
+            folder, delta._config(), delta._records, delta._sum, delta._masks, extra_files=log, plain=plain
+        )
         return push_to_hub(folder, repo_id, **kwargs)
 
 
@@ -199,7 +222,7 @@ def _resolve_base(
         sha = api.model_info(name, revision=revision).sha
     except (RepositoryNotFoundError, RevisionNotFoundError) as error:
         raise MissingBaseModelError(f"base model {name!r} (revision {revision}) is not on the Hub: {error}") from None
-    if base_model is not None:
+    if base_model is not None or revision is None:  # a commit not recorded at training: prove it is that base
         _check_hub_base(delta, name, sha, token)
     return name, sha
 

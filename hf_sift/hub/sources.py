@@ -29,6 +29,11 @@ def could_be_repo_id(name: str | os.PathLike) -> bool:
     return True
 
 
+def is_hub_source(name: str | os.PathLike) -> bool:
+    """Whether `name` is read from the Hub: no such local path exists, and it could be a repo id."""
+    return not Path(name).expanduser().exists() and could_be_repo_id(name)
+
+
 def check_source(name: str | os.PathLike, what: str) -> None:
     """Raise [`~hf_sift.errors.PathNotFoundError`] when `name` is neither an existing path nor a possible repo id.
 

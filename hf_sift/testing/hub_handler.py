@@ -59,6 +59,7 @@ class HubRequestHandler(HubReadRoutes, HubWriteRoutes, BaseHTTPRequestHandler):
         # One handler serves every request of a kept-alive connection: reset the per-request state.
         self._cached_body: bytes | None = None
         self._record: RequestRecord | None = None
+        self._lose_answer = False
         url = urlsplit(self.path)
         self.query = parse_qs(url.query)
         segments = [unquote(s) for s in url.path.split("/")[1:]]
@@ -71,6 +72,7 @@ class HubRequestHandler(HubReadRoutes, HubWriteRoutes, BaseHTTPRequestHandler):
             if fault is not None and fault.kind == "drop":
                 self._drop()
                 return
+            self._lose_answer = fault is not None and fault.kind == "lose_answer"
             if handler is None:
                 raise LocalHubHTTPError(404, f"no route for {self.command} {url.path}")
             handler(*args)
@@ -173,6 +175,11 @@ class HubRequestHandler(HubReadRoutes, HubWriteRoutes, BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: Any = None, headers: dict[str, str] | None = None) -> None:
         data = body if isinstance(body, bytes) else b"" if body is None else json.dumps(body).encode()
+        if self._lose_answer:  # the request was handled; its answer is lost (logged with status None)
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+            return
         if self._record is not None:  # logged before the answer leaves, so a client that got it sees it logged
             self._record.status = status
         self.send_response(status)

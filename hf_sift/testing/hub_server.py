@@ -72,7 +72,8 @@ class RequestRecord:
 @dataclass
 class Fault:
     """A fault injected into the next `times` requests to `route` (whose path contains `path_contains`, when set):
-    `"drop"` the connection half-way through the request body, or `"delay"` the answer by `seconds`."""
+    `"drop"` the connection half-way through the request body, `"delay"` the answer by `seconds`, or
+    `"lose_answer"`: handle the request (a commit lands), then close the connection without answering."""
 
     route: str
     kind: str
@@ -219,6 +220,11 @@ class HubServer:
     def delay(self, route: str, seconds: float, times: int = 1, path_contains: str | None = None) -> None:
         """Answer the next `times` requests to `route` (whose path contains `path_contains`) after `seconds`."""
         self._add_fault(Fault(route, "delay", times, seconds, path_contains))
+
+    def lose_answer(self, route: str, times: int = 1, path_contains: str | None = None) -> None:
+        """Handle the next `times` requests to `route` (whose path contains `path_contains`) in full, then close the
+        connection instead of answering: the client fails although the change was made (e.g. a commit landed)."""
+        self._add_fault(Fault(route, "lose_answer", times, path_contains=path_contains))
 
     def clear_faults(self) -> None:
         with self._lock:

@@ -130,7 +130,7 @@ def load_data(path: str, flag: str = "--data", folders: bool = False) -> Any:
     return datasets.load_dataset(DATA_BUILDERS[path.rsplit(".", 1)[-1].lower()], data_files=path, split="train")
 
 
-def load_tokenizer(model: str, flag: str = "--model") -> Any:
+def load_tokenizer(model: str, flag: str = "--model", revision: str | None = None) -> Any:
     """The model's tokenizer (no remote code), padding with EOS where it has no pad token."""
     from transformers import AutoTokenizer
 
@@ -138,8 +138,8 @@ def load_tokenizer(model: str, flag: str = "--model") -> Any:
     from ..remote_code import refuse_remote_code
 
     with hub_lookup(model, flag):
-        refuse_remote_code(model)
-        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
+        refuse_remote_code(model, revision)
+        tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -181,7 +181,7 @@ def train_from_arguments(data_args: TrainDataArguments, config) -> int:
     from transformers import AutoModelForCausalLM
 
     from ..artifact import CONFIG_NAME
-    from ..hub.sources import check_source, hub_lookup
+    from ..hub.sources import check_source, hub_lookup, is_hub_source
     from ..output_dir import check_output_dir
     from .multi_task import train_tasks
 
@@ -201,10 +201,20 @@ def train_from_arguments(data_args: TrainDataArguments, config) -> int:
     )
     raw = load_data(data_args.data)
     check_columns(raw, data_args.task_column, data_args.text_template)
-    tokenizer = load_tokenizer(data_args.model)
+    revision = None
+    if is_hub_source(data_args.model):  # pin one commit: tokenizer and model come from it, and the artifact records it
+        from huggingface_hub import constants, resolve_revision
+        from huggingface_hub.errors import RevisionResolutionError
+
+        with hub_lookup(data_args.model, "--model"):
+            try:
+                revision = resolve_revision(data_args.model, local_files_only=constants.HF_HUB_OFFLINE).resolved
+            except RevisionResolutionError:  # neither reachable nor cached: the loads below say so, as before
+                revision = None
+    tokenizer = load_tokenizer(data_args.model, revision=revision)
     data = tokenize_rows(raw, tokenizer, data_args.text_template, data_args.max_length, data_args.task_column)
     with hub_lookup(data_args.model, "--model"):
-        model = AutoModelForCausalLM.from_pretrained(data_args.model, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(data_args.model, revision=revision, trust_remote_code=False)
     delta = train_tasks(
         model,
         data,
@@ -214,6 +224,7 @@ def train_from_arguments(data_args: TrainDataArguments, config) -> int:
         tasks=data_args.tasks or None,
         processing_class=tokenizer,
         base_model=data_args.model,
+        base_revision=revision,
     )
     if delta is not None:
         print(f"{delta.num_tasks} task(s) merged into {data_args.artifact_dir} (delta {delta.digest})")

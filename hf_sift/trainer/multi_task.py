@@ -26,6 +26,7 @@ from ..merged_delta import MergedDelta
 from ..task_id import validate_task_id
 from ..task_vector import TaskVector
 from .recipe import Recipe, rows_digest
+from .saved_tokenizer import save_processing_class
 from .sift_config import SIFTConfig
 from .sift_trainer import SIFTTrainer, freeze_all_but, select_tuned_names
 from .sign_constraint import SignConstraint, tuned_parameters
@@ -243,9 +244,14 @@ def train_tasks(
         tasks (`list[str]`, *optional*): Train only these tasks (default: every task of the dataset).
         peft_config (`peft.PeftConfig`, *optional*): Wrap `model` once with this adapter, its initialisation seeded
             with `args.seed`, so that every task starts from the same adapter; the task vectors cover the adapter.
-        data_collator, processing_class, callbacks: Passed to every [`SIFTTrainer`].
+        data_collator, processing_class, callbacks: Passed to every [`SIFTTrainer`]. The tokenizer (or processor)
+            `processing_class` is also saved into `output_dir` (on the main process, before the first task), so that
+            the artifact carries it: a push uploads it and `AutoTokenizer.from_pretrained(output_dir)` loads it.
         base_model (`str`, *optional*): Recorded in the artifact; defaults to the model's `name_or_path`.
-        base_revision (`str`, *optional*): Recorded in the artifact.
+        base_revision (`str`, *optional*): Recorded in the artifact. For a base loaded from the Hub, pass the commit
+            it was loaded at (e.g. `huggingface_hub.resolve_revision(name).resolved`, loading with that revision);
+            `hf-sift train` does. Otherwise [`~hf_sift.hub.push_to_hub`] pins the Hub head after checking its
+            weights against the recorded digests.
         task_vector_store (`str` or `os.PathLike`, *optional*): A private folder (never published) where each
             task's exact task vector is kept, so that [`~hf_sift.unlearn`] can remove it later without a replay.
         on_task_vector (`Callable[[str, TaskVector], None]`, *optional*): Called with each trained task's id and
@@ -273,6 +279,8 @@ def train_tasks(
     if final.num_tasks and not allow_mixed_recipes:
         run = Recipe.capture(args, "", model=model, data_collator=data_collator, processing_class=processing_class)
         check_recipes(final, every_group, dataset, run)
+    if layout.is_main:
+        save_processing_class(processing_class, output_dir)
     store = None
     if task_vector_store is not None:
         from ..task_vector_store import TaskVectorStore

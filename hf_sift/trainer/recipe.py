@@ -123,7 +123,7 @@ def _sha256_json(data: Any) -> str:
     return "sha256:" + hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
-def _saved_bytes(path: Path) -> bytes:
+def saved_file_bytes(path: Path) -> bytes:
     """A saved file's bytes; in a fast tokenizer's `tokenizer.json`, without the truncation and padding state.
 
     A fast tokenizer keeps the truncation and padding of its last call and saves them: two copies of one tokenizer
@@ -161,7 +161,7 @@ def object_identity(obj: Any) -> dict[str, str] | None:
             for path in sorted(Path(folder).rglob("*")):
                 if path.is_file():
                     digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
-                    digest.update(hashlib.sha256(_saved_bytes(path)).digest())
+                    digest.update(hashlib.sha256(saved_file_bytes(path)).digest())
         identity["hash"] = "sha256:" + digest.hexdigest()
     else:
         state = vars(obj) if hasattr(obj, "__dict__") else {}

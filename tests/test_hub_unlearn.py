@@ -1,0 +1,204 @@
+"""Unlearning tasks from a published repo, against the local Hub through the unmodified huggingface_hub client."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from huggingface_hub import CommitOperationAdd, HfApi, RepoFile, hf_hub_download
+from trainer_fixtures import sift_args, task_dataset, tiny_model
+
+from hf_sift import unlearn
+from hf_sift.cli import main
+from hf_sift.errors import ConcurrentUpdateError, ReplayPreconditionError
+from hf_sift.hub import push_to_hub
+from hf_sift.trainer import train_tasks
+from hf_sift.unlearning_log import LOG_NAME
+
+
+BASE = "me/unlearn-base"
+TASKS = ["t1", "t2", "t3", "t4", "t5"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, local_hub):
+    """Five tiny tasks trained on a base that is on the local Hub, their store, and fresh merges of the others."""
+    root = tmp_path_factory.mktemp("hub-unlearn")
+    tiny_model().save_pretrained(root / "base")
+    api = HfApi()
+    api.create_repo(BASE, exist_ok=True)
+    api.upload_folder(folder_path=root / "base", repo_id=BASE)
+    data = task_dataset(num_tasks=5, rows_per_task=4).map(lambda r: {"task": f"t{int(r['task'][1:]) + 1}"})
+    args = sift_args(root / "runs", max_steps=2)
+    # Trained from a local copy of the base (so the artifacts are format 2, with the plain merge P), pushed with the
+    # base's Hub id (checked against its digests).
+    kwargs = {"base_model": str(root / "base")}
+    train_tasks(tiny_model(), data, "task", args, root / "five", task_vector_store=root / "store", **kwargs)
+    train_tasks(tiny_model(), data, "task", args, root / "1245", tasks=["t1", "t2", "t4", "t5"], **kwargs)
+    train_tasks(tiny_model(), data, "task", args, root / "145", tasks=["t1", "t4", "t5"], **kwargs)
+    assert (root / "five" / "model.safetensors").is_file()
+    push_to_hub(root / "1245", "me/fresh-1245", base_model=BASE)
+    push_to_hub(root / "145", "me/fresh-145", base_model=BASE)
+    return root, data, args
+
+
+def repo_files(repo_id: str, cache_dir: Path, revision: str | None = None) -> dict[str, bytes]:
+    return {
+        name: Path(hf_hub_download(repo_id, name, revision=revision, cache_dir=cache_dir)).read_bytes()
+        for name in HfApi().list_repo_files(repo_id, revision=revision)
+    }
+
+
+def tree(repo_id: str, revision: str) -> dict[str, RepoFile]:
+    entries = HfApi().list_repo_tree(repo_id, revision=revision, recursive=True)
+    return {e.path: e for e in entries if isinstance(e, RepoFile)}
+
+
+def assert_equals_fresh_push(repo_id: str, fresh_id: str, forgotten: list[str], cache: Path) -> None:
+    """The repo's files are those of a fresh push of the other tasks, plus the unlearning log; the card differs only
+    by the repo's name and its "Unlearning log" section, which lists the removals."""
+    got, fresh = repo_files(repo_id, cache), repo_files(fresh_id, cache)
+    assert sorted(got) == sorted([*fresh, LOG_NAME])
+    for name in fresh:
+        if name != "README.md":
+            assert got[name] == fresh[name], name
+    card, fresh_card = got["README.md"].decode(), fresh["README.md"].decode()
+    head, _, log = card.partition("## Unlearning log")
+    assert head == fresh_card.partition("## Unlearning log")[0].replace(fresh_id.split("/")[1], repo_id.split("/")[1])
+    assert [line.split(": removed ")[1].split(";")[0] for line in log.splitlines() if line.startswith("- ")] == [
+        f"task `{t}`" for t in forgotten
+    ]
+    assert len(got[LOG_NAME].splitlines()) == len(forgotten)
+
+
+def publish(world, repo_id: str) -> str:
+    root, _, _ = world
+    return push_to_hub(root / "five", repo_id, base_model=BASE).commit
+
+
+def test_unlearning_a_repo_equals_a_fresh_push_of_the_others_and_squashes_history(world, hub, tmp_path):
+    _, data, _ = world
+    api = HfApi()
+    pushed = publish(world, "me/u-main")
+    initial = api.list_repo_commits("me/u-main")[-1].commit_id
+    api.create_tag("me/u-main", tag="v1", revision=pushed)  # holds task t3
+    api.create_tag("me/u-main", tag="empty", revision=initial)  # holds no task
+    api.create_branch("me/u-main", branch="old", revision=pushed)
+    api.create_commit(
+        "me/u-main", [CommitOperationAdd("notes.md", b"a proposal\n")], commit_message="notes", create_pr=True
+    )
+    old = tree("me/u-main", pushed)
+    hub.clear_requests()
+
+    report = unlearn("me/u-main", "t3", model=tiny_model(), dataset=data, cache_dir=tmp_path / "cache")
+
+    assert_equals_fresh_push("me/u-main", "me/fresh-1245", ["t3"], tmp_path / "cache")
+    assert [(r.route, r.status) for r in hub.requests if r.route in ("commit", "super_squash")] == [
+        ("commit", 200),
+        ("super_squash", 200),
+    ]
+    assert report.parent == pushed and report.squashed and report.head == api.model_info("me/u-main").sha
+    assert report.deleted == ["masks/t3.safetensors"]
+    assert report.bytes_uploaded == sum(tree("me/u-main", report.head)[p].size for p in report.uploaded) > 0
+    assert [t.task_id for t in report.tasks] == ["t3"] and report.replay_steps == 2
+    assert report.refs_holding == ["refs/heads/old", "refs/pr/1", "refs/tags/v1"]
+    assert "refs/tags/v1 still holds a forgotten task" in str(report)
+    # No revision of the branch holds t3's mask, or the sum or plain merge that held it.
+    commits = api.list_repo_commits("me/u-main")
+    assert len(commits) == 1 and commits[0].commit_id == report.head
+    held = {(p, old[p].blob_id) for p in old if p.startswith("sift_delta") or p == "model.safetensors"}
+    for commit in commits:
+        files = tree("me/u-main", commit.commit_id)
+        assert "masks/t3.safetensors" not in files
+        assert not held & {(p, e.blob_id) for p, e in files.items()}
+    assert "masks/t3.safetensors" in tree("me/u-main", "v1")  # the tag is left alone, and reported
+
+
+def test_keep_history_keeps_the_earlier_commits(world, hub, tmp_path):
+    root, _, _ = world
+    pushed = publish(world, "me/u-keep")
+    report = unlearn("me/u-keep", ["t3"], task_vector_store=root / "store", keep_history=True)
+    api = HfApi()
+    assert [c.commit_id for c in api.list_repo_commits("me/u-keep")][:2] == [report.commit, pushed]
+    assert not report.squashed and report.head == report.commit and report.refs_holding == []
+    assert "history of main kept" in str(report)
+    assert "masks/t3.safetensors" in tree("me/u-keep", pushed)
+    assert_equals_fresh_push("me/u-keep", "me/fresh-1245", ["t3"], tmp_path / "cache")
+
+
+@pytest.mark.parametrize("change", ["data", "recipe"])
+def test_a_replay_that_cannot_reproduce_is_refused_and_the_repo_is_unchanged(world, hub, change):
+    root, data, args = world
+    repo = f"me/u-refused-{change}"
+    pushed = publish(world, repo)
+    api = HfApi()
+    commits = [c.commit_id for c in api.list_repo_commits(repo)]
+    if change == "data":
+        index = data["task"].index("t3")
+        data = data.map(lambda r, i: {"input_ids": [(r["input_ids"][0] + 1) % 64, *r["input_ids"][1:]]} if i == index else {}, with_indices=True)  # fmt: skip
+        args = None
+    else:
+        args = sift_args(root / "runs", max_steps=2, learning_rate=2e-2)
+    hub.clear_requests()
+    with pytest.raises(ReplayPreconditionError, match="cannot be replayed as recorded"):
+        unlearn(repo, "t3", model=tiny_model(), dataset=data, args=args)
+    assert [c.commit_id for c in api.list_repo_commits(repo)] == commits and commits[0] == pushed
+    assert not [r for r in hub.requests if r.route in ("commit", "super_squash", "lfs_upload")]
+
+
+def test_two_racing_unlearnings_one_lands_the_other_is_refused_and_a_retry_succeeds(world, hub, monkeypatch, tmp_path):
+    import hf_sift.hub.unlearn as hub_unlearn
+
+    root, _, _ = world
+    store = root / "store"
+    pushed = publish(world, "me/u-race")
+    original = hub_unlearn.push_to_hub
+    landed = {}
+
+    def other_lands_first(*args, **kwargs):
+        # Both started from `pushed`; the other request (t2) lands while this one (t3) is about to commit.
+        monkeypatch.setattr(hub_unlearn, "push_to_hub", original)
+        landed["t2"] = unlearn("me/u-race", "t2", task_vector_store=store, parent_commit=pushed)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(hub_unlearn, "push_to_hub", other_lands_first)
+    hub.clear_requests()
+    with pytest.raises(ConcurrentUpdateError, match="moved since the unlearning started from"):
+        unlearn("me/u-race", "t3", task_vector_store=store, parent_commit=pushed)
+    assert [r.status for r in hub.requests if r.route == "commit"] == [200, 412]
+    head = HfApi().model_info("me/u-race").sha
+    assert head == landed["t2"].head  # the refused one changed nothing
+    assert "masks/t3.safetensors" in tree("me/u-race", head)
+
+    retry = unlearn("me/u-race", "t3", task_vector_store=store)
+    assert retry.parent == head
+    assert_equals_fresh_push("me/u-race", "me/fresh-145", ["t2", "t3"], tmp_path / "cache")
+
+
+def test_the_unlearn_command_on_a_repo(world, hub, capsys):
+    root, _, _ = world
+    pushed = publish(world, "me/u-cli")
+    api = HfApi()
+    api.create_tag("me/u-cli", tag="v1", revision=pushed)
+    store = ["--task-vector-store", str(root / "store")]
+    capsys.readouterr()
+    for argv, words in [
+        (["me/u-cli", "--task", "t9", *store], "unknown task 't9'"),
+        (["me/u-cli", "--task", "t3", "--revision", "v1", *store], "'v1' is not a branch of me/u-cli"),
+        (["me/u-none", "--task", "t3", *store], "not found on the Hugging Face Hub"),
+        ([str(root / "five"), "--task", "t3", "--keep-history", *store], "apply to a Hub repo id"),
+    ]:
+        assert main(["unlearn", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("hf-sift: error: ") and words in err and err.count("\n") == 1, err
+    assert api.model_info("me/u-cli").sha == pushed
+
+    assert main(["unlearn", "me/u-cli", "--task", "t3", "--dry-run", *store]) == 0
+    assert "dry run: would unlearn 1 task(s) from me/u-cli@" + pushed in capsys.readouterr().out
+    assert api.model_info("me/u-cli").sha == pushed
+
+    assert main(["unlearn", "me/u-cli", "--task", "t3", "--keep-history", *store]) == 0
+    out = capsys.readouterr().out
+    commit = api.model_info("me/u-cli").sha
+    assert f"published to me/u-cli@main: commit {commit} (parent {pushed})" in out
+    assert "warning: refs/tags/v1 still holds a forgotten task" in out

@@ -8,6 +8,10 @@ hf-sift unlearn merged --task alice --task bob --base HuggingFaceTB/SmolLM2-135M
 The data, template and max length are those `hf-sift train` was given; each task's rows are checked against the
 recorded ones before anything is trained. Exit 0 when the tasks were removed, 1 when a replay did not reproduce
 its recorded task vector, 2 for bad input (nothing is changed in either case).
+
+With a Hub repo id, the files of the branch head are read at that one commit, and the result is published as one
+commit from it, then the branch's history is squashed (`--keep-history` keeps it); see docs/hub.md. Exit 1 also when
+the branch moved meanwhile (nothing changed: run it again) or when the squash failed after the commit landed.
 """
 
 from __future__ import annotations
@@ -63,8 +67,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    print(_unlearn(args))
-    return 0
+    report = _unlearn(args)
+    print(report)
+    return 1 if getattr(report, "squash_error", None) else 0  # published, but the old history is still there
 
 
 def _unlearn(args: argparse.Namespace):

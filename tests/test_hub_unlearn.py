@@ -146,36 +146,42 @@ def test_a_replay_that_cannot_reproduce_is_refused_and_the_repo_is_unchanged(wor
     assert not [r for r in hub.requests if r.route in ("commit", "super_squash", "lfs_upload")]
 
 
-def test_two_racing_unlearnings_one_lands_the_other_is_refused_and_a_retry_succeeds(world, hub, monkeypatch, tmp_path):
+@pytest.mark.parametrize("first_keeps_history", [True, False])
+def test_two_racing_unlearnings_one_lands_the_other_is_refused_and_a_retry_succeeds(
+    world, hub, monkeypatch, tmp_path, first_keeps_history
+):
     import hf_sift.hub.unlearn as hub_unlearn
 
     root, _, _ = world
     store = root / "store"
-    pushed = publish(world, "me/u-race")
+    repo = f"me/u-race-{first_keeps_history}".lower()
+    pushed = publish(world, repo)
     original = hub_unlearn.push_to_hub
     landed = {}
 
     def other_lands_first(*args, **kwargs):
         # Both started from `pushed`; the other request (t2) lands while this one (t3) is about to commit.
         monkeypatch.setattr(hub_unlearn, "push_to_hub", original)
-        landed["t2"] = unlearn("me/u-race", "t2", task_vector_store=store, parent_commit=pushed)
+        keep = first_keeps_history
+        landed["t2"] = unlearn(repo, "t2", task_vector_store=store, parent_commit=pushed, keep_history=keep)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(hub_unlearn, "push_to_hub", other_lands_first)
     hub.clear_requests()
     with pytest.raises(ConcurrentUpdateError, match="moved since the unlearning started from"):
-        unlearn("me/u-race", "t3", task_vector_store=store, parent_commit=pushed)
-    assert [r.status for r in hub.requests if r.route == "commit"] == [200, 412]
-    head = HfApi().model_info("me/u-race").sha
+        unlearn(repo, "t3", task_vector_store=store, parent_commit=pushed)
+    # With the history kept, the stale commit is refused by the Hub (412); after a squash, its parent is gone.
+    assert [r.status for r in hub.requests if r.route == "commit"] == ([200, 412] if first_keeps_history else [200])
+    head = HfApi().model_info(repo).sha
     assert head == landed["t2"].head  # the refused one changed nothing
-    assert "masks/t3.safetensors" in tree("me/u-race", head)
+    assert "masks/t3.safetensors" in tree(repo, head) and "masks/t2.safetensors" not in tree(repo, head)
 
-    retry = unlearn("me/u-race", "t3", task_vector_store=store)
-    assert retry.parent == head
-    assert_equals_fresh_push("me/u-race", "me/fresh-145", ["t2", "t3"], tmp_path / "cache")
+    retry = unlearn(repo, "t3", task_vector_store=store)
+    assert retry.parent == head and retry.squashed
+    assert_equals_fresh_push(repo, "me/fresh-145", ["t2", "t3"], tmp_path / "cache")
 
 
-def test_the_unlearn_command_on_a_repo(world, hub, capsys):
+def test_the_unlearn_command_on_a_repo(world, hub, capsys, monkeypatch):
     root, _, _ = world
     pushed = publish(world, "me/u-cli")
     api = HfApi()
@@ -189,8 +195,9 @@ def test_the_unlearn_command_on_a_repo(world, hub, capsys):
         ([str(root / "five"), "--task", "t3", "--keep-history", *store], "apply to a Hub repo id"),
     ]:
         assert main(["unlearn", *argv]) == 2, argv
-        err = capsys.readouterr().err
-        assert err.startswith("hf-sift: error: ") and words in err and err.count("\n") == 1, err
+        err = capsys.readouterr().err  # after the download's progress bars, if any: one line
+        assert err.count("hf-sift: error: ") == 1 and err.endswith("\n"), err
+        assert err.splitlines()[-1].startswith("hf-sift: error: ") and words in err.splitlines()[-1], err
     assert api.model_info("me/u-cli").sha == pushed
 
     assert main(["unlearn", "me/u-cli", "--task", "t3", "--dry-run", *store]) == 0
@@ -202,3 +209,27 @@ def test_the_unlearn_command_on_a_repo(world, hub, capsys):
     commit = api.model_info("me/u-cli").sha
     assert f"published to me/u-cli@main: commit {commit} (parent {pushed})" in out
     assert "warning: refs/tags/v1 still holds a forgotten task" in out
+
+    import hf_sift.hub.unlearn as hub_unlearn
+
+    def someone_commits_first(*args, **kwargs):
+        api.upload_file(path_or_fileobj=b"notes\n", path_in_repo="notes.md", repo_id="me/u-cli")
+        return push_to_hub(*args, **kwargs)
+
+    monkeypatch.setattr(hub_unlearn, "push_to_hub", someone_commits_first)
+    moved = api.model_info("me/u-cli").sha
+    assert main(["unlearn", "me/u-cli", "--task", "t4", *store]) == 1
+    err = capsys.readouterr().err
+    assert err.count("hf-sift: error: ") == 1 and "me/u-cli@main moved since the unlearning started from" in err
+    files = tree("me/u-cli", api.model_info("me/u-cli").sha)  # the other commit only: t4 is still there
+    assert "notes.md" in files and "masks/t4.safetensors" in files and api.model_info("me/u-cli").sha != moved
+
+
+def test_a_failed_squash_is_reported_and_the_commit_stays(world, hub):
+    root, _, _ = world
+    pushed = publish(world, "me/u-nosquash")
+    hub.drop("super_squash")
+    report = unlearn("me/u-nosquash", "t3", task_vector_store=root / "store")
+    assert not report.squashed and report.squash_error and report.head == report.commit
+    assert [c.commit_id for c in HfApi().list_repo_commits("me/u-nosquash")][:2] == [report.commit, pushed]
+    assert "was NOT squashed" in str(report)

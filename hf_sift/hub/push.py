@@ -254,15 +254,22 @@ def _commit(
     private: bool | None,
 ) -> PushResult:
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, RepoFile
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
 
     api.create_repo(repo_id, private=private, exist_ok=True)
     parent = parent_commit or api.model_info(repo_id, revision=revision).sha
-    remote = {
-        entry.path: entry
-        for entry in api.list_repo_tree(repo_id, revision=parent, recursive=True)
-        if isinstance(entry, RepoFile)
-    }
+    moved = (
+        f"{repo_id}@{revision} changed since this push started from {parent}: nothing was pushed. Check what the "
+        "other commit changed, then push again (from the new head)"
+    )
+    try:
+        remote = {
+            entry.path: entry
+            for entry in api.list_repo_tree(repo_id, revision=parent, recursive=True)
+            if isinstance(entry, RepoFile)
+        }
+    except RevisionNotFoundError:  # the parent is gone: the branch's history was squashed or rewritten since
+        raise ConcurrentUpdateError(moved) from None
     uploaded = [path for path, source in files.items() if _changed(source, remote.get(path))]
     deleted = sorted(path for path in remote if is_artifact_file(path) and path not in files)
     result = PushResult(repo_id, revision, parent, parent, uploaded, deleted)
@@ -284,10 +291,7 @@ def _commit(
         )
     except HfHubHTTPError as error:
         if error.response is not None and error.response.status_code == 412:
-            raise ConcurrentUpdateError(
-                f"{repo_id}@{revision} changed since this push started from {parent}: nothing was pushed. Check "
-                "what the other commit changed, then push again (from the new head)"
-            ) from None
+            raise ConcurrentUpdateError(moved) from None
         raise
     result.commit = info.oid
     return result

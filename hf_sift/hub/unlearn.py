@@ -45,7 +45,7 @@ class HubUnlearningReport(UnlearningReport):
         repo_id (`str`): The repo.
         revision (`str`): The branch committed to.
         parent (`str`): The pinned commit the files were read from (the new commit's parent).
-        commit (`str`, *optional*): The unlearning commit (None in a dry run).
+        commit (`str`, *optional*): The unlearning commit (None in a dry run; after a squash only `head` exists).
         head (`str`, *optional*): The branch head afterwards: the squashed commit, or `commit` with the history kept.
         uploaded (`list[str]`): Files the commit added or changed.
         deleted (`list[str]`): Files the commit deleted (the forgotten tasks' masks, a stale plain merge).
@@ -165,7 +165,7 @@ def unlearn_repo(
     hub_kwargs = {k: v for k, v in {"token": token, "cache_dir": cache_dir}.items() if v is not None}
     snapshot = download_pinned(repo_id, pinned, **hub_kwargs)
     before = _tree(api, repo_id, pinned)
-    if "base" not in unlearn_kwargs:  # the repo keeps its format: P is written again when it had one
+    if "base" not in unlearn_kwargs and not unlearn_kwargs.get("dry_run"):  # the repo keeps its format (P or not)
         has_plain = any(is_plain_file(path) for path in before)
         unlearn_kwargs["base"] = _base_folder(read_config(snapshot), **hub_kwargs) if has_plain else None
     with tempfile.TemporaryDirectory(prefix="hf-sift-unlearn-") as tmp:

@@ -84,6 +84,8 @@ def test_unlearning_a_repo_equals_a_fresh_push_of_the_others_and_squashes_histor
     api.create_tag("me/u-main", tag="v1", revision=pushed)  # holds task t3
     api.create_tag("me/u-main", tag="empty", revision=initial)  # holds no task
     api.create_branch("me/u-main", branch="old", revision=pushed)
+    api.create_branch("me/u-main", branch="stripped", revision=pushed)  # no t3 mask, but the sum and P holding t3
+    api.delete_file("masks/t3.safetensors", "me/u-main", revision="stripped")
     api.create_commit(
         "me/u-main", [CommitOperationAdd("notes.md", b"a proposal\n")], commit_message="notes", create_pr=True
     )
@@ -101,7 +103,7 @@ def test_unlearning_a_repo_equals_a_fresh_push_of_the_others_and_squashes_histor
     assert report.deleted == ["masks/t3.safetensors"]
     assert report.bytes_uploaded == sum(tree("me/u-main", report.head)[p].size for p in report.uploaded) > 0
     assert [t.task_id for t in report.tasks] == ["t3"] and report.replay_steps == 2
-    assert report.refs_holding == ["refs/heads/old", "refs/pr/1", "refs/tags/v1"]
+    assert report.refs_holding == ["refs/heads/old", "refs/heads/stripped", "refs/pr/1", "refs/tags/v1"]
     assert "refs/tags/v1 still holds a forgotten task" in str(report)
     # No revision of the branch holds t3's mask, or the sum or plain merge that held it.
     commits = api.list_repo_commits("me/u-main")

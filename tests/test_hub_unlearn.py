@@ -235,3 +235,42 @@ def test_a_failed_squash_is_reported_and_the_commit_stays(world, hub):
     assert not report.squashed and report.squash_error and report.head == report.commit
     assert [c.commit_id for c in HfApi().list_repo_commits("me/u-nosquash")][:2] == [report.commit, pushed]
     assert "was NOT squashed" in str(report)
+
+
+def test_the_unlearn_command_replays_against_a_repo(hub, tmp_path, capsys):
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [f"w{i}" for i in range(60)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[PAD]", "[UNK]", *words])}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
+    tiny_model().save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    api = HfApi()
+    api.create_repo("me/cli-base")
+    api.upload_folder(folder_path=tmp_path / "model", repo_id="me/cli-base")
+    rows = [{"text": " ".join(words[(i * 7 + j) % 60] for j in range(10)), "who": f"a{i % 2}"} for i in range(8)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["--model", str(tmp_path / "model"), "--data", str(data), "--task_column", "who", "--max_length", "12",
+              "--output_dir", str(tmp_path / "runs"), "--max_steps", "2", "--per_device_train_batch_size", "2",
+              "--use_cpu", "true", "--report_to", "none", "--disable_tqdm", "true"]  # fmt: skip
+    assert main(["train", *common, "--artifact_dir", str(tmp_path / "merged")]) == 0
+    assert main(["train", *common, "--artifact_dir", str(tmp_path / "a1"), "--tasks", "a1"]) == 0
+    assert main(["push", str(tmp_path / "merged"), "me/u-cli-replay", "--base-model", "me/cli-base"]) == 0
+    assert main(["push", str(tmp_path / "a1"), "me/u-cli-a1", "--base-model", "me/cli-base"]) == 0
+    capsys.readouterr()
+
+    # The base folder it was trained from (a tokenizer loaded from the Hub saves `"is_local": false` in its config,
+    # so its recorded identity differs from the one loaded from the folder).
+    argv = ["unlearn", "me/u-cli-replay", "--task", "a0", "--data", str(data), "--task-column", "who", "--base",
+            str(tmp_path / "model")]  # fmt: skip
+    assert main([*argv, "--max-length", "11"]) == 2  # other rows than the recorded ones: refused, nothing changed
+    assert "rows of task 'a0'" in capsys.readouterr().err.splitlines()[-1]
+    assert len(api.list_repo_commits("me/u-cli-replay")) == 2
+    assert main([*argv, "--max-length", "12", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert "history of main squashed" in capsys.readouterr().out
+    assert_equals_fresh_push("me/u-cli-replay", "me/u-cli-a1", ["a0"], tmp_path / "cache")

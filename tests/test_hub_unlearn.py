@@ -76,7 +76,9 @@ def publish(world, repo_id: str) -> str:
     return push_to_hub(root / "five", repo_id, base_model=BASE).commit
 
 
-def test_unlearning_a_repo_equals_a_fresh_push_of_the_others_and_squashes_history(world, hub, tmp_path):
+def test_unlearning_a_repo_equals_a_fresh_push_of_the_others_and_squashes_history(world, hub, tmp_path, monkeypatch):
+    import huggingface_hub
+
     _, data, _ = world
     api = HfApi()
     pushed = publish(world, "me/u-main")
@@ -90,6 +92,8 @@ def test_unlearning_a_repo_equals_a_fresh_push_of_the_others_and_squashes_histor
         "me/u-main", [CommitOperationAdd("notes.md", b"a proposal\n")], commit_message="notes", create_pr=True
     )
     old = tree("me/u-main", pushed)
+    # A machine that has not downloaded the base yet: the plain merge P is still written (from the recorded base).
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     hub.clear_requests()
 
     report = unlearn("me/u-main", "t3", model=tiny_model(), dataset=data, cache_dir=tmp_path / "cache")

@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 from ..artifact import MASKS_DIR, is_artifact_file, mask_filename, read_config, read_manifest
 from ..artifact_config import ArtifactConfig
 from ..errors import ConcurrentUpdateError, InvalidArgumentError
-from ..plain_merge import is_plain_file
+from ..plain_merge import RECORDED_BASE, is_plain_file
 from ..unlearning import UnlearningReport, unlearn
 from ..unlearning_log import LOG_NAME
 from .download import DELTA_PATTERNS
-from .model_card import _dataset_ids
+from .model_card import dataset_ids
 from .push import CARD_NAME, _first_line, is_local_path, push_to_hub
 from .sources import hub_lookup
 
@@ -161,11 +161,13 @@ def unlearn_repo(
 
     api = HfApi(token=token)
     branch = revision or "main"
-    pinned = parent_commit or pin_revision(api, repo_id, branch)
+    head = pin_revision(api, repo_id, branch)  # also checks that the repo and the branch exist
+    pinned = parent_commit or head
     hub_kwargs = {k: v for k, v in {"token": token, "cache_dir": cache_dir}.items() if v is not None}
     snapshot = download_pinned(repo_id, pinned, **hub_kwargs)
     before = _tree(api, repo_id, pinned)
-    if "base" not in unlearn_kwargs and not unlearn_kwargs.get("dry_run"):  # the repo keeps its format (P or not)
+    if unlearn_kwargs.get("base", RECORDED_BASE) is RECORDED_BASE and not unlearn_kwargs.get("dry_run"):
+        # The repo keeps its format: P is written again (from the recorded base, fetched) when it had one.
         has_plain = any(is_plain_file(path) for path in before)
         unlearn_kwargs["base"] = _base_folder(read_config(snapshot), **hub_kwargs) if has_plain else None
     with tempfile.TemporaryDirectory(prefix="hf-sift-unlearn-") as tmp:
@@ -188,7 +190,7 @@ def unlearn_repo(
         license, datasets = None, None
         if (snapshot / CARD_NAME).is_file():  # keep the card's license and datasets, less the forgotten tasks' own
             data = ModelCard.load(snapshot / CARD_NAME).data
-            removed = set(_dataset_ids(read_manifest(snapshot))) - set(_dataset_ids(read_manifest(stage)))
+            removed = set(dataset_ids(read_manifest(snapshot))) - set(dataset_ids(read_manifest(stage)))
             license = data.license
             datasets = None if data.datasets is None else [d for d in data.datasets if d not in removed]
         count = len(report.tasks)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -159,6 +160,7 @@ def unlearn_repo(
     """
     from huggingface_hub import HfApi, ModelCard
 
+    started = time.perf_counter()
     api = HfApi(token=token)
     branch = revision or "main"
     head = pin_revision(api, repo_id, branch)  # also checks that the repo and the branch exist
@@ -179,13 +181,10 @@ def unlearn_repo(
                 shutil.copyfile(path, stage / name)  # follows the cache's links; the cache is never written
         done = unlearn(stage, task_ids, **unlearn_kwargs)
         report = HubUnlearningReport(**{f.name: getattr(done, f.name) for f in fields(UnlearningReport)})
-        report.artifact, report.repo_id, report.revision, report.parent = (
-            f"{repo_id}@{pinned}",
-            repo_id,
-            branch,
-            pinned,
-        )
+        report.artifact, report.repo_id = f"{repo_id}@{pinned}", repo_id
+        report.revision, report.parent = branch, pinned
         if report.dry_run:
+            report.wall_time_s = time.perf_counter() - started
             return report
         license, datasets = None, None
         if (snapshot / CARD_NAME).is_file():  # keep the card's license and datasets, less the forgotten tasks' own
@@ -227,6 +226,7 @@ def unlearn_repo(
         if (path.startswith("sift_delta") or is_plain_file(path)) and after.get(path) != oid
     }
     report.refs_holding = refs_holding(api, repo_id, branch, masks, old)
+    report.wall_time_s = time.perf_counter() - started  # the whole call: downloads, replay, commit, squash, checks
     return report
 
 

@@ -10,7 +10,7 @@ from trainer_fixtures import sift_args, task_dataset, tiny_model
 
 from hf_sift import unlearn
 from hf_sift.cli import main
-from hf_sift.errors import ConcurrentUpdateError, ReplayPreconditionError
+from hf_sift.errors import ConcurrentUpdateError, HubTransferError, ReplayPreconditionError
 from hf_sift.hub import push_to_hub
 from hf_sift.trainer import train_tasks
 from hf_sift.unlearning_log import LOG_NAME
@@ -278,3 +278,15 @@ def test_the_unlearn_command_replays_against_a_repo(hub, tmp_path, capsys):
     assert main([*argv, "--max-length", "12", "--cache-dir", str(tmp_path / "cache")]) == 0
     assert "history of main squashed" in capsys.readouterr().out
     assert_equals_fresh_push("me/u-cli-replay", "me/u-cli-a1", ["a0"], tmp_path / "cache")
+
+
+def test_a_dropped_commit_changes_nothing_and_a_retry_succeeds(world, hub, tmp_path):
+    root, _, _ = world
+    pushed = publish(world, "me/u-drop")
+    hub.drop("commit")
+    with pytest.raises(HubTransferError, match="the unlearning commit to me/u-drop@main did not complete"):
+        unlearn("me/u-drop", "t3", task_vector_store=root / "store", cache_dir=tmp_path / "cache")
+    assert [c.commit_id for c in HfApi().list_repo_commits("me/u-drop")][0] == pushed
+    report = unlearn("me/u-drop", "t3", task_vector_store=root / "store", cache_dir=tmp_path / "cache")
+    assert report.parent == pushed and report.squashed
+    assert_equals_fresh_push("me/u-drop", "me/fresh-1245", ["t3"], tmp_path / "cache")

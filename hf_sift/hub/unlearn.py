@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..artifact import MASKS_DIR, is_artifact_file, mask_filename, read_config, read_manifest
 from ..artifact_config import ArtifactConfig
-from ..errors import ConcurrentUpdateError, InvalidArgumentError
+from ..errors import ConcurrentUpdateError, HubTransferError, InvalidArgumentError
 from ..plain_merge import RECORDED_BASE, is_plain_file
 from ..unlearning import UnlearningReport, unlearn
 from ..unlearning_log import LOG_NAME
@@ -204,6 +204,12 @@ def unlearn_repo(
                 f"{repo_id}@{branch} moved since the unlearning started from {pinned}: nothing was changed on the "
                 "Hub. Run the unlearning again: it starts from the new head"
             ) from None
+        except HubTransferError as error:
+            raise HubTransferError(
+                f"the unlearning commit to {repo_id}@{branch} did not complete ({_first_line(error)}); a commit lands "
+                f"whole or not at all: while {pinned} is still the head, nothing changed and running the unlearning "
+                "again is safe"
+            ) from error
     report.commit = report.head = pushed.commit
     report.uploaded, report.deleted, report.bytes_uploaded = pushed.uploaded, pushed.deleted, pushed.bytes_uploaded
     if not keep_history:

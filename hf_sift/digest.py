@@ -1,4 +1,4 @@
-"""Canonical sha256 digests of named tensors.
+"""Canonical sha256 digests of named tensors, and the BLAKE3 per-tensor digests of format 2.
 
 Serialisation (version 1): the tag ``hf_sift-digest-v1\\n``, then for each name in sorted order the JSON line
 ``["name", "dtype", [shape...]]\\n`` followed by the tensor's raw little-endian bytes in row-major order. The
@@ -12,6 +12,7 @@ import json
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
+from blake3 import blake3
 
 from .errors import InvalidArgumentError
 
@@ -81,3 +82,16 @@ def file_digest(path: str) -> str:
         while block := f.read(1 << 22):
             sha.update(block)
     return "sha256:" + sha.hexdigest()
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """`"blake3:" + hex` of a tensor's raw little-endian bytes in row-major order (see docs/FORMAT.md)."""
+    return "blake3:" + blake3(tensor_bytes(tensor)).hexdigest()
+
+
+def named_tensor_digest(name: str, tensor: torch.Tensor) -> str:
+    """`"blake3:" + hex` of the JSON line `["<name>", "<dtype>", [<shape>]]\n` then the tensor's raw bytes."""
+    header = json.dumps([name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape)]) + "\n"
+    hasher = blake3(header.encode("utf-8"))
+    hasher.update(tensor_bytes(tensor))
+    return "blake3:" + hasher.hexdigest()

@@ -17,7 +17,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="check every file of a merged SIFT artifact against the others",
         description=(
             "Recompute the digest of the sum and of each mask, and check the config, the manifest records, the masks "
-            "and the unlearning log against each other. Exit 0 when every check holds, 1 with the list of what fails."
+            "and the unlearning log against each other. In format 2, also check each tensor of the plain merge P "
+            "against its digest (the untuned ones against the base's) and, when the recorded base model is found "
+            "without a download, recompute P's tuned tensors from the sum (else a warning says it was skipped). "
+            "Exit 0 when every check holds, 1 with the list of what fails."
         ),
     )
     verify.add_argument("artifact", help="artifact folder")

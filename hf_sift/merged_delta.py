@@ -14,20 +14,16 @@ import torch
 from . import kernels
 from .artifact import (
     DEFAULT_MAX_SHARD_SIZE,
-    iter_delta,
     load_mask_file,
     mapped_mask_file,
-    mask_filename,
-    read_artifact,
-    write_artifact,
 )
 from .artifact_config import ArtifactConfig
-from .artifact_state import ArtifactStates, read_consistently
+from .artifact_state import ArtifactStates
 from .compatibility import Compatibility, check_compatible
+from .delta_persistence import artifact_config, load_delta, save_delta
 from .digest import digest_tensors, state_dict_digest
 from .errors import (
     BaseModelMismatchError,
-    CorruptArtifactError,
     DuplicateTaskError,
     ParameterMismatchError,
     TaskDigestMismatchError,
@@ -35,12 +31,12 @@ from .errors import (
 )
 from .fixed_point import INT64_MAX, SCALE_BITS, check_no_overflow, max_abs
 from .masks import packed_size
-from .plain_merge import RECORDED_BASE, plain_merge_writer
+from .plain_merge import RECORDED_BASE
 from .selection import ParameterSelection, resolve_parameters
 from .served_weights import check_scale, served_tensor
 from .task_id import validate_task_id
 from .task_vector import TaskVector, check_same_parameters
-from .unlearning_log import LOG_NAME, UnlearningLog
+from .unlearning_log import UnlearningLog
 
 
 if TYPE_CHECKING:
@@ -349,19 +345,7 @@ class MergedDelta:
     # ------------------------------------------------------------------ persistence
 
     def _config(self) -> ArtifactConfig:
-        return ArtifactConfig(
-            base_digest=self.base_digest,
-            sign_seed=self.sign_seed,
-            scale_bits=self.scale_bits,
-            shapes=dict(self.shapes),
-            dtypes=dict(self.dtypes),
-            selection=self.selection,
-            num_tasks=self.num_tasks,
-            delta_digest=self.digest,
-            base_model=self.base_model,
-            base_revision=self.base_revision,
-            base_model_digest=self.base_model_digest,
-        )
+        return artifact_config(self)
 
     def save_pretrained(
         self,
@@ -388,35 +372,17 @@ class MergedDelta:
             save_directory (`str` or `os.PathLike`): The artifact folder.
             max_shard_size (`int` or `str`, *optional*, defaults to `"2GB"`): Shard the sum above this size.
             overwrite (`bool`, *optional*, defaults to `False`): Replace whatever artifact the folder holds.
-            base (`str` or `os.PathLike`, *optional*): Folder or Hub name of the base model to write P from; defaults
-                to the recorded `base_model` (at `base_revision`). `None` writes format 1 (no P).
+            base (`str`, `os.PathLike` or `PeftModel`, *optional*): Folder or Hub name of the base model to write P
+                from; defaults to the recorded `base_model` (at `base_revision`). When the tuned parameters are a
+                peft adapter's, the `PeftModel` at θ0: P is then the merged adapter as a peft checkpoint (see
+                `hf_sift/peft_plain_merge.py`). `None` writes format 1 (no P).
 
         Raises:
             [`~hf_sift.errors.ConcurrentUpdateError`]: the folder changed (another writer saved it) or holds another
             artifact; it names what changed and the folder is left as it is. Reload with [`from_pretrained`],
             reapply the change and save again.
         """
-        save_directory = Path(save_directory).absolute()
-        config = self._config()
-        check = self._artifact_states.precondition(save_directory, overwrite)
-        log = {LOG_NAME: self.log.to_bytes()} if len(self.log) else None
-        plain = plain_merge_writer(self, base, max_shard_size)
-        mask_digests, written = write_artifact(
-            save_directory,
-            config,
-            self._records,
-            self._sum,
-            self._masks,
-            max_shard_size,
-            log,
-            precondition=check,
-            plain=plain,
-        )
-        self._artifact_states.remember(save_directory, written)
-        for task_id, record in self._records.items():
-            self._masks[task_id] = save_directory / mask_filename(task_id)
-            record["mask_digest"] = mask_digests[task_id]
-        self.recorded_digest = config.delta_digest
+        save_delta(self, save_directory, max_shard_size, overwrite=overwrite, base=base)
 
     @classmethod
     def from_pretrained(
@@ -438,15 +404,7 @@ class MergedDelta:
             [`~hf_sift.errors.CorruptArtifactError`] (a missing, truncated, malformed or edited file, naming the file
             and field) or [`~hf_sift.errors.IncompatibleArtifactError`].
         """
-        if hub_kwargs or revision is not None or not Path(directory).is_dir():
-            from .hub.download import resolve_delta_folder
-
-            directory = resolve_delta_folder(directory, revision, **hub_kwargs)
-        directory = Path(directory).absolute()
-        self, state = read_consistently(directory, lambda: cls._read(directory, verify))
-        self._artifact_states = ArtifactStates()
-        self._artifact_states.remember(directory, state)
-        return self
+        return load_delta(cls, directory, verify, revision, hub_kwargs)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> PushResult:
         """Push this delta, as [`save_pretrained`] writes it, to the Hub in one commit (see `hf_sift.hub.push_to_hub`
@@ -454,21 +412,3 @@ class MergedDelta:
         from .hub.push import push_delta
 
         return push_delta(self, repo_id, **kwargs)
-
-    @classmethod
-    def _read(cls, directory: Path, verify: bool) -> MergedDelta:
-        config, records = read_artifact(directory)
-        self = cls.__new__(cls)
-        self.shapes, self.dtypes, self.selection = config.shapes, config.dtypes, config.selection
-        self.sign_seed, self.scale_bits = config.sign_seed, config.scale_bits
-        self.base_model, self.base_revision = config.base_model, config.base_revision
-        self.base_digest, self.base_model_digest = config.base_digest, config.base_model_digest
-        self.recorded_digest = config.delta_digest
-        self._sum = dict(iter_delta(directory, self.shapes))
-        self._bounds = {}  # filled by `_bound` when tasks are added or removed; serving never needs them
-        self._records = records
-        self._masks = {t: directory / mask_filename(t) for t in records}
-        self.log = UnlearningLog.load(directory)
-        if verify and self.digest != config.delta_digest:
-            raise CorruptArtifactError(f"the sum in {directory} does not match its recorded digest")
-        return self

@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from blake3 import blake3
 from safetensors import SafetensorError, safe_open
 
 from . import kernels
 from .atomic import apply_umask, link_or_copy
-from .digest import tensor_bytes
+from .base_digests import BaseDigests, base_digests, files_key
+from .digest import tensor_digest
 from .errors import CorruptArtifactError
 from .served_weights import served_tensor
 
@@ -41,26 +41,14 @@ PLAIN_WEIGHTS_NAME = "model.safetensors"
 PLAIN_INDEX_NAME = "model.safetensors.index.json"
 # The files of P's checkpoint that an artifact save rewrites (tokenizer files are the user's, and are kept).
 _PLAIN_FILE = re.compile(
-    r"(config\.json|generation_config\.json|model\.safetensors(\.index\.json)?|model-\d+-of-\d+\.safetensors)"
+    r"(config\.json|generation_config\.json|model\.safetensors(\.index\.json)?|model-\d+-of-\d+\.safetensors"
+    r"|adapter_config\.json|adapter_model\.safetensors)"  # the peft checkpoint of peft_plain_merge.py
 )
 
 
 def is_plain_file(relative_path: str) -> bool:
     """Whether a file (relative to the artifact's root) belongs to the plain-merge checkpoint."""
     return _PLAIN_FILE.fullmatch(relative_path.replace(os.sep, "/")) is not None
-
-
-def tensor_digest(tensor: torch.Tensor) -> str:
-    """`"blake3:" + hex` of a tensor's raw little-endian bytes in row-major order (see docs/FORMAT.md)."""
-    return "blake3:" + blake3(tensor_bytes(tensor)).hexdigest()
-
-
-def named_tensor_digest(name: str, tensor: torch.Tensor) -> str:
-    """`"blake3:" + hex` of the JSON line `["<name>", "<dtype>", [<shape>]]\n` then the tensor's raw bytes."""
-    header = json.dumps([name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape)]) + "\n"
-    hasher = blake3(header.encode("utf-8"))
-    hasher.update(tensor_bytes(tensor))
-    return "blake3:" + hasher.hexdigest()
 
 
 def write_plain_merge(
@@ -71,6 +59,7 @@ def write_plain_merge(
     scale_bits: int,
     max_shard_size: int | str,
     tokenizer_folder: Path | None = None,
+    digests: BaseDigests | None = None,
 ) -> tuple[dict[str, str], dict[str, str]]:
     """Turn `base` (θ0, loaded in the merge's dtypes) into P in place and save it into `stage`; returns its digests.
 
@@ -78,13 +67,13 @@ def write_plain_merge(
     [`~hf_sift.served_weights.served_tensor`]); `base` holds P afterwards. The checkpoint is written by
     transformers' `save_pretrained` (config, generation config, weights sharded at `max_shard_size` with an
     index), then read back to record each tensor's digest. Returns P's digests and those of every tensor of θ0's
-    state dict ([`named_tensor_digest`]), taken before it is overwritten. Tokenizer files of `tokenizer_folder` (the base's
-    folder) are linked in unless the artifact already has its own.
+    state dict ([`named_tensor_digest`]), taken before it is overwritten (or remembered in `digests`). Tokenizer
+    files of `tokenizer_folder` (the base's folder) are linked in unless the artifact already has its own.
     """
     from .hub.download import TOKENIZER_PATTERNS
 
     state = base.state_dict()
-    base_digests = {name: named_tensor_digest(name, tensor) for name, tensor in state.items()}
+    base_digests = (digests or BaseDigests()).tensors(state)
     with torch.no_grad(), kernels.deferred():
         for name in sorted(sums):
             served_tensor(state[name], sums[name], scale=scale, scale_bits=scale_bits, out=state[name])
@@ -97,6 +86,11 @@ def write_plain_merge(
             matches = any(fnmatch.fnmatch(path.name, p) for p in TOKENIZER_PATTERNS)
             if matches and path.is_file() and not (stage / path.name).exists():
                 link_or_copy(path, stage / path.name)
+    if not (stage / PLAIN_WEIGHTS_NAME).is_file() and not (stage / PLAIN_INDEX_NAME).is_file():
+        raise CorruptArtifactError(
+            "transformers wrote no weights for the plain merge (it writes checkpoints on rank 0 only once "
+            "torch.distributed is initialized: save on rank 0, or with base=None on the other ranks); nothing was written"
+        )
     digests: dict[str, str] = {}
     for filename in plain_files(stage):
         with safe_open(stage / filename, framework="pt") as f:
@@ -226,8 +220,11 @@ def load_plain_base(
     base_digest: str,
     base_model_digest: str | None,
     local_files_only: bool = False,
-) -> PreTrainedModel | None:
+) -> tuple[PreTrainedModel, BaseDigests] | None:
     """Load θ0 to write P from, checked against the merge's digests; `None` when P cannot be a plain checkpoint.
+
+    Returns the model and its digests, remembered for the rest of the process while its files do not change (see
+    [`~hf_sift.base_digests`]): saving again on the same base loads it but does not hash it again.
 
     The tuned parameters must be parameters of the base model as transformers loads it; when they are not (a peft
     adapter's parameters), there is no plain checkpoint to write and the artifact stays format 1 (with a warning).
@@ -238,12 +235,12 @@ def load_plain_base(
     import warnings
 
     from .base_model import load_base_model, recorded_base_dtype
-    from .digest import digest_tensors, state_dict_digest
     from .errors import BaseModelMismatchError
 
-    model = load_base_model(
-        name, revision, recorded_base_dtype(dtypes), hub_kwargs={"local_files_only": local_files_only}
-    )
+    dtype = recorded_base_dtype(dtypes)
+    key = files_key(name, revision, dtype)
+    model = load_base_model(name, revision, dtype, hub_kwargs={"local_files_only": local_files_only})
+    digests = base_digests(key if key is not None and files_key(name, revision, dtype) == key else None)
     state = model.state_dict()
     outside = sorted(set(dtypes) - set(state))
     if outside:
@@ -254,17 +251,17 @@ def load_plain_base(
         )
         return None
     wrong = [n for n, dtype in dtypes.items() if state[n].dtype != dtype]
-    if wrong or digest_tensors(state, sorted(dtypes)) != base_digest:
+    if wrong or digests.tuned(state, sorted(dtypes)) != base_digest:
         raise BaseModelMismatchError(
             f"the base model {name} differs from the one this delta was built on (tuned parameters): the plain merge "
             "would be wrong; nothing was written"
         )
-    if base_model_digest is not None and state_dict_digest(state) != base_model_digest:
+    if base_model_digest is not None and digests.whole(state) != base_model_digest:
         raise BaseModelMismatchError(
             f"the base model {name} differs from the one this delta was built on (outside the tuned parameters): the "
             "plain merge would be wrong; nothing was written"
         )
-    return model
+    return model, digests
 
 
 def plain_merge_writer(
@@ -273,9 +270,15 @@ def plain_merge_writer(
     """What writes P into an artifact's staging folder (`None`: the artifact is format 1), with θ0 loaded now.
 
     `base` is the base model's folder or Hub name, [`RECORDED_BASE`] for the one `delta` records (at its recorded
-    revision), or `None`. A delta that records no base is saved as format 1, with a warning.
+    revision), a `PeftModel` at θ0 when the tuned parameters are its adapter's (P is then a peft checkpoint, see
+    [`~hf_sift.peft_plain_merge`]), or `None`. A delta that records no base is saved as format 1, with a warning.
     """
     import warnings
+
+    from .peft_plain_merge import is_peft_model, peft_plain_merge_writer
+
+    if is_peft_model(base):
+        return peft_plain_merge_writer(delta, base)
 
     recorded = base is RECORDED_BASE
     revision = delta.base_revision if recorded else None
@@ -292,7 +295,7 @@ def plain_merge_writer(
     try:
         # The recorded base is only looked for locally (a folder or the Hub cache): a save never starts a download
         # of its own; an explicit `base` may download.
-        model = load_plain_base(
+        loaded = load_plain_base(
             base, revision, delta.dtypes, delta.base_digest, delta.base_model_digest, local_files_only=recorded
         )
     except OSError as err:  # transformers' "not a folder nor a Hub repo" (or not in the cache)
@@ -304,8 +307,9 @@ def plain_merge_writer(
             stacklevel=3,
         )
         return None
-    if model is None:
+    if loaded is None:
         return None
+    model, digests = loaded
     folder = Path(base) if Path(base).is_dir() else None
     scale, scale_bits, sums = delta.default_scale(), delta.scale_bits, delta.sum
-    return lambda stage: write_plain_merge(stage, model, sums, scale, scale_bits, max_shard_size, folder)
+    return lambda stage: write_plain_merge(stage, model, sums, scale, scale_bits, max_shard_size, folder, digests)

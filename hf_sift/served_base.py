@@ -12,10 +12,9 @@ from transformers import PreTrainedModel
 
 from .base_check import check_base_digests, loaded_base_model_digest, report_mismatch
 from .base_model import BASE_HUB_KWARGS, base_model_class, load_base_model, recorded_base_dtype
-from .digest import digest_tensors
+from .digest import digest_tensors, named_tensor_digest
 from .errors import MissingBaseModelError
 from .offload import materialized, offload_slots
-from .plain_merge import named_tensor_digest
 from .served_artifact import ServedArtifact
 from .served_weights import check_cast
 

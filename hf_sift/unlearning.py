@@ -28,6 +28,7 @@ from .errors import (
 )
 from .masks import popcount
 from .merged_delta import MergedDelta
+from .peft_plain_merge import is_peft_model
 from .plain_merge import RECORDED_BASE
 from .task_id import validate_task_id
 from .task_vector import TaskVector
@@ -274,7 +275,9 @@ def unlearn(
                 salt=salt,
             )
     if not dry_run:
-        delta.save_pretrained(artifact, base=base)
+        # A replayed peft adapter is back at θ0: P (a peft checkpoint) is written from it; see peft_plain_merge.py.
+        peft_base = plan.model if replays and is_peft_model(plan.model) else None
+        delta.save_pretrained(artifact, base=base if peft_base is None else peft_base)
         report.digest_after = digest
     report.wall_time_s = time.perf_counter() - started
     return report

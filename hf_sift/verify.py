@@ -6,6 +6,7 @@ import contextlib
 import os
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +29,21 @@ from .compatibility import Compatibility, check_compatible
 from .digest import digest_lazy, file_digest
 from .errors import SiftError
 from .masks import popcount
+from .plain_merge_check import PlainMergeCheck
 from .unlearning_log import UnlearningLog
 
 
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
-def _sum_digest(directory: Path, shapes: dict[str, tuple[int, ...]], problems: list[str]) -> str | None:
-    """The digest of the stored sum, streamed tensor by tensor; None (with the problem) when it cannot be read."""
+def _sum_digest(
+    directory: Path,
+    shapes: dict[str, tuple[int, ...]],
+    problems: list[str],
+    visit: Callable[[str, torch.Tensor], None] | None = None,
+) -> str | None:
+    """The digest of the stored sum, streamed tensor by tensor (each also given to `visit`); None (with the problem)
+    when it cannot be read."""
     try:
         files = delta_files(directory)
     except SiftError as err:
@@ -66,6 +74,8 @@ def _sum_digest(directory: Path, shapes: dict[str, tuple[int, ...]], problems: l
                 raise SiftError(
                     f"{filename}: {name!r} is {tensor.dtype} {tuple(tensor.shape)}, not int64 {shapes[name]}"
                 )
+            if visit is not None:
+                visit(name, tensor)
             return tensor
 
         try:
@@ -160,7 +170,9 @@ def verify_artifact(directory: str | os.PathLike, task_vector_store: str | os.Pa
     """Check an artifact's files against each other and return what fails, one sentence each naming the file.
 
     Recomputes the digest of the sum and of every mask file; checks the config (format, T, the tuned parameters,
-    the sum's digest), each manifest record (task digest, mask digest, element and mask counts, density), that
+    the sum's digest), the plain merge P of a format-2 artifact (see [`~hf_sift.plain_merge_check`]: each tensor
+    against its digest, the untuned ones against θ0's, and, when the recorded base loads without a download, the
+    tuned ones against the plain merge recomputed from the sum), each manifest record (task digest, mask digest, element and mask counts, density), that
     every mask belongs to a task, and that the unlearning log is an unbroken chain ending at the sum. An empty
     list means every check holds. Reads the sum one tensor at a time.
 
@@ -195,14 +207,19 @@ def verify_artifact(directory: str | os.PathLike, task_vector_store: str | os.Pa
             problems.append(str(err))
 
     digest = None
+    plain = None
+    if config is not None and manifest is not None and config.format_version >= 2:
+        plain = PlainMergeCheck(directory, config, len(manifest))
     if shapes is not None:
-        digest = _sum_digest(directory, shapes, problems)
+        digest = _sum_digest(directory, shapes, problems, None if plain is None else plain.visit)
         if config is not None and digest is not None and digest != config.delta_digest:
             files = ", ".join(delta_files(directory))
             problems.append(
                 f"{files}: the sum's digest {digest} differs from the delta_digest in {CONFIG_NAME} "
                 f"({config.delta_digest})"
             )
+        if plain is not None:
+            problems.extend(plain.finish(sum_verified=digest is not None and digest == config.delta_digest))
         if manifest is not None:
             problems.extend(_check_masks(directory, manifest, shapes))
     if task_vector_store is not None and config is not None and manifest is not None and digest is not None:

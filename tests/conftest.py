@@ -45,6 +45,17 @@ def tiny_llama_state() -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in LlamaForCausalLM(tiny_llama_config()).state_dict().items()}
 
 
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tiny_llama_state):
+    """`tiny_llama_state` saved as a transformers checkpoint: a base a format-2 save can write the plain merge from."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config())
+    assert all(torch.equal(t, tiny_llama_state[n]) for n, t in model.state_dict().items())
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)

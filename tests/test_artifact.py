@@ -17,12 +17,12 @@ SEED = 5
 
 
 @pytest.fixture
-def saved(tmp_path, tiny_llama_state) -> tuple[Path, MergedDelta, dict[str, TaskVector]]:
+def saved(tmp_path, tiny_llama_state, tiny_llama_dir) -> tuple[Path, MergedDelta, dict[str, TaskVector]]:
     tvs = {
         t: TaskVector.from_state_dicts(tiny_llama_state, perturbed(tiny_llama_state, i), SEED)
         for i, t in enumerate(["alice", "bob", "carol"])
     }
-    delta = MergedDelta(tiny_llama_state, sign_seed=SEED, base_model="tiny-llama", base_revision="r1")
+    delta = MergedDelta(tiny_llama_state, sign_seed=SEED, base_model=str(tiny_llama_dir), base_revision="r1")
     for task_id, tv in tvs.items():
         delta.add(task_id, tv)
     folder = tmp_path / "merged"
@@ -34,19 +34,23 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_layout_and_config(saved):
+def test_layout_and_config(saved, tiny_llama_dir):
     folder, delta, tvs = saved
     assert sorted(snapshot(folder)) == [
+        "config.json",  # the plain merge P (format 2), a transformers checkpoint
+        "generation_config.json",
         "masks/alice.safetensors",
         "masks/bob.safetensors",
         "masks/carol.safetensors",
+        "model.safetensors",
         CONFIG_NAME,
         DELTA_NAME,
         MANIFEST_NAME,
     ]
     config = json.loads((folder / CONFIG_NAME).read_text())
-    assert config["format_version"] == 1 and config["num_tasks"] == 3 and config["sign_seed"] == SEED
-    assert config["scale_bits"] == 40 and config["base_model"] == "tiny-llama" and config["base_revision"] == "r1"
+    assert config["format_version"] == 2 and config["num_tasks"] == 3 and config["sign_seed"] == SEED
+    assert config["scale_bits"] == 40 and config["base_revision"] == "r1"
+    assert config["base_model"] == str(tiny_llama_dir)
     assert config["base_digest"] == delta.base_digest and config["delta_digest"] == delta.digest
     manifest = json.loads((folder / MANIFEST_NAME).read_text())["tasks"]
     assert manifest["bob"]["digest"] == tvs["bob"].digest

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import perturbed
+from file_opens import files_opened
 from test_masked_model import CONFIGS, IDS, build_artifact, logits
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
@@ -81,31 +82,25 @@ def test_switching_from_p_equals_format_1(tmp_path):
         assert_same_state(served_state(model), delta.materialize(base, task))
 
 
-def test_a_load_reads_only_base_p_and_one_mask(tmp_path):
-    """Served from a folder holding only the config, manifest, P and one mask: no sum, no other mask is needed."""
-    v2, _, delta, base = build_artifact(tmp_path)
-    keep = {"sift_config.json", "sift_manifest.json", "model.safetensors", mask_filename("t3")}
-    bare = only_files(v2, tmp_path / "bare", keep)
+def test_a_load_opens_only_base_p_and_one_mask(tmp_path):
+    """The files the kernel sees opened while one task is served from a whole artifact: config, manifest, P, one mask."""
+    v2, base_dir, delta, base = build_artifact(tmp_path)
     expected = delta.materialize(base, "t3")
-    opened: list[str] = []
-    active = [True]
-
-    def audit(event, args):  # files Python opens (the mask); safetensors' own reads leave no event
-        if active[0] and event == "open" and isinstance(args[0], (str, Path)) and str(args[0]).startswith(str(v2)):
-            opened.append(str(args[0]))
-
-    import sys
-
-    sys.addaudithook(audit)
-    try:
-        model = MergedMaskedModel.from_pretrained(bare, task="t3", keep_delta=False)
-    finally:
-        active[0] = False
+    with files_opened(v2, base_dir) as opened:
+        model = MergedMaskedModel.from_pretrained(v2, task="t3", keep_delta=False)
     assert_same_state(served_state(model), expected)
-    assert opened == []  # nothing of the full artifact either
-    # The sum is read only when another dtype or scale is asked for.
+    in_artifact = {Path(p).relative_to(v2).as_posix() for p in opened if Path(p).is_relative_to(v2)}
+    assert in_artifact == {"sift_config.json", "sift_manifest.json", "model.safetensors", mask_filename("t3")}
+    assert str(base_dir / "model.safetensors") in opened
+    # The same load from a folder holding only those files; the sum is read only for another dtype or scale.
+    bare = only_files(v2, tmp_path / "bare", in_artifact)
+    model = MergedMaskedModel.from_pretrained(bare, task="t3", keep_delta=False)
+    assert_same_state(served_state(model), expected)
     with pytest.raises(CorruptArtifactError, match="sift_delta"):
         MergedMaskedModel.from_pretrained(bare, task="t3", scale=0.5)
+    with files_opened(v2) as opened:
+        MergedMaskedModel.from_pretrained(v2, task="t3", scale=0.5, keep_delta=False)
+    assert str(v2 / "sift_delta.safetensors") in opened and str(v2 / "model.safetensors") not in opened
 
 
 @pytest.mark.parametrize("dtype,scale", [(torch.bfloat16, None), (None, 0.5), (torch.float64, 0.25)])
@@ -219,3 +214,34 @@ def test_tuned_parameters_outside_the_base_model_stay_format_1(tmp_path):
         delta.save_pretrained(tmp_path / "peft")
     assert json.loads((tmp_path / "peft" / CONFIG_NAME).read_text())["format_version"] == 1
     assert not (tmp_path / "peft" / "model.safetensors").exists()
+
+
+def test_saves_on_one_base_hash_it_once_until_its_files_change(tmp_path, monkeypatch):
+    from hf_sift import base_digests
+
+    artifact, base_dir, delta, base = build_artifact(tmp_path, tasks=["t0", "t1"])
+    hashed: list[str] = []
+    for function in ("digest_tensors", "state_dict_digest", "named_tensor_digest"):
+        original = getattr(base_digests, function)
+        monkeypatch.setattr(base_digests, function, lambda *a, _f=original, _n=function: hashed.append(_n) or _f(*a))
+    for i in range(3):  # the base was hashed by build_artifact's save: never again while its files stay
+        delta.save_pretrained(tmp_path / f"again-{i}")
+        assert tree_bytes(tmp_path / f"again-{i}") == tree_bytes(artifact)
+    assert hashed == []
+    # Rewritten with the same weights: other files, hashed again (and once only).
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    model.save_pretrained(base_dir)
+    delta.save_pretrained(tmp_path / "rewritten")
+    delta.save_pretrained(tmp_path / "rewritten-2")
+    assert hashed.count("digest_tensors") == 1 and hashed.count("state_dict_digest") == 1
+    assert hashed.count("named_tensor_digest") == len(base)
+    assert tree_bytes(tmp_path / "rewritten") == tree_bytes(artifact)
+    # Other weights in the same files' place: found, never served from a stale digest.
+    from hf_sift.errors import BaseModelMismatchError
+
+    with torch.no_grad():
+        next(iter(model.parameters())).add_(1.0)
+    model.save_pretrained(base_dir)
+    with pytest.raises(BaseModelMismatchError):
+        delta.save_pretrained(tmp_path / "changed")
+    assert not (tmp_path / "changed").exists()

@@ -581,7 +581,7 @@ def test_artifact_without_a_base_model_digest_warns_and_serves(tmp_path):
 # ---------------------------------------------------------------------- Hub resolution
 
 
-@pytest.mark.parametrize("weights", ["sum", "plain", None])
+@pytest.mark.parametrize("weights", ["sum", "plain", "all", None])
 def test_allow_patterns_name_only_the_needed_files(llama, weights):
     from huggingface_hub.utils import filter_repo_objects
 
@@ -593,11 +593,14 @@ def test_allow_patterns_name_only_the_needed_files(llama, weights):
     plain_shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
     extra = [*shards, "sift_delta.safetensors.index.json", "masks/t30.safetensors", "masks/xt3.safetensors"]
     listing += [*extra, *plain_shards, "model.safetensors.index.json", "README.md", ".gitattributes"]
-    listing += ["notes/t3.safetensors"]
+    listing += ["notes/t3.safetensors", "adapter_model.safetensors", "adapter_config.json"]  # a peft P
     needed = {"sift_config.json", "sift_manifest.json"}
     needed |= {
         "sum": {DELTA_NAME, *shards, "sift_delta.safetensors.index.json"},
         "plain": {"model.safetensors", *plain_shards, "model.safetensors.index.json"},
+        # A one-task copy that stays a whole artifact: the sum and P (a transformers or a peft checkpoint).
+        "all": {DELTA_NAME, *shards, "sift_delta.safetensors.index.json", "model.safetensors", *plain_shards}
+        | {"model.safetensors.index.json", "config.json", "adapter_model.safetensors", "adapter_config.json"},
         None: set(),
     }[weights]
     tokenizer = {name for name in listing if name.startswith("tokenizer")} | {"generation_config.json"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,16 +19,16 @@ from hf_sift.errors import (
 )
 
 
-def test_absorb_equals_adding_one_by_one(tiny_llama_state, tmp_path):
+def test_absorb_equals_adding_one_by_one(tiny_llama_state, tiny_llama_dir, tmp_path):
     vectors = {
         f"t{i}": TaskVector.from_state_dicts(tiny_llama_state, perturbed(tiny_llama_state, i), 3) for i in range(3)
     }
-    one_by_one = MergedDelta(tiny_llama_state, 3)
+    one_by_one = MergedDelta(tiny_llama_state, 3, base_model=str(tiny_llama_dir))
     for task_id, vector in vectors.items():
         one_by_one.add(task_id, vector)
     one_by_one.save_pretrained(tmp_path / "a")
 
-    joined = MergedDelta(tiny_llama_state, 3)
+    joined = MergedDelta(tiny_llama_state, 3, base_model=str(tiny_llama_dir))
     joined.add("t0", vectors["t0"])
     elsewhere = {n: vectors["t1"].q[n] + vectors["t2"].q[n] for n in vectors["t1"].q}
     records = {t: one_by_one.record(t) for t in ("t1", "t2")}
@@ -35,6 +36,7 @@ def test_absorb_equals_adding_one_by_one(tiny_llama_state, tmp_path):
     joined.absorb(elsewhere, records, masks, source=one_by_one)
     joined.save_pretrained(tmp_path / "b")
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert Path("model.safetensors") in files  # format 2: the plain merge P too
     for path in files:
         assert (tmp_path / "a" / path).read_bytes() == (tmp_path / "b" / path).read_bytes(), path
 
@@ -92,7 +94,7 @@ def test_absorb_refuses_what_add_refuses_with_the_same_error(tiny_llama_state, t
             merge.absorb(other.sum, records, masks, source=other)
         with pytest.raises(error):  # through a Compatibility, as processes exchange it
             merge.absorb(other.sum, records, masks, source=Compatibility.of(other))
-        other.save_pretrained(tmp_path / what)  # what a resume loads
+        other.save_pretrained(tmp_path / what, base=None)  # what a resume loads (a merge on another base: no P)
         with pytest.raises(error):
             check_compatible(merge, MergedDelta.from_pretrained(tmp_path / what), "the artifact to resume")
         assert merge.digest == digest and merge.task_ids == ["t0"], what

@@ -92,6 +92,17 @@ def test_peft_tasks_share_the_adapter_initialisation(tmp_path):
     # The base model digest is of the model before the adapter wraps it (names without peft's prefixes).
     assert delta.base_model_digest == state_dict_digest(tiny_model().state_dict())
     assert MergedDelta.from_pretrained(tmp_path / "m").base_model_digest == delta.base_model_digest
+    # Format 2: P is the merged adapter as a peft checkpoint, written from the wrapped model at θ0.
+    from peft import PeftModel
+
+    from hf_sift.artifact import read_config
+    from hf_sift.trainer.multi_task import prepare_base
+
+    assert read_config(tmp_path / "m").format_version == 2
+    _, constraint, _ = prepare_base(tiny_model(), sift_args(tmp_path / "runs"), peft_config=lora)
+    served = delta.materialize(constraint.reference_state_dict(), None)
+    loaded = PeftModel.from_pretrained(tiny_model(), tmp_path / "m").state_dict()
+    assert all(torch.equal(loaded[n], served[n]) for n in delta.names)
 
 
 def _rank_main(rank: int, world_size: int, port: int, runs: str, output: str) -> None:

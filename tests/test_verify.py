@@ -17,6 +17,11 @@ from hf_sift.unlearning_log import LOG_NAME
 from hf_sift.verify import verify_artifact
 
 
+# Toy state dicts, not models: there is no transformers checkpoint to write the plain merge P from, so these
+# artifacts are format 1 by design (format 2 is exercised by the tests built on real tiny models).
+pytestmark = pytest.mark.filterwarnings("ignore:this delta records no base model:UserWarning")
+
+
 SEED = 9
 BASE = {
     "a.weight": torch.randn(30, 20, generator=torch.Generator().manual_seed(0)),
@@ -166,3 +171,90 @@ def test_an_artifact_unlearned_through_the_store_verifies(tmp_path):
     assert verify_artifact(tmp_path / "merged", tmp_path / "tv") == []  # t1, still stored, is no task of it
     flip(tmp_path / "merged" / LOG_NAME, offsets(tmp_path / "merged" / LOG_NAME, '"task_id":"t1"') + 12)  # t1 -> t0
     assert verify_artifact(tmp_path / "merged") == [f"{LOG_NAME}: entry 0 does not match its own hash (altered)"]
+
+
+def rewrite_plain(artifact, name: str, change) -> None:
+    """Change tensor `name` of P, and record its new digest as a save would (the binding digest too)."""
+    from hf_sift.artifact_config import CONFIG_NAME as CONFIG
+    from hf_sift.digest import tensor_digest
+
+    tensors = load_file(artifact / "model.safetensors")
+    tensors[name] = change(tensors[name])
+    save_file(tensors, artifact / "model.safetensors", metadata={"format": "pt"})
+    config = read_config(artifact)
+    config.plain_digests[name] = tensor_digest(tensors[name])
+    config.binding_digest = config.compute_binding(read_manifest(artifact))
+    (artifact / CONFIG).write_text(config.to_json_string(), encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def good_v2(tmp_path_factory):
+    from test_masked_model import build_artifact
+
+    artifact, base_dir, delta, _ = build_artifact(tmp_path_factory.mktemp("v2"), tasks=["t0", "t1", "t2"])
+    return artifact, base_dir, delta
+
+
+@pytest.fixture
+def v2(good_v2, tmp_path):
+    artifact, base_dir, delta = good_v2
+    copy = tmp_path / "artifact"
+    shutil.copytree(artifact, copy)
+    return copy, delta
+
+
+def test_a_format_2_artifact_verifies_with_its_plain_merge_recomputed(v2, recwarn):
+    artifact, _ = v2
+    assert verify_artifact(artifact) == []
+    assert not [w for w in recwarn if "recomputed" in str(w.message)]
+
+
+def test_a_flipped_byte_in_the_plain_merge_is_named(v2):
+    from test_format_v2 import flip_in_tensor
+
+    artifact, delta = v2
+    name = delta.names[0]
+    flip_in_tensor(artifact / "model.safetensors", name)
+    assert verify_artifact(artifact) == [f"model.safetensors: {name!r} does not match its digest in plain_digests"]
+
+
+def test_a_plain_merge_that_is_not_the_sums_is_found(v2):
+    artifact, delta = v2
+    name = delta.names[-1]
+    rewrite_plain(artifact, name, lambda t: t.clone().add_(1e-3))
+    problems = verify_artifact(artifact)
+    assert len(problems) == 1 and "is not what the sum gives" in problems[0] and repr(name) in problems[0]
+
+
+def test_an_untuned_tensor_of_the_plain_merge_must_be_the_bases(v2):
+    artifact, delta = v2
+    name = "model.embed_tokens.weight"
+    assert name not in delta.names
+    rewrite_plain(artifact, name, lambda t: t.clone().mul_(2))
+    assert verify_artifact(artifact) == [
+        f"model.safetensors: {name!r} is not tuned, but differs from the base model's"
+    ]
+
+
+def test_without_the_base_the_plain_merge_is_checked_against_its_digests_only(v2):
+    artifact, delta = v2
+    config = json.loads((artifact / CONFIG_NAME).read_text())
+    config["base_model"] = str(artifact.parent / "gone")  # not bound by the binding digest
+    (artifact / CONFIG_NAME).write_text(json.dumps(config))
+    rewrite_plain(artifact, delta.names[-1], lambda t: t.clone().add_(1e-3))
+    with pytest.warns(UserWarning, match="not recomputed from the sum"):
+        assert verify_artifact(artifact) == []
+
+
+def test_hf_sift_verify_names_a_damaged_plain_merge(v2, capsys):
+    from test_format_v2 import flip_in_tensor
+
+    from hf_sift.cli import main
+
+    artifact, delta = v2
+    assert main(["verify", str(artifact)]) == 0
+    flip_in_tensor(artifact / "model.safetensors", delta.names[1])
+    capsys.readouterr()
+    assert main(["verify", str(artifact)]) == 1
+    out = capsys.readouterr().out
+    assert f"model.safetensors: {delta.names[1]!r} does not match its digest in plain_digests" in out

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import socket
+import tempfile
+from pathlib import Path
 
 import torch
+import transformers
 from conftest import tiny_llama_config
 from datasets import Dataset
 from transformers import LlamaForCausalLM
@@ -13,9 +18,26 @@ from transformers import LlamaForCausalLM
 from hf_sift.trainer import SIFTConfig
 
 
+def tiny_model_dir(seed: int = 0) -> Path:
+    """The tiny Llama of `seed` saved as a checkpoint, once per machine: a folder every process (spawned ranks too)
+    finds at the same path, so that artifacts trained from it record it as their base and are written in format 2."""
+    config = tiny_llama_config()
+    key = hashlib.sha256(f"{config.to_json_string()}{transformers.__version__}{seed}".encode()).hexdigest()[:16]
+    folder = Path(tempfile.gettempdir()) / f"hf_sift-tests-tiny-llama-{key}"
+    if not (folder / "config.json").is_file():
+        stage = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+        torch.manual_seed(seed)
+        LlamaForCausalLM(config).save_pretrained(stage)
+        try:
+            os.rename(stage, folder)
+        except OSError:  # another process saved it first (the same bytes)
+            shutil.rmtree(stage)
+    return folder
+
+
 def tiny_model(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(tiny_llama_config())
+    """A tiny Llama, loaded from [`tiny_model_dir`] (so it names its base)."""
+    return LlamaForCausalLM.from_pretrained(tiny_model_dir(seed))
 
 
 def task_dataset(num_tasks: int = 3, rows_per_task: int = 8, length: int = 12, seed: int = 1) -> Dataset:

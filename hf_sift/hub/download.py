@@ -54,6 +54,8 @@ WEIGHT_PATTERNS: dict[str, tuple[str, ...]] = {
         "model*.safetensors",
         "model.safetensors.index.json",
         "config.json",
+        "adapter_model.safetensors",  # a peft plain merge (peft_plain_merge.py)
+        "adapter_config.json",
     ),
 }
 

@@ -298,6 +298,9 @@ def train_tasks(
         target_dir, delta, mine = output_dir, final, pending
     del fresh
 
+    # A rank's partial artifact holds its sum only (the plain merge P is written once, into the final artifact);
+    # an adapter's θ0 is in no file, so the wrapped model (back at θ0 after each task) is the base P is written from.
+    save_kwargs = {"base": None} if layout.is_distributed else {"base": model} if _is_peft_model(model) else {}
     todo = [t for t in mine if t not in delta]
     bar = tqdm(todo, desc="tasks", unit="task", disable=args.disable_tqdm or not todo, position=0)
     for task_id in bar:
@@ -320,7 +323,7 @@ def train_tasks(
         if store is not None:
             store.put(task_id, task_vector, record=delta.record(task_id))
         del task_vector
-        delta.save_pretrained(target_dir)
+        delta.save_pretrained(target_dir, **save_kwargs)
         elapsed = time.perf_counter() - started
         bar.set_postfix(task=task_id, loss=f"{loss:.4f}")
         logger.info("task %s: loss %.6f, %.1f s", task_id, loss, elapsed)

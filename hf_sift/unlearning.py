@@ -20,10 +20,16 @@ from typing import Any
 import torch
 
 from .compatibility import check_compatible
-from .errors import EnvironmentMismatchError, ReplayPreconditionError, TaskDigestMismatchError
+from .errors import (
+    EnvironmentMismatchError,
+    InvalidArgumentError,
+    ReplayPreconditionError,
+    TaskDigestMismatchError,
+)
 from .masks import popcount
 from .merged_delta import MergedDelta
 from .peft_plain_merge import is_peft_model
+from .plain_merge import RECORDED_BASE
 from .task_id import validate_task_id
 from .task_vector import TaskVector
 
@@ -140,6 +146,12 @@ def unlearn(
     dry_run: bool = False,
     allow_environment_mismatch: bool = False,
     output_dir: str | os.PathLike | None = None,
+    base: str | os.PathLike | None | object = RECORDED_BASE,
+    revision: str | None = None,
+    parent_commit: str | None = None,
+    keep_history: bool = False,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> UnlearningReport:
     """Remove tasks from a merged artifact exactly: afterwards it is byte for byte a merge of the other tasks.
 
@@ -174,9 +186,14 @@ def unlearn(
         allow_environment_mismatch (`bool`, *optional*, defaults to `False`): Replay even where the environment
             differs from the recorded one; the digest check still refuses a replay that differs.
         output_dir (`str` or `os.PathLike`, *optional*): The Trainer's working folder (a temporary one by default).
+        base (`str` or `os.PathLike`, *optional*): The base model's folder or Hub name to write the plain merge P
+            from, as for [`MergedDelta.save_pretrained`] (default: the recorded one, if found locally; `None`: no P).
+        revision, parent_commit, keep_history, token, cache_dir: For a Hub repo id as `artifact` only: the branch
+            (default `main`), the commit to start from (default: its head), whether to keep the branch's history
+            rather than squash it, the Hub token and cache folder. See [`~hf_sift.hub.unlearn_repo`].
 
     Returns:
-        [`UnlearningReport`]
+        [`UnlearningReport`] ([`~hf_sift.hub.HubUnlearningReport`] for a Hub repo id)
 
     Raises:
         [`~hf_sift.errors.UnknownTaskError`], [`~hf_sift.errors.ReplayPreconditionError`],
@@ -184,6 +201,20 @@ def unlearn(
         training) or [`~hf_sift.errors.TaskDigestMismatchError`] (after a replay); the artifact is unchanged after
         any of them.
     """
+    hub = {"revision": revision, "parent_commit": parent_commit, "token": token, "cache_dir": cache_dir}
+    hub = {key: value for key, value in hub.items() if value is not None}
+    from .hub.sources import could_be_repo_id
+
+    if not Path(artifact).expanduser().exists() and could_be_repo_id(artifact):
+        from .hub.unlearn import unlearn_repo
+
+        replay = dict(model=model, dataset=dataset, task_column=task_column, args=args, data_collator=data_collator)
+        replay.update(processing_class=processing_class, peft_config=peft_config, callbacks=callbacks)
+        replay.update(task_vector_store=task_vector_store, redact=redact, salt=salt, dry_run=dry_run)
+        replay.update(allow_environment_mismatch=allow_environment_mismatch, output_dir=output_dir, base=base)
+        return unlearn_repo(str(artifact), task_ids, keep_history=keep_history, **hub, **replay)
+    if hub or keep_history:
+        raise InvalidArgumentError(f"{sorted(hub) or ['keep_history']} apply to a Hub repo id, not to a local folder")
     started = time.perf_counter()
     artifact = Path(artifact)
     requested = [validate_task_id(t) for t in ([task_ids] if isinstance(task_ids, str) else task_ids)]
@@ -246,7 +277,7 @@ def unlearn(
     if not dry_run:
         # A replayed peft adapter is back at θ0: P (a peft checkpoint) is written from it; see peft_plain_merge.py.
         peft_base = plan.model if replays and is_peft_model(plan.model) else None
-        delta.save_pretrained(artifact, **({} if peft_base is None else {"base": peft_base}))
+        delta.save_pretrained(artifact, base=base if peft_base is None else peft_base)
         report.digest_after = digest
     report.wall_time_s = time.perf_counter() - started
     return report

@@ -240,6 +240,25 @@ def test_branches_and_tags_are_created_and_deleted(hub, api):
         api.delete_tag("me/refs", tag="dev-1")
 
 
+def test_a_pull_request_is_a_ref_of_its_own(hub, api):
+    api.create_repo("me/prs")
+    start = api.model_info("me/prs").sha
+    first = api.create_commit(
+        "me/prs", [CommitOperationAdd("p.txt", b"p")], commit_message="proposal", create_pr=True, parent_commit=start
+    )
+    second = api.create_commit("me/prs", [CommitOperationAdd("q.txt", b"q")], commit_message="other", create_pr=True)
+    assert (first.pr_revision, first.pr_num, second.pr_revision) == ("refs/pr/1", 1, "refs/pr/2")
+    assert api.model_info("me/prs").sha == start  # main is unchanged
+    assert api.list_repo_files("me/prs", revision="refs/pr/1") == [".gitattributes", "p.txt"]
+    refs = api.list_repo_refs("me/prs", include_pull_requests=True)
+    assert [(r.ref, r.target_commit) for r in refs.pull_requests] == [
+        ("refs/pr/1", first.oid),
+        ("refs/pr/2", second.oid),
+    ]
+    assert [b.name for b in refs.branches] == ["main"]
+    assert api.list_repo_refs("me/prs").pull_requests is None
+
+
 def test_request_bodies_are_bounded(hub, api):
     api.create_repo("me/bounded")
     hub.max_request_bytes = 4096

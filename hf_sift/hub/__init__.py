@@ -1,4 +1,5 @@
-"""The Hugging Face Hub side of SIFT artifacts: resolve (download only what is needed), push and pull.
+"""The Hugging Face Hub side of SIFT artifacts: resolve (download only what is needed), push, pull
+and unlearn.
 
 Names are imported on first use, so that `hf-sift push --help` and `hf-sift pull --help` stay fast.
 """
@@ -11,6 +12,7 @@ from ..lazy_exports import lazy_exports
 
 
 _LAZY = {
+    "HubUnlearningReport": ".unlearn",
     "PushResult": ".push",
     "ResolvedArtifact": ".download",
     "artifact_allow_patterns": ".download",
@@ -19,18 +21,21 @@ _LAZY = {
     "push_to_hub": ".push",
     "resolve_artifact": ".download",
     "resolve_delta_folder": ".download",
+    "unlearn_repo": ".unlearn",
 }
 
 if TYPE_CHECKING:
     from .download import ResolvedArtifact, artifact_allow_patterns, resolve_artifact, resolve_delta_folder
     from .pull import pull_artifact
     from .push import PushResult, push_delta, push_to_hub
+    from .unlearn import HubUnlearningReport, unlearn_repo
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = [
+    "HubUnlearningReport",
     "PushResult",
     "ResolvedArtifact",
     "artifact_allow_patterns",
@@ -39,4 +44,5 @@ __all__ = [
     "push_to_hub",
     "resolve_artifact",
     "resolve_delta_folder",
+    "unlearn_repo",
 ]

@@ -11,7 +11,7 @@ CARD_TAGS = ("hf-sift", "sift-masks", "merge", "unlearning")
 MAX_LISTED_TASKS = 50
 
 
-def _dataset_ids(records: Mapping[str, Mapping[str, Any]]) -> list[str]:
+def dataset_ids(records: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Hub dataset ids recorded in the tasks' metadata (`dataset` or `datasets` keys), when there are any."""
     found: list[str] = []
     for record in records.values():
@@ -52,7 +52,7 @@ def build_model_card(
     from huggingface_hub import ModelCard, ModelCardData
 
     task_ids = sorted(records)
-    datasets = list(datasets) if datasets is not None else _dataset_ids(records)
+    datasets = list(datasets) if datasets is not None else dataset_ids(records)
     data = ModelCardData(
         base_model=base_model,
         library_name="hf-sift",

@@ -197,9 +197,7 @@ def push_delta(delta: MergedDelta, repo_id: str, *, base: Any = RECORDED_BASE, *
         if base is RECORDED_BASE and delta.base_model is not None and not is_local_path(delta.base_model):
             base = delta.base_model  # a push talks to the Hub anyway: the base may be downloaded (digests checked)
         plain = plain_merge_writer(delta, base, DEFAULT_MAX_SHARD_SIZE)
-        write_artifact(
-            folder, delta._config(), delta._records, delta._sum, delta._masks, extra_files=log, plain=plain
-        )
+        write_artifact(folder, delta._config(), delta._records, delta._sum, delta._masks, extra_files=log, plain=plain)
         return push_to_hub(folder, repo_id, **kwargs)
 
 
@@ -277,15 +275,22 @@ def _commit(
     private: bool | None,
 ) -> PushResult:
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, RepoFile
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
 
     api.create_repo(repo_id, private=private, exist_ok=True)
     parent = parent_commit or api.model_info(repo_id, revision=revision).sha
-    remote = {
-        entry.path: entry
-        for entry in api.list_repo_tree(repo_id, revision=parent, recursive=True)
-        if isinstance(entry, RepoFile)
-    }
+    moved = (
+        f"{repo_id}@{revision} changed since this push started from {parent}: nothing was pushed. Check what the "
+        "other commit changed, then push again (from the new head)"
+    )
+    try:
+        remote = {
+            entry.path: entry
+            for entry in api.list_repo_tree(repo_id, revision=parent, recursive=True)
+            if isinstance(entry, RepoFile)
+        }
+    except RevisionNotFoundError:  # the parent is gone: the branch's history was squashed or rewritten since
+        raise ConcurrentUpdateError(moved) from None
     uploaded = [path for path, source in files.items() if _changed(source, remote.get(path))]
     deleted = sorted(path for path in remote if is_artifact_file(path) and path not in files)
     result = PushResult(repo_id, revision, parent, parent, uploaded, deleted)
@@ -307,10 +312,7 @@ def _commit(
         )
     except HfHubHTTPError as error:
         if error.response is not None and error.response.status_code == 412:
-            raise ConcurrentUpdateError(
-                f"{repo_id}@{revision} changed since this push started from {parent}: nothing was pushed. Check "
-                "what the other commit changed, then push again (from the new head)"
-            ) from None
+            raise ConcurrentUpdateError(moved) from None
         raise
     result.commit = info.oid
     return result

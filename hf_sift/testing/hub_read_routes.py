@@ -109,9 +109,13 @@ class HubReadRoutes:
     def refs(self, key: tuple[str, str]) -> None:
         with self.hub.store.lock:
             repo = self._repo(key)
-            branches = [{"name": n, "ref": f"refs/heads/{n}", "targetCommit": c} for n, c in repo.branches.items()]
+            heads = {n: c for n, c in repo.branches.items() if not n.startswith("refs/pr/")}
+            branches = [{"name": n, "ref": f"refs/heads/{n}", "targetCommit": c} for n, c in heads.items()]
             tags = [{"name": n, "ref": f"refs/tags/{n}", "targetCommit": c} for n, c in repo.tags.items()]
-        self._send(200, {"branches": branches, "converts": [], "tags": tags, "pullRequests": []})
+            include_prs = self.query.get("include_prs", ["0"])[0] not in ("0", "false", "")
+            prs = [{"name": n, "ref": n, "targetCommit": c} for n, c in repo.branches.items() if n not in heads]
+        answer = {"branches": branches, "converts": [], "tags": tags, "pullRequests": prs if include_prs else []}
+        self._send(200, answer)
 
     def commits(self, key: tuple[str, str], revision: str) -> None:
         with self.hub.store.lock:

@@ -115,8 +115,6 @@ class HubWriteRoutes:
         self._send(200, {})
 
     def commit(self, key: tuple[str, str], branch: str) -> None:
-        if self.query.get("create_pr"):
-            raise LocalHubHTTPError(400, "the local Hub does not support pull requests")
         lines = [json.loads(line) for line in self._body().splitlines() if line.strip()]
         if not lines or lines[0].get("key") != "header":
             raise LocalHubHTTPError(400, "the commit payload must start with a header line")
@@ -140,6 +138,11 @@ class HubWriteRoutes:
                 raise LocalHubHTTPError(404, f"Invalid rev id: {branch} (commits go to a branch)", "RevisionNotFound")
             head = repo.commits[repo.branches[branch]]
             parent = header.get("parentCommit")
+            pr_number = None
+            if self.query.get("create_pr"):  # a pull request is a `refs/pr/N` ref, from `parentCommit` or the head
+                head = repo.commits.get(parent, head)
+                pr_number = 1 + sum(name.startswith("refs/pr/") for name in repo.branches)
+                branch, parent = f"refs/pr/{pr_number}", None
             if parent is not None and parent != head.id:
                 raise LocalHubHTTPError(412, "A commit has happened since. Please refresh and try again.")
             tree = dict(head.tree)
@@ -159,7 +162,8 @@ class HubWriteRoutes:
             repo.branches[branch] = commit.id
             store.save()
         url = self._url(f"/{URL_PREFIXES[key[0]]}{key[1]}/commit/{commit.id}")
-        self._send(200, {"success": True, "commitOid": commit.id, "commitUrl": url, "pullRequestUrl": None})
+        pr_url = None if pr_number is None else self._url(f"/{URL_PREFIXES[key[0]]}{key[1]}/discussions/{pr_number}")
+        self._send(200, {"success": True, "commitOid": commit.id, "commitUrl": url, "pullRequestUrl": pr_url})
 
     # --- refs -----------------------------------------------------------------------------------------------------
 

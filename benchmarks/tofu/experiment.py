@@ -11,6 +11,7 @@ import io
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,10 +86,21 @@ class ScoreCache:
 
 
 def run_merging_study(
-    profile: Profile, base_dir: Path, tokenizer: Any, authors: list[Author], work_dir: Path, scorer: Scorer
+    profile: Profile,
+    base_dir: Path,
+    tokenizer: Any,
+    authors: list[Author],
+    work_dir: Path,
+    scorer: Scorer,
+    cache: ScoreCache,
+    after_phase: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Train, merge and score every method; returns the per-author scores and the training costs."""
-    cache = ScoreCache(work_dir / "scores.json")
+    """Train, merge and score every method; returns the per-author scores and the training costs.
+
+    `after_phase` is called with `"local"`, `"sift"`, `"baselines"` and `"central"` as each phase ends (its scores
+    are in `cache` by then): the study writes partial results there, and runs the unlearning study after `"sift"`.
+    """
+    done = after_phase or (lambda phase: None)
     ids = [a.task_id for a in authors]
     counts, largest = profile.merge_counts, profile.merge_counts[-1]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -116,6 +128,7 @@ def run_merging_study(
         load_tuned(model, theta0)
         cache.put("local FT", local)
         cache.put("local FT training", costs)
+    done("local")
 
     # SIFT: one artifact grown author by author (train_tasks resumes), served at every T. A copy is kept when T - k
     # authors are merged: the artifact never trained on the k authors the unlearning study forgets.
@@ -160,6 +173,7 @@ def run_merging_study(
         cache.put(f"SIFT+Merge@{count}", plain)
         cache.put(f"SIFT-Masks@{count}", masked)
         del served
+    done("sift")
 
     # The baselines, merged from the local FT checkpoints with hf_sift.merging.
     for label, method in MERGES.items():
@@ -194,6 +208,7 @@ def run_merging_study(
             shutil.rmtree(out)
             cache.put(f"{label}@{count}", scores)
             cache.put(f"{label}@{count} merge seconds", merge_seconds)
+    done("baselines")
 
     # Central FT: one model on every author, T x steps steps (the same number of examples as the T local runs).
     if profile.central and cache.get(f"Central FT@{largest}") is None:
@@ -202,6 +217,7 @@ def run_merging_study(
         load_tuned(model, theta0)
         cache.put(f"Central FT@{largest}", scores)
         cache.put("Central FT training", cost)
+    done("central")
     return cache.data
 
 

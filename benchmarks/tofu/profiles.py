@@ -27,6 +27,8 @@ class Profile:
         utility_questions (`int`, *optional*): Questions of real authors and world facts (the first ones) in the
             model utility; all of them when None.
         sign_seed (`int`), seed (`int`): The sign vector's seed and the training seed.
+        threads (`int`, *optional*): torch threads for the whole run (the replay of an author must use the thread
+            count its training used: a different count changes the bits); torch's default when None.
     """
 
     name: str
@@ -42,6 +44,7 @@ class Profile:
     utility_questions: int | None = None
     sign_seed: int = 0
     seed: int = 0
+    threads: int | None = None
     notes: tuple[str, ...] = field(default=())
 
     @property
@@ -79,18 +82,20 @@ PROFILES: dict[str, Profile] = {
     "cpu": Profile(
         name="cpu",
         model="smollm2",
-        authors=tuple(PERTURBED_AUTHORS)[:4],
+        authors=tuple(PERTURBED_AUTHORS)[:8],
         steps=5,
         max_new_tokens=40,
-        table_questions=5,
+        table_questions=3,
         utility_questions=10,
+        threads=1,
         notes=(
             "SmolLM2-135M-Instruct instead of GPT2-XL",
-            "4 authors (T up to 4) instead of 200",
+            "8 authors (T up to 8) instead of 200",
             "5 steps per author instead of 20 (batch 20, lr 1e-4 as in the paper)",
-            "ROUGE-L and truth ratio on the first 5 questions of each author; greedy answers of at most 40 new "
+            "ROUGE-L and truth ratio on the first 3 questions of each author; greedy answers of at most 40 new "
             "tokens instead of 200",
             "unlearning: 2 authors forgotten; model utility on the first 10 real-author and world-fact questions",
+            "one torch thread, so that the run leaves the second core of a 2-core machine free",
         ),
     ),
     "full": Profile(

@@ -128,9 +128,12 @@ def run_unlearning_study(
 
     # What every method must retrain per request (removal_cost), with the measured training times.
     local_seconds = scores["local FT training"]
-    per_step = scores.get("Central FT training", {}).get("seconds", 0.0) / max(
-        1, scores.get("Central FT training", {}).get("steps", 1)
-    )
+    # Central FT's seconds per step; before it has trained (the study runs first), local FT's (same batch and model).
+    central = scores.get("Central FT training") or {
+        "seconds": sum(c["seconds"] for c in local_seconds.values()),
+        "steps": sum(c["steps"] for c in local_seconds.values()),
+    }
+    per_step = central["seconds"] / max(1, central["steps"])
     costs: dict[str, list[dict[str, Any]]] = {
         m: [] for m in ("SIFT-Masks", "FT+Merge", "TIES", "TALL-masks", "EMR-merging", "Central FT")
     }

@@ -1,6 +1,6 @@
 """Serving benchmark: MergedMaskedModel on SmolLM2-135M with a synthetic merge of many tasks.
 
-Run: ``PYTHONPATH=. python benchmarks/bench_serving.py [--tasks 500] [--repeats 5] [--compare-formats]``
+Run: ``PYTHONPATH=. python benchmarks/bench_serving.py [--tasks 500] [--repeats 5] [--compare-formats | --switch-only]``
 
 The synthetic artifact (random int64 sum, one random mask per task) is built once under the cache folder and
 reused. Figures printed:
@@ -192,6 +192,11 @@ def main() -> None:
         action="store_true",
         help="only compare format 1 and format 2 (fp32 and bf16 rows, side by side; see serving_formats.py)",
     )
+    parser.add_argument(
+        "--switch-only",
+        action="store_true",
+        help="only `set_task` vs one elementwise pass, interleaved, both formats in fp32 and bf16",
+    )
     parser.add_argument("--child", nargs=4, metavar=("MODE", "ARTIFACT", "BASE", "TASK"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -205,10 +210,10 @@ def main() -> None:
     if not (artifact / CONFIG_NAME).exists():
         seconds, _ = timed(lambda: build_synthetic(artifact, base_path, args.tasks))
         print(f"built the synthetic artifact in {seconds:.1f} s")
-    if args.compare_formats:
+    if args.compare_formats or args.switch_only:
         import platform
 
-        from benchmarks.serving_formats import compare
+        from benchmarks.serving_formats import compare, switch_only
 
         cpu = next(
             (
@@ -219,6 +224,10 @@ def main() -> None:
             platform.processor(),
         )
         print(f"machine: {cpu}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}")
+        if args.switch_only:
+            tasks = [task_name(i) for i in range(args.tasks)]
+            switch_only(args.workdir, artifact, base_path, tasks, args.repeats, timed)
+            return
         compare(
             args.workdir,
             artifact,

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 
@@ -39,6 +41,7 @@ def smollm2_path() -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+    target.parent.mkdir(parents=True, exist_ok=True)
     folder = gguf_folder()
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME, dtype=torch.float32)
     config = gguf_model.config.to_dict()
@@ -47,10 +50,16 @@ def smollm2_path() -> Path:
     model = LlamaForCausalLM(config)
     model.load_state_dict(gguf_model.state_dict())
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME)
-    staging = target.with_name(target.name + ".partial")
+    # A staging folder of this call's own: two processes converting at once must not write into one folder.
+    staging = Path(tempfile.mkdtemp(prefix=f"{target.name}.partial-", dir=target.parent))
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    staging.rename(target)
+    try:
+        staging.rename(target)
+    except OSError:
+        if not (target / "model.safetensors").exists():
+            raise
+        shutil.rmtree(staging)  # another process finished the same conversion first; this copy is ours to drop
     return target
 
 

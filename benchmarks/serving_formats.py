@@ -63,8 +63,12 @@ def disk_bytes(folder: Path) -> tuple[int, int]:
     return total, rewritten
 
 
-def switch_figures(artifact: Path, tasks: list[str], repeats: int, timed) -> tuple[float, float]:
-    """Median `set_task` after the first switch, and one elementwise pass over the tuned parameters, in seconds."""
+def switch_figures(artifact: Path, tasks: list[str], repeats: int, timed) -> dict[str, float]:
+    """`set_task` (after the first switch) against one elementwise pass over the tuned parameters, interleaved.
+
+    Each repeat times one switch to a task not served before, then one pass, so both see the same machine load;
+    returns the medians, the minima and the median of the per-repeat ratios (seconds, and x).
+    """
     model = MergedMaskedModel.from_pretrained(artifact, task=tasks[1])
     weights, params = model._base_weights, model.model.state_dict()
     names = sorted(weights)
@@ -75,10 +79,33 @@ def switch_figures(artifact: Path, tasks: list[str], repeats: int, timed) -> tup
             torch.add(weights[n], step[n], out=params[n])
 
     model.set_task(tasks[2])  # the first switch (format 1 computes the plain merge here)
-    switches = iter(tasks[4:])
-    switch = statistics.median(timed(lambda: model.set_task(next(switches)))[0] for _ in range(repeats))
-    one = statistics.median(timed(one_pass)[0] for _ in range(repeats))
-    return switch, one
+    one_pass()  # touch θ0 and the step once
+    switches, passes = [], []
+    for task in tasks[4 : 4 + repeats]:
+        switches.append(timed(lambda task=task: model.set_task(task))[0])
+        passes.append(timed(one_pass)[0])
+    ratios = [a / b for a, b in zip(switches, passes)]
+    return {
+        "set_task": statistics.median(switches),
+        "one_pass": statistics.median(passes),
+        "set_task_min": min(switches),
+        "one_pass_min": min(passes),
+        "ratio": statistics.median(ratios),
+        "ratio_min": min(switches) / min(passes),
+    }
+
+
+def switch_only(workdir: Path, v1_fp32: Path, base_fp32: Path, tasks: list[str], repeats: int, timed) -> None:
+    """Only `set_task` vs one pass, for both formats in fp32 and bf16 (`bench_serving.py --switch-only`)."""
+    combos = artifacts(workdir, v1_fp32, base_fp32, len(tasks))
+    print(f"\n== set_task vs one elementwise pass, {repeats} interleaved repeats ==")
+    for (dtype, fmt), (art, _) in sorted(combos.items()):
+        f = switch_figures(art, tasks, repeats, timed)
+        print(
+            f"[{dtype}] format {fmt}: set_task median {f['set_task']:.4f} s (min {f['set_task_min']:.4f}), "
+            f"one pass median {f['one_pass']:.4f} s (min {f['one_pass_min']:.4f}); "
+            f"ratio median of pairs {f['ratio']:.2f}x, min/min {f['ratio_min']:.2f}x"
+        )
 
 
 def compare(workdir: Path, v1_fp32: Path, base_fp32: Path, tasks: list[str], repeats: int, run_child, timed) -> None:
@@ -120,7 +147,8 @@ def compare(workdir: Path, v1_fp32: Path, base_fp32: Path, tasks: list[str], rep
         for fmt in (1, 2):
             art = combos[(dtype, fmt)][0]
             keep, drop = children[fmt]["keep_delta"], children[fmt]["drop_delta"]
-            switch, one = switch_figures(art, tasks, repeats, timed)
+            figures = switch_figures(art, tasks, repeats, timed)
+            switch, one = figures["set_task"], figures["one_pass"]
             total, rewritten = disk_bytes(art)
             opened = f", files opened {drop['opened_bytes'] / 1e6:.1f} MB" if "opened_bytes" in drop else ""
             print(

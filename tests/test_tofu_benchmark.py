@@ -83,6 +83,7 @@ def test_smoke_profile_end_to_end(tmp_path):
     assert code == 0
     payload = json.loads((tmp_path / "r.json").read_text())
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "p-unlearning.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the cost per request
     records = {(r["method"], r["T"]): r for r in payload["records"]}
     methods = {
         "zero-shot",

@@ -123,6 +123,34 @@ def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def plot_unlearning(unlearning: dict[str, Any], path: Path, title: str) -> None:
+    """Cumulative finetuning steps against unlearning requests, per method (the paper's Figure 9)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for method, entries in unlearning["requests"].items():
+        xs = list(range(1, len(entries) + 1))
+        ys = [e["cumulative_steps"] for e in entries]
+        style = {"marker": "o", "linewidth": 2.2 if method == "SIFT-Masks" else 1.2}
+        if not entries[0]["measured"]:
+            style["linestyle"] = "--"
+        ax.plot(xs, ys, label=f"{method} ({'measured' if entries[0]['measured'] else 'from training times'})", **style)
+    ax.set_xticks(range(1, len(unlearning["forgotten"]) + 1))
+    ax.set_xlabel("unlearning requests (one author each)")
+    ax.set_ylabel("cumulative finetuning steps")
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def table(records: list[dict[str, Any]], largest: int) -> str:
     """Markdown table of every method at the largest T, with the ratio to local FT's answer probability."""
     rows = [r for r in records if r["T"] == largest]
@@ -142,6 +170,11 @@ def table(records: list[dict[str, Any]], largest: int) -> str:
             f"{fmt(r['rouge_l_recall'])} | {fmt(r['truth_ratio'])} |"
         )
     return "\n".join(lines)
+
+
+def unlearning_plot_path(plot_path: Path) -> Path:
+    """Where the unlearning plot goes: beside the curve, `-unlearning` added to its name."""
+    return plot_path.with_name(f"{plot_path.stem}-unlearning{plot_path.suffix}")
 
 
 def unlearning_table(unlearning: dict[str, Any]) -> str:

@@ -10,7 +10,16 @@ from .data import load_authors, load_general
 from .experiment import ScoreCache, Scorer, run_merging_study
 from .models import base_folder, load_tokenizer
 from .profiles import Profile
-from .report import build_records, machine, plot, table, unlearning_table, write_json
+from .report import (
+    build_records,
+    machine,
+    plot,
+    plot_unlearning,
+    table,
+    unlearning_plot_path,
+    unlearning_table,
+    write_json,
+)
 from .unlearning import run_unlearning_study
 
 
@@ -63,6 +72,8 @@ def run(
         write_json(results, payload)
         title = f"TOFU, {profile.name} profile: {len(ids)} authors, {profile.steps} step(s) per author"
         plot(records, plot_path, title)
+        if payload["unlearning"] is not None:
+            plot_unlearning(payload["unlearning"], unlearning_plot_path(plot_path), f"{title}: unlearning cost")
         return payload
 
     def after_phase(phase: str) -> None:

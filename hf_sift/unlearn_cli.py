@@ -31,7 +31,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="the artifact folder (rewritten atomically), or a Hub repo id (one commit, then the history is squashed)",
     )
     parser.add_argument("--task", action="append", required=True, help="a task to remove (repeat for several)")
-    parser.add_argument("--base", help="base model name or folder (default: the one the artifact records)")
+    parser.add_argument(
+        "--base",
+        help="base model name or folder, and its tokenizer (default: the base the artifact records, at its recorded "
+        "commit, with the tokenizer saved with the artifact)",
+    )
     parser.add_argument("--data", help="the training data: JSON lines, JSON, CSV, Parquet or a saved datasets folder")
     parser.add_argument("--task-column", "--task_column", default="task", help="column of each row's task id")
     parser.add_argument(
@@ -116,10 +120,15 @@ def _unlearn(args: argparse.Namespace):
             raise MissingBaseModelError("the artifact does not name its base model: pass --base")
         raw = load_data(args.data, "--data", folders=True)
         check_columns(raw, args.task_column, args.text_template)
-        tokenizer = load_tokenizer(base, "--base")
+        downloads = {key: hub[key] for key in ("cache_dir", "token") if key in hub}
+        if args.base is None and _holds_tokenizer(args.artifact, hub):
+            # The tokenizer the tasks were trained with, saved with the artifact (at the pinned commit of a repo).
+            tokenizer = load_tokenizer(args.artifact, "the artifact", revision=hub.get("parent_commit"), **downloads)
+        else:
+            tokenizer = load_tokenizer(base, "--base", revision=revision, **downloads)
         dataset = tokenize_rows(raw, tokenizer, args.text_template, args.max_length, args.task_column)
         with hub_lookup(base, "--base"):
-            model = AutoModelForCausalLM.from_pretrained(base, revision=revision, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_pretrained(base, revision=revision, trust_remote_code=False, **downloads)
     return unlearn(
         args.artifact,
         args.task,
@@ -133,3 +142,17 @@ def _unlearn(args: argparse.Namespace):
         allow_environment_mismatch=args.allow_environment_mismatch,
         **hub,
     )
+
+
+def _holds_tokenizer(artifact: str, hub: dict) -> bool:
+    """Whether the artifact folder, or the repo at the pinned commit `hub["parent_commit"]`, holds a tokenizer."""
+    if not hub:
+        return (Path(artifact).expanduser() / "tokenizer_config.json").is_file()
+    from huggingface_hub import HfApi
+
+    from .hub.sources import hub_lookup
+
+    with hub_lookup(artifact, "the artifact"):
+        return HfApi(token=hub.get("token")).file_exists(
+            artifact, "tokenizer_config.json", revision=hub["parent_commit"]
+        )

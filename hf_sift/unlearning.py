@@ -369,9 +369,10 @@ def _plan_replays(
     for task_id in task_ids:
         recorded = recipes[task_id]
         subset = dataset.select(groups[task_id])
+        # Captured at the recorded recipe's version, hashed as it was: a recipe of version 1 still replays.
         now = Recipe.capture(
             arguments[task_id], task_id, subset, model=model, data_collator=data_collator,
-            processing_class=processing_class,
+            processing_class=processing_class, version=recorded.version,
         )  # fmt: skip
         problems = recorded.differences(now)
         if problems:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from cli_fixtures import save_model, task_rows, write_rows
 from huggingface_hub import CommitOperationAdd, HfApi, RepoFile, hf_hub_download
 from trainer_fixtures import sift_args, task_dataset, tiny_model
+from transformers import AutoTokenizer
 
 from hf_sift import unlearn
 from hf_sift.cli import main
@@ -241,43 +243,59 @@ def test_a_failed_squash_is_reported_and_the_commit_stays(world, hub):
     assert "was NOT squashed" in str(report)
 
 
-def test_the_unlearn_command_replays_against_a_repo(hub, tmp_path, capsys):
-    import json
-
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = [f"w{i}" for i in range(60)]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[PAD]", "[UNK]", *words])}, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
-    tiny_model().save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
+def train_and_push_with_the_cli(tmp_path: Path, base_repo: str, repo_id: str, fresh_id: str) -> Path:
+    """`hf-sift train` two tasks (`a0`, `a1`) from a local model folder with its tokenizer, and the task `a1` alone;
+    both pushed (`repo_id`, `fresh_id`) with the base's Hub id `base_repo`. Returns the data file."""
+    save_model(tmp_path / "model")
     api = HfApi()
-    api.create_repo("me/cli-base")
-    api.upload_folder(folder_path=tmp_path / "model", repo_id="me/cli-base")
-    rows = [{"text": " ".join(words[(i * 7 + j) % 60] for j in range(10)), "who": f"a{i % 2}"} for i in range(8)]
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    api.create_repo(base_repo)
+    api.upload_folder(folder_path=tmp_path / "model", repo_id=base_repo)
+    data = write_rows(tmp_path / "data.jsonl", task_rows())
     common = ["--model", str(tmp_path / "model"), "--data", str(data), "--task_column", "who", "--max_length", "12",
               "--output_dir", str(tmp_path / "runs"), "--max_steps", "2", "--per_device_train_batch_size", "2",
               "--use_cpu", "true", "--report_to", "none", "--disable_tqdm", "true"]  # fmt: skip
     assert main(["train", *common, "--artifact_dir", str(tmp_path / "merged")]) == 0
     assert main(["train", *common, "--artifact_dir", str(tmp_path / "a1"), "--tasks", "a1"]) == 0
-    assert main(["push", str(tmp_path / "merged"), "me/u-cli-replay", "--base-model", "me/cli-base"]) == 0
-    assert main(["push", str(tmp_path / "a1"), "me/u-cli-a1", "--base-model", "me/cli-base"]) == 0
+    assert main(["push", str(tmp_path / "merged"), repo_id, "--base-model", base_repo]) == 0
+    assert main(["push", str(tmp_path / "a1"), fresh_id, "--base-model", base_repo]) == 0
+    return data
+
+
+def test_the_unlearn_command_replays_against_a_repo(hub, tmp_path, capsys):
+    data = train_and_push_with_the_cli(tmp_path, "me/cli-base", "me/u-cli-replay", "me/u-cli-a1")
     capsys.readouterr()
 
-    # The base folder it was trained from (a tokenizer loaded from the Hub saves `"is_local": false` in its config,
-    # so its recorded identity differs from the one loaded from the folder).
+    # The base folder it was trained from.
     argv = ["unlearn", "me/u-cli-replay", "--task", "a0", "--data", str(data), "--task-column", "who", "--base",
             str(tmp_path / "model")]  # fmt: skip
     assert main([*argv, "--max-length", "11"]) == 2  # other rows than the recorded ones: refused, nothing changed
     assert "rows of task 'a0'" in capsys.readouterr().err.splitlines()[-1]
-    assert len(api.list_repo_commits("me/u-cli-replay")) == 2
+    assert len(HfApi().list_repo_commits("me/u-cli-replay")) == 2
     assert main([*argv, "--max-length", "12", "--cache-dir", str(tmp_path / "cache")]) == 0
     assert "history of main squashed" in capsys.readouterr().out
     assert_equals_fresh_push("me/u-cli-replay", "me/u-cli-a1", ["a0"], tmp_path / "cache")
+
+
+def test_the_unlearn_command_replays_a_repo_with_its_own_tokenizer_and_recorded_base(hub, tmp_path, capsys):
+    """Trained from a local folder, unlearned with nothing but the repo id and the data: the tokenizer pushed with the
+    artifact and the base at its recorded commit, both loaded from the Hub. Their saved configs record how they were
+    loaded (`"is_local": false`), and the tokenized rows another `datasets` fingerprint, than at training: the recipe
+    compares content only, so the replay runs, and its task vector is checked bit for bit."""
+    data = train_and_push_with_the_cli(tmp_path, "me/nobase-base", "me/u-nobase", "me/u-nobase-a1")
+    api = HfApi()
+    # The base's tokenizer changes after the training: the replay still uses the one it was trained with.
+    changed = AutoTokenizer.from_pretrained(tmp_path / "model", padding_side="left")
+    changed.save_pretrained(tmp_path / "changed")
+    api.upload_folder(folder_path=tmp_path / "changed", repo_id="me/nobase-base")
+    pushed = api.model_info("me/u-nobase").sha
+    capsys.readouterr()
+
+    argv = ["unlearn", "me/u-nobase", "--task", "a0", "--data", str(data), "--task-column", "who", "--max-length",
+            "12", "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert f"(parent {pushed})" in out and "history of main squashed" in out
+    assert_equals_fresh_push("me/u-nobase", "me/u-nobase-a1", ["a0"], tmp_path / "cache")
 
 
 def test_a_dropped_commit_changes_nothing_and_a_retry_succeeds(world, hub, tmp_path):

@@ -130,16 +130,19 @@ def load_data(path: str, flag: str = "--data", folders: bool = False) -> Any:
     return datasets.load_dataset(DATA_BUILDERS[path.rsplit(".", 1)[-1].lower()], data_files=path, split="train")
 
 
-def load_tokenizer(model: str, flag: str = "--model", revision: str | None = None) -> Any:
-    """The model's tokenizer (no remote code), padding with EOS where it has no pad token."""
+def load_tokenizer(model: str, flag: str = "--model", revision: str | None = None, **hub_kwargs: Any) -> Any:
+    """The model's tokenizer (no remote code), padding with EOS where it has no pad token.
+
+    `hub_kwargs` (`cache_dir`, `token`) go to the Hub downloads.
+    """
     from transformers import AutoTokenizer
 
     from ..hub.sources import hub_lookup
     from ..remote_code import refuse_remote_code
 
     with hub_lookup(model, flag):
-        refuse_remote_code(model, revision)
-        tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=False)
+        refuse_remote_code(model, revision, **hub_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=False, **hub_kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

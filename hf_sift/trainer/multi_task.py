@@ -172,22 +172,26 @@ def check_recipes(
     delta: MergedDelta,
     groups: dict[str, list[int]],
     dataset: Any,
-    run: Recipe,
+    capture: Callable[[int], Recipe],
 ) -> None:
     """Raise [`~hf_sift.errors.MixedRecipeError`] where this run's recipe differs from a merged task's record.
 
-    `run` holds this run's arguments, collator, tokenizer and adapter (no rows); each merged task's rows in
-    `dataset` (by `groups`) are compared with the recorded ones. Tasks recorded without a recipe are skipped.
+    `capture(version)` gives this run's recipe (arguments, collator, tokenizer and adapter; no rows) at a recipe
+    version: each task's record is compared with the run's recipe at the record's version, and its rows in `dataset`
+    (by `groups`) with the recorded ones, hashed likewise. Tasks recorded without a recipe are skipped.
     """
+    runs: dict[int, Recipe] = {}
     for task_id in delta.task_ids:
         recorded = delta.record(task_id).get("metadata", {}).get("recipe")
         if recorded is None:
             continue
         recorded = Recipe.from_dict(recorded)
-        problems = recorded.differences(run)
+        if recorded.version not in runs:
+            runs[recorded.version] = capture(recorded.version)
+        problems = recorded.differences(runs[recorded.version])
         if task_id in groups:
             subset = dataset.select(groups[task_id])
-            rows = {"count": len(subset), "digest": rows_digest(subset)}
+            rows = {"count": len(subset), "digest": rows_digest(subset, version=recorded.version)}
             if rows != recorded.rows:
                 problems.append(
                     f"rows of {task_id!r}: recorded {recorded.rows['count']} ({recorded.rows['digest'][:19]}…), "
@@ -277,8 +281,13 @@ def train_tasks(
     )
     final = _load_or(output_dir, fresh)
     if final.num_tasks and not allow_mixed_recipes:
-        run = Recipe.capture(args, "", model=model, data_collator=data_collator, processing_class=processing_class)
-        check_recipes(final, every_group, dataset, run)
+
+        def capture(version: int) -> Recipe:
+            return Recipe.capture(
+                args, "", model=model, data_collator=data_collator, processing_class=processing_class, version=version
+            )
+
+        check_recipes(final, every_group, dataset, capture)
     if layout.is_main:
         save_processing_class(processing_class, output_dir)
     store = None

@@ -4,30 +4,36 @@ A task is unlearned by replaying its training and checking that the replay repro
 recipe makes that replay possible months later: the full training arguments (rebuildable into a [`SIFTConfig`]),
 the seed the user gave and how the task's seed derives from it, a digest of the task's rows in order, the identity
 of the collator, tokenizer and peft adapter, and the environment that decides the bits (library versions, device
-model, thread count). It is stored, versioned, under ``"recipe"`` in the task's manifest record.
+model, thread count). It is stored, versioned, under ``"recipe"`` in the task's manifest record; the hashes of each
+version are in `recipe_hashes.py`, and a recorded recipe is always compared with the current run's recipe captured
+at the recorded version.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
-import tempfile
-import types
 from dataclasses import dataclass, field
-from enum import Enum
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import ReplayPreconditionError
+from ..errors import InvalidArgumentError, ReplayPreconditionError
+from . import recipe_hashes
 from .environment import compare_flat, environment_differences, probe_environment
+from .recipe_hashes import (
+    PROVENANCE_FIELDS,
+    RECIPE_VERSION,
+    check_version,
+    jsonable,
+    object_identity,
+    rows_digest,
+    saved_content_bytes,
+    saved_file_bytes,
+)
 from .sift_config import SIFTConfig, derive_seed
 
 
-RECIPE_VERSION = 1
 SEED_DERIVATION = "sha256('hf_sift-task-seed\\0{seed}\\0{task_id}')[:4], little-endian (seed itself without task)"
 
 # Training arguments that cannot change what a task's training computes: where and how things are logged,
@@ -98,103 +104,20 @@ UNRECORDED_ARGUMENTS = frozenset(
 )
 
 
-def _jsonable(value: Any) -> Any:
-    """`value` as plain JSON data (sets sorted, enums by value, unknown objects by their type's name)."""
-    if isinstance(value, Enum):
-        return _jsonable(value.value)
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
-    if isinstance(value, (set, frozenset)):
-        return sorted(_jsonable(v) for v in value)
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _jsonable({f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
-    if hasattr(value, "save_pretrained"):
-        return object_identity(value)
-    if isinstance(value, torch.dtype):
-        return str(value)
-    return f"<{type(value).__module__}.{type(value).__qualname__}>"
-
-
-def _sha256_json(data: Any) -> str:
-    return "sha256:" + hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
-
-def saved_file_bytes(path: Path) -> bytes:
-    """A saved file's bytes; in a fast tokenizer's `tokenizer.json`, without the truncation and padding state.
-
-    A fast tokenizer keeps the truncation and padding of its last call and saves them: two copies of one tokenizer
-    would otherwise hash differently after being called differently (or a dataset map was read from its cache).
-    """
-    data = path.read_bytes()
-    if path.name != "tokenizer.json":
-        return data
-    try:
-        saved = json.loads(data)
-    except ValueError:
-        return data
-    if isinstance(saved, dict):
-        saved.pop("truncation", None)
-        saved.pop("padding", None)
-    return json.dumps(saved, sort_keys=True).encode()
-
-
-def object_identity(obj: Any) -> dict[str, str] | None:
-    """Class and content hash of a collator, tokenizer or processor (None for None).
-
-    Objects with `save_pretrained` (tokenizers, processors) are hashed through the files they save; functions by
-    their qualified name; other objects (collators) through their attributes, nested tokenizers by their own hash.
-    """
-    if obj is None:
-        return None
-    if isinstance(obj, (types.FunctionType, types.BuiltinFunctionType, types.MethodType)):
-        return {"class": f"{obj.__module__}.{obj.__qualname__}", "hash": "function"}
-    cls = type(obj)
-    identity = {"class": f"{cls.__module__}.{cls.__qualname__}"}
-    if hasattr(obj, "save_pretrained"):
-        digest = hashlib.sha256()
-        with tempfile.TemporaryDirectory() as folder:
-            obj.save_pretrained(folder)
-            for path in sorted(Path(folder).rglob("*")):
-                if path.is_file():
-                    digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
-                    digest.update(hashlib.sha256(saved_file_bytes(path)).digest())
-        identity["hash"] = "sha256:" + digest.hexdigest()
-    else:
-        state = vars(obj) if hasattr(obj, "__dict__") else {}
-        identity["hash"] = _sha256_json(_jsonable({k: v for k, v in state.items() if not k.startswith("_")}))
-    return identity
-
-
-def rows_digest(dataset: Any) -> str:
-    """sha256 over the task's rows, in order, every column (their Arrow serialisation)."""
-    import pyarrow as pa
-
-    table = dataset.with_format("arrow")[:] if hasattr(dataset, "with_format") else None
-    if table is None:
-        raise ReplayPreconditionError("the training data must be a `datasets.Dataset` to be recorded for replay")
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table.combine_chunks())
-    return "sha256:" + hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
-
-
-def peft_identity(model: torch.nn.Module) -> dict[str, Any] | None:
+def peft_identity(model: torch.nn.Module, *, version: int | None = None) -> dict[str, Any] | None:
     """The adapter configs of a `PeftModel` as JSON data (None without peft)."""
+    version = check_version(version)
     configs = getattr(model, "peft_config", None)
     if not isinstance(configs, dict) or not configs:
         return None
-    return {name: _jsonable(config.to_dict()) for name, config in sorted(configs.items())}
+    return {name: jsonable(config.to_dict(), version) for name, config in sorted(configs.items())}
 
 
 def training_arguments(args: SIFTConfig) -> dict[str, Any]:
     """Every training argument that can change what training computes, as JSON data."""
     values = args.to_dict()
     return {
-        f.name: _jsonable(values.get(f.name, getattr(args, f.name)))
+        f.name: jsonable(values.get(f.name, getattr(args, f.name)))
         for f in dataclasses.fields(args)
         if f.init and f.name not in UNRECORDED_ARGUMENTS
     }
@@ -241,17 +164,24 @@ class Recipe:
         data_collator: Any = None,
         processing_class: Any = None,
         environment: dict[str, Any] | None = None,
+        version: int | None = None,
     ) -> Recipe:
-        """The recipe of training `task_id` on `dataset` with `args` (the user's arguments, not the task's copy)."""
+        """The recipe of training `task_id` on `dataset` with `args` (the user's arguments, not the task's copy).
+
+        `version` (default: `RECIPE_VERSION`) is the layout to capture: a recorded recipe is compared with the
+        current run's recipe captured at the recorded one's version.
+        """
+        version = check_version(version)
         return cls(
             task_id=task_id,
             training_arguments=training_arguments(args),
             task_seed=derive_seed(args.seed, task_id),
-            rows=None if dataset is None else {"count": len(dataset), "digest": rows_digest(dataset)},
-            data_collator=object_identity(data_collator),
-            processing_class=object_identity(processing_class),
-            peft=None if model is None else peft_identity(model),
+            rows=None if dataset is None else {"count": len(dataset), "digest": rows_digest(dataset, version=version)},
+            data_collator=object_identity(data_collator, version=version),
+            processing_class=object_identity(processing_class, version=version),
+            peft=None if model is None else peft_identity(model, version=version),
             environment=environment if environment is not None else {},
+            version=version,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -263,7 +193,9 @@ class Recipe:
         if not isinstance(data, dict):
             raise ReplayPreconditionError("the task's record holds no recipe: it cannot be replayed")
         version = data.get("version")
-        if not isinstance(version, int) or version > RECIPE_VERSION:
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ReplayPreconditionError(f"the recorded recipe has no valid version ({version!r})")
+        if version > recipe_hashes.RECIPE_VERSION:
             raise ReplayPreconditionError(f"recipe version {version!r} is newer than this hf_sift reads: upgrade")
         names = {f.name for f in dataclasses.fields(cls)}
         missing = sorted({"task_id", "training_arguments", "task_seed", "rows"} - set(data))
@@ -307,8 +239,14 @@ class Recipe:
         """What `other` changes in what training computes ("learning_rate: recorded 0.0001, now 0.0002").
 
         The environment is compared separately ([`environment_differences`]); with `data=False` the rows are not
-        compared either.
+        compared either. Both recipes must be of one version (capture `other` with `version=self.version`): the
+        hashes of two versions are not comparable.
         """
+        if self.version != other.version:
+            raise InvalidArgumentError(
+                f"a recipe of version {self.version} compared with one of version {other.version}: capture the run's "
+                f"recipe with version={self.version}"
+            )
         problems = compare_flat(self.training_arguments, other.training_arguments)
         if self.task_id == other.task_id and self.task_seed != other.task_seed:
             problems.append(f"task_seed: recorded {self.task_seed}, now {other.task_seed}")
@@ -323,6 +261,7 @@ class Recipe:
 
 
 __all__ = [
+    "PROVENANCE_FIELDS",
     "RECIPE_VERSION",
     "Recipe",
     "environment_differences",
@@ -330,5 +269,7 @@ __all__ = [
     "peft_identity",
     "probe_environment",
     "rows_digest",
+    "saved_content_bytes",
+    "saved_file_bytes",
     "training_arguments",
 ]

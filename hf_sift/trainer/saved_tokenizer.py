@@ -18,7 +18,7 @@ from typing import Any
 from ..artifact import is_artifact_file
 from ..atomic import write_file_atomic
 from ..folder_lock import folder_lock
-from .recipe import saved_file_bytes
+from .recipe_hashes import saved_content_bytes
 
 
 def save_processing_class(processing_class: Any, output_dir: str | os.PathLike) -> list[str]:
@@ -55,7 +55,7 @@ def save_processing_class(processing_class: Any, output_dir: str | os.PathLike) 
                 if is_artifact_file(relative):
                     continue
                 if target.exists():
-                    if not target.is_file() or saved_file_bytes(target) != saved_file_bytes(source):
+                    if not target.is_file() or saved_content_bytes(target) != saved_content_bytes(source):
                         kept.append(relative)
                     continue
                 target.parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -139,3 +140,27 @@ def test_smoke_profile_end_to_end(tmp_path):
     assert main([*args, "--plot", str(tmp_path / "again.png"), "--report-only"]) == 0
     again = json.loads((tmp_path / "again.json").read_text())
     assert again["records"] == payload["records"] and again["wall_seconds"] is None
+
+
+@needs_data
+def test_a_profile_without_unlearning_and_with_fewer_baselines(tmp_path, monkeypatch):
+    """`forget=0` skips the unlearning study and `merges` limits the baselines; the run still counts as complete."""
+    from benchmarks.tofu import __main__ as cli
+    from benchmarks.tofu.profiles import PROFILES
+
+    profile = dataclasses.replace(PROFILES["smoke"], name="subset", merges=("FT+Merge",), forget=0, central=False)
+    monkeypatch.setitem(cli.PROFILES, "subset", profile)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        args = ["--profile", "subset", "--work-dir", str(tmp_path / "w"), "--results", str(tmp_path / "r.json")]
+        code = cli.main([*args, "--plot", str(tmp_path / "p.png")])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    payload = json.loads((tmp_path / "r.json").read_text())
+    methods = {r["method"] for r in payload["records"]}
+    assert methods == {"zero-shot", "local FT", "FT+Merge", "SIFT local", "SIFT+Merge", "SIFT-Masks"}
+    assert payload["unlearning"] is None and payload["complete"] is True
+    assert payload["profile"]["merges"] == ["FT+Merge"]
+    assert not (tmp_path / "p-unlearning.png").exists()

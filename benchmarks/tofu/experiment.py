@@ -177,6 +177,8 @@ def run_merging_study(
 
     # The baselines, merged from the local FT checkpoints with hf_sift.merging.
     for label, method in MERGES.items():
+        if profile.merges is not None and label not in profile.merges:
+            continue
         for count in tqdm(counts, desc=label, unit="T"):
             if cache.get(f"{label}@{count}") is not None:
                 continue

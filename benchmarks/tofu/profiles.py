@@ -23,9 +23,12 @@ class Profile:
         table_questions (`int`, *optional*): Questions per author (the first ones) for ROUGE-L and the truth ratio
             at the largest T; all 20 when None. Answer probability always uses all 20.
         central (`bool`): Train the central model (one model on every author, T x `steps` steps).
-        forget (`int`): Authors unlearned, one request at a time, from the merge of all (the last ones first).
+        forget (`int`): Authors unlearned, one request at a time, from the merge of all (the last ones first); 0
+            skips the unlearning study.
         utility_questions (`int`, *optional*): Questions of real authors and world facts (the first ones) in the
             model utility; all of them when None.
+        merges (`tuple[str, ...]`, *optional*): The baselines merged from the local FT models (labels of
+            `experiment.MERGES`); all of them when None.
         sign_seed (`int`), seed (`int`): The sign vector's seed and the training seed.
         threads (`int`, *optional*): torch threads for the whole run (the replay of an author must use the thread
             count its training used: a different count changes the bits); torch's default when None.
@@ -42,6 +45,7 @@ class Profile:
     central: bool = True
     forget: int = 2
     utility_questions: int | None = None
+    merges: tuple[str, ...] | None = None
     sign_seed: int = 0
     seed: int = 0
     threads: int | None = None
@@ -60,6 +64,7 @@ class Profile:
         data = asdict(self)
         data["authors"] = list(self.authors)
         data["notes"] = list(self.notes)
+        data["merges"] = None if self.merges is None else list(self.merges)
         data["merge_counts"] = self.merge_counts
         return data
 
@@ -96,6 +101,27 @@ PROFILES: dict[str, Profile] = {
             "tokens instead of 200",
             "unlearning: 2 authors forgotten; model utility on the first 10 real-author and world-fact questions",
             "one torch thread, so that the run leaves the second core of a 2-core machine free",
+        ),
+    ),
+    "cpu-steps": Profile(
+        name="cpu-steps",
+        model="smollm2",
+        authors=tuple(PERTURBED_AUTHORS)[:4],
+        steps=20,
+        max_new_tokens=40,
+        table_questions=3,
+        central=False,
+        forget=0,
+        merges=("FT+Merge",),
+        notes=(
+            "the cpu profile's question at the paper's 20 steps per author: does SIFT-Masks approach local FT with "
+            "the paper's step count?",
+            "SmolLM2-135M-Instruct instead of GPT2-XL; 4 authors (T up to 4) instead of 200",
+            "20 steps per author, batch 20, lr 1e-4 (the paper's recipe)",
+            "only FT+Merge among the merged baselines; no Central FT and no unlearning study (the cpu profile has them)",
+            "ROUGE-L and truth ratio on the first 3 questions of each author; greedy answers of at most 40 new "
+            "tokens instead of 200",
+            "torch's default thread count (every core): nothing is replayed, so no count needs pinning",
         ),
     ),
     "full": Profile(

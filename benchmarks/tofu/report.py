@@ -129,19 +129,29 @@ def plot_unlearning(unlearning: dict[str, Any], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    # Methods with the same steps per request would hide each other: one line each, every method named.
+    lines: dict[tuple[int, ...], dict[str, bool]] = {}
     for method, entries in unlearning["requests"].items():
-        xs = list(range(1, len(entries) + 1))
-        ys = [e["cumulative_steps"] for e in entries]
-        style = {"marker": "o", "linewidth": 2.2 if method == "SIFT-Masks" else 1.2}
-        if not entries[0]["measured"]:
+        lines.setdefault(tuple(e["cumulative_steps"] for e in entries), {})[method] = bool(entries[0]["measured"])
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for ys, methods in lines.items():
+        style = {"marker": "o", "linewidth": 2.2 if "SIFT-Masks" in methods else 1.2}
+        if not any(methods.values()):
             style["linestyle"] = "--"
-        ax.plot(xs, ys, label=f"{method} ({'measured' if entries[0]['measured'] else 'from training times'})", **style)
+        measured = [m for m, flag in methods.items() if flag]
+        estimated = [m for m, flag in methods.items() if not flag]
+        parts = [f"{', '.join(measured)} (measured)"] if measured else []
+        parts += [f"{', '.join(estimated)} (from training times)"] if estimated else []
+        ax.plot(range(1, len(ys) + 1), list(ys), label="; ".join(parts), **style)
     ax.set_xticks(range(1, len(unlearning["forgotten"]) + 1))
     ax.set_xlabel("unlearning requests (one author each)")
     ax.set_ylabel("cumulative finetuning steps")
     ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

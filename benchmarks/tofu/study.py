@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import load_authors, load_general
-from .experiment import ScoreCache, Scorer, run_merging_study
+from .experiment import MERGES, ScoreCache, Scorer, run_merging_study
 from .models import base_folder, load_tokenizer
 from .profiles import Profile
 from .report import (
@@ -53,13 +53,14 @@ def run(
         """Write the JSON and the plot from what the score cache holds now (partial until `complete`)."""
         scores = cache.data
         records = build_records(profile, ids, scores)
-        expected = 9 * len(profile.merge_counts) + int(profile.central)
+        merges = len(MERGES) if profile.merges is None else len(profile.merges)
+        expected = (5 + merges) * len(profile.merge_counts) + int(profile.central)
         payload: dict[str, Any] = {
             "schema": "hf_sift tofu benchmark v1 (docs/tofu.md)",
             "profile": profile.to_dict(),
             "model": str(base_dir) if profile.model == "tiny" else "SmolLM2-135M-Instruct (offline GGUF, converted)",
             "machine": machine(),
-            "complete": len(records) == expected and scores.get("unlearning") is not None,
+            "complete": len(records) == expected and (profile.forget == 0 or scores.get("unlearning") is not None),
             "records": records,
             "training": {
                 key: scores[key]
@@ -79,7 +80,7 @@ def run(
     def after_phase(phase: str) -> None:
         # The unlearning study runs as soon as the SIFT artifact and the local FT models exist, so that an
         # interrupted run still has it; partial results are written after every phase.
-        if phase == "sift" and cache.get("unlearning") is None:
+        if phase == "sift" and profile.forget > 0 and cache.get("unlearning") is None:
             general = [load_general(data_dir, n, profile.utility_questions) for n in ("real_authors", "world_facts")]
             unlearning = run_unlearning_study(
                 profile, base_dir, tokenizer, authors, general, work_dir, scorer, cache.data

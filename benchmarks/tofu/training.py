@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
@@ -81,7 +82,7 @@ def train_plain(
     fields = recipe(profile, run_dir, max_steps)
     if task_id is not None:
         fields["seed"] = derive_seed(profile.seed, task_id)
-    timer = ScoreWhenTrained()
+    timer = ScoreWhenTrained(name=task_id or "all authors")
     trainer = Trainer(
         model=model, args=TrainingArguments(**fields), train_dataset=dataset, data_collator=collator, callbacks=[timer]
     )
@@ -92,24 +93,37 @@ def train_plain(
 
 
 class ScoreWhenTrained(TrainerCallback):
-    """Time each run from its first to its last step and score the trained model when its training ends (inside
-    `train_tasks`: before the reset to θ0).
+    """Time each run from its first to its last step, show its steps in a progress bar, and score the trained model
+    when its training ends (inside `train_tasks`: before the reset to θ0).
 
     Args:
         score (`Callable[[model, str], dict]`, *optional*): Scores the trained model on the author `task_id`.
+        name (`str`, *optional*): The progress bar's label where the run's arguments carry no `task_id` (plain
+            `Trainer` runs).
     """
 
-    def __init__(self, score: Callable[[Any, str], dict[str, Any]] | None = None):
+    def __init__(self, score: Callable[[Any, str], dict[str, Any]] | None = None, name: str | None = None):
         self.score = score
+        self.name = name
         self.scores: dict[str, dict[str, Any]] = {}
         self.training: dict[str, dict[str, Any]] = {}
         self._started = 0.0
+        self._bar: tqdm | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
+        name = getattr(args, "task_id", None) or self.name or "a run"
+        self._bar = tqdm(total=state.max_steps, desc=f"training {name}", unit="step", leave=False)
         self._started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._bar is not None:
+            self._bar.update(1)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         seconds = time.perf_counter() - self._started
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
         task_id = getattr(args, "task_id", None)
         self.training[task_id] = {"steps": state.global_step, "seconds": seconds}
         if self.score is not None:

@@ -106,7 +106,7 @@ PROFILES: dict[str, Profile] = {
     "cpu-steps": Profile(
         name="cpu-steps",
         model="smollm2",
-        authors=tuple(PERTURBED_AUTHORS)[:4],
+        authors=tuple(PERTURBED_AUTHORS)[:2],
         steps=20,
         max_new_tokens=40,
         table_questions=3,
@@ -116,7 +116,7 @@ PROFILES: dict[str, Profile] = {
         notes=(
             "the cpu profile's question at the paper's 20 steps per author: does SIFT-Masks approach local FT with "
             "the paper's step count?",
-            "SmolLM2-135M-Instruct instead of GPT2-XL; 4 authors (T up to 4) instead of 200",
+            "SmolLM2-135M-Instruct instead of GPT2-XL; 2 authors (T up to 2) instead of 200",
             "20 steps per author, batch 20, lr 1e-4 (the paper's recipe)",
             "only FT+Merge among the merged baselines; no Central FT and no unlearning study (the cpu profile has them)",
             "ROUGE-L and truth ratio on the first 3 questions of each author; greedy answers of at most 40 new "

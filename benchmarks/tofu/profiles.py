@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .data import PERTURBED_AUTHORS
@@ -69,6 +69,30 @@ class Profile:
         return data
 
 
+_SMALL_TABLE = (
+    "ROUGE-L and truth ratio on the first 3 questions of each author; greedy answers of at most 40 new tokens instead "
+    "of 200"
+)
+
+_CPU = Profile(
+    name="cpu",
+    model="smollm2",
+    authors=tuple(PERTURBED_AUTHORS)[:8],
+    steps=5,
+    max_new_tokens=40,
+    table_questions=3,
+    utility_questions=10,
+    threads=1,
+    notes=(
+        "SmolLM2-135M-Instruct instead of GPT2-XL",
+        "8 authors (T up to 8) instead of 200",
+        "5 steps per author instead of 20 (batch 20, lr 1e-4 as in the paper)",
+        _SMALL_TABLE,
+        "unlearning: 2 authors forgotten; model utility on the first 10 real-author and world-fact questions",
+        "one torch thread, so that the run leaves the second core of a 2-core machine free",
+    ),
+)
+
 PROFILES: dict[str, Profile] = {
     "smoke": Profile(
         name="smoke",
@@ -84,43 +108,25 @@ PROFILES: dict[str, Profile] = {
             "a tiny Llama from a config and a 512-token BPE trained on the data: checks the pipeline, not the paper",
         ),
     ),
-    "cpu": Profile(
-        name="cpu",
-        model="smollm2",
-        authors=tuple(PERTURBED_AUTHORS)[:8],
-        steps=5,
-        max_new_tokens=40,
-        table_questions=3,
-        utility_questions=10,
-        threads=1,
-        notes=(
-            "SmolLM2-135M-Instruct instead of GPT2-XL",
-            "8 authors (T up to 8) instead of 200",
-            "5 steps per author instead of 20 (batch 20, lr 1e-4 as in the paper)",
-            "ROUGE-L and truth ratio on the first 3 questions of each author; greedy answers of at most 40 new "
-            "tokens instead of 200",
-            "unlearning: 2 authors forgotten; model utility on the first 10 real-author and world-fact questions",
-            "one torch thread, so that the run leaves the second core of a 2-core machine free",
-        ),
-    ),
-    "cpu-steps": Profile(
+    "cpu": _CPU,
+    # The cpu profile at the paper's step count, on fewer authors and without what it does not need.
+    "cpu-steps": replace(
+        _CPU,
         name="cpu-steps",
-        model="smollm2",
-        authors=tuple(PERTURBED_AUTHORS)[:2],
+        authors=_CPU.authors[:2],
         steps=20,
-        max_new_tokens=40,
-        table_questions=3,
         central=False,
         forget=0,
+        utility_questions=None,
         merges=("FT+Merge",),
+        threads=None,
         notes=(
             "the cpu profile's question at the paper's 20 steps per author: does SIFT-Masks approach local FT with "
             "the paper's step count?",
             "SmolLM2-135M-Instruct instead of GPT2-XL; 2 authors (T up to 2) instead of 200",
             "20 steps per author, batch 20, lr 1e-4 (the paper's recipe)",
             "only FT+Merge among the merged baselines; no Central FT and no unlearning study (the cpu profile has them)",
-            "ROUGE-L and truth ratio on the first 3 questions of each author; greedy answers of at most 40 new "
-            "tokens instead of 200",
+            _SMALL_TABLE,
             "torch's default thread count (every core): nothing is replayed, so no count needs pinning",
         ),
     ),

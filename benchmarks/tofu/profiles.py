@@ -21,7 +21,7 @@ class Profile:
         learning_rate (`float`): AdamW learning rate (the paper: 1e-4).
         max_new_tokens (`int`): Greedy tokens generated for ROUGE-L (TOFU: 200, cut at EOS).
         table_questions (`int`, *optional*): Questions per author (the first ones) for ROUGE-L and the truth ratio
-            at the largest T; all 20 when None. Answer probability always uses all 20.
+            at the largest T; all 20 when None. Answer probability and forget quality always use all 20.
         central (`bool`): Train the central model (one model on every author, T x `steps` steps).
         forget (`int`): Authors unlearned, one request at a time, from the merge of all (the last ones first); 0
             skips the unlearning study.
@@ -102,6 +102,7 @@ PROFILES: dict[str, Profile] = {
         batch_size=4,
         learning_rate=1e-3,
         max_new_tokens=8,
+        table_questions=3,
         forget=1,
         utility_questions=4,
         notes=(

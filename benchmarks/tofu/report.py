@@ -211,12 +211,12 @@ def unlearning_table(unlearning: dict[str, Any]) -> str:
         f"never trained on them {same['digest_never_trained'][:23]}…; every artifact file equal (log aside): "
         f"{same['files_equal']}",
         "",
-        "| model | forget quality (KS p) | forget truth ratio | model utility |",
-        "|---|---|---|---|",
+        "| model | forget quality (KS p) | forget truth ratio | model utility | forget questions |",
+        "|---|---|---|---|---|",
     ]
     for label, values in unlearning["models"].items():
         lines.append(
             f"| {label} | {fmt(values['forget_quality'], 4)} | {fmt(values['forget_truth_ratio'])} | "
-            f"{fmt(values['model_utility'])} |"
+            f"{fmt(values['model_utility'])} | {values.get('forget_questions', '—')} |"
         )
     return "\n".join(lines)

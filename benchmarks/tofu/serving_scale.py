@@ -1,0 +1,141 @@
+"""A diagnostic of SIFT-Masks' served scale, on the artifact a profile's run left (forward passes only).
+
+SIFT-Masks serves author t as ``θ0 + scale · m_t ∘ Σ_i τ_i``. hf_sift's default scale is 1/T, the mean of the task
+vectors as in FT+Merge, and the merging study reports SIFT-Masks at that scale. Under the mask, an entry that only
+author t moved is then served at 1/T of t's own update; at scale 1 it is served at t's own value, and an entry that
+several authors moved (all with the same sign) at their sum. This script measures each author's answer probability
+under its own mask at several scales of the merge of all T authors, next to local FT and SIFT local from the run's
+score cache. It explains the merging study's figures; it is not how they are obtained (they keep the default).
+
+    python -m benchmarks.tofu.serving_scale --profile cpu [--scales 0.125 0.5 1]
+
+Writes ``benchmarks/results/tofu-<profile>-serving-scale.json`` and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from hf_sift import MergedMaskedModel
+
+from . import metrics
+from .data import default_data_dir, load_authors
+from .models import base_folder, load_tokenizer
+from .profiles import PROFILES
+from .report import machine
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def default_scales(count: int) -> list[float]:
+    """1/T, 2/T, 4/T, ... up to 1."""
+    scales, factor = [], 1
+    while factor < count:
+        scales.append(factor / count)
+        factor *= 2
+    return scales + [1.0]
+
+
+def answer_probability(model: Any, tokenizer: Any, author: Any) -> float:
+    """TOFU's answer probability of `model` on the author's 20 pairs."""
+    return metrics.probability(metrics.answer_losses(model, tokenizer, author.questions, author.answers))
+
+
+def measure(profile_name: str, work_dir: Path, data_dir: Path, scales: list[float] | None) -> dict[str, Any]:
+    """Each author's answer probability under its own mask, at each scale, from the run in `work_dir`."""
+    profile = PROFILES[profile_name]
+    artifact = work_dir / "sift-merged"
+    cache_path = work_dir / "scores.json"
+    if not (artifact / "sift_config.json").is_file() or not cache_path.is_file():
+        raise FileNotFoundError(f"no finished SIFT phase in {work_dir}: run `python -m benchmarks.tofu` first")
+    authors = load_authors(data_dir, list(profile.authors))
+    base_dir = base_folder(profile.model, work_dir, authors)
+    tokenizer = load_tokenizer(base_dir)
+    cache = json.loads(cache_path.read_text())
+    count = len(authors)
+    scales = scales or default_scales(count)
+    started = time.perf_counter()
+    per_scale: dict[str, dict[str, float]] = {}
+    for scale in tqdm(scales, desc="served scale", unit="scale"):
+        served = MergedMaskedModel.from_pretrained(artifact, task=None, base_model=base_dir, scale=scale)
+        scores = {}
+        for author in authors:
+            served.set_task(author.task_id)
+            scores[author.task_id] = answer_probability(served, tokenizer, author)
+        per_scale[repr(scale)] = scores
+        del served
+
+    def mean(scores: dict[str, Any]) -> float:
+        values = [v["answer_probability"] if isinstance(v, dict) else v for v in scores.values()]
+        return sum(values) / len(values)
+
+    reference = {
+        "local FT": mean(cache["local FT"]),
+        "SIFT local": mean(cache["SIFT local"]),
+        f"SIFT-Masks (the study, scale 1/{count})": mean(cache[f"SIFT-Masks@{count}"]),
+        f"FT+Merge (T = {count})": mean(cache[f"FT+Merge@{count}"]) if f"FT+Merge@{count}" in cache else None,
+    }
+    return {
+        "schema": "hf_sift tofu serving-scale diagnostic v1 (benchmarks/tofu/serving_scale.py)",
+        "profile": profile_name,
+        "merged_authors": count,
+        "machine": machine(),
+        "reference": reference,
+        "scales": {s: {"mean": sum(v.values()) / len(v), "authors": v} for s, v in per_scale.items()},
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    """Markdown: the mean answer probability at each scale, and its ratio to local FT."""
+    local = result["reference"]["local FT"]
+    count = result["merged_authors"]
+    lines = ["| model | answer probability | / local FT |", "|---|---|---|"]
+    for label, value in result["reference"].items():
+        if value is not None:
+            lines.append(f"| {label} | {value:.3f} | {value / local:.2f}x |")
+    for scale, values in result["scales"].items():
+        label = f"SIFT-Masks, T = {count}, scale {float(scale) * count:g}/{count}"
+        lines.append(f"| {label} | {values['mean']:.3f} | {values['mean'] / local:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.tofu.serving_scale", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    parser.add_argument("--work-dir", "--work_dir", type=Path, default=None, help="default outputs/tofu-<profile>")
+    parser.add_argument("--data-dir", "--data_dir", type=Path, default=None, help="default ../shared/data/tofu")
+    parser.add_argument("--scales", type=float, nargs="+", default=None, help="default 1/T, 2/T, 4/T, ..., 1")
+    parser.add_argument(
+        "--results", type=Path, default=None, help="default benchmarks/results/tofu-<p>-serving-scale.json"
+    )
+    args = parser.parse_args(argv)
+    import torch
+
+    profile = PROFILES[args.profile]
+    if profile.threads is not None:
+        torch.set_num_threads(profile.threads)
+    work_dir = args.work_dir or REPO / "outputs" / f"tofu-{profile.name}"
+    results = args.results or REPO / "benchmarks" / "results" / f"tofu-{profile.name}-serving-scale.json"
+    try:
+        result = measure(profile.name, work_dir, args.data_dir or default_data_dir(), args.scales)
+    except FileNotFoundError as err:
+        print(f"serving_scale: error: {err}")
+        return 2
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"{table(result)}\n\nresults: {results}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -154,6 +154,26 @@ def test_smoke_profile_end_to_end(tmp_path):
     assert scale["scales"]["0.5"]["authors"] == pytest.approx(study, rel=1e-5)
     assert scale["scales"]["1.0"]["authors"] != pytest.approx(study, rel=1e-3)
     assert scale_main(["--profile", "smoke", "--work-dir", str(tmp_path / "none")]) == 2  # no run there
+    # Each of the 2 authors is served at the scale that did best for the other one.
+    held_out = scale["held_out"]
+    for author, other in (("author-198", "author-199"), ("author-199", "author-198")):
+        best = max(scale["scales"], key=lambda s: scale["scales"][s]["authors"][other])
+        assert held_out["chosen_scale"][author] == best
+        assert held_out["authors"][author] == scale["scales"][best]["authors"][author]
+
+
+def test_the_served_scale_is_chosen_on_the_other_half_of_the_authors():
+    from benchmarks.tofu.serving_scale import held_out_choice
+
+    # Scale 1.0 is best for the first two authors, 0.25 for the last two: each half gets the other half's choice.
+    per_scale = {
+        "0.25": {"a": 0.1, "b": 0.1, "c": 0.9, "d": 0.9},
+        "1.0": {"a": 0.8, "b": 0.8, "c": 0.2, "d": 0.2},
+    }
+    assert held_out_choice(per_scale, ["a", "b", "c", "d"]) == {"a": "0.25", "b": "0.25", "c": "1.0", "d": "1.0"}
+    # A tie goes to the smaller scale.
+    tie = {"0.5": {"a": 0.3, "b": 0.3}, "1.0": {"a": 0.3, "b": 0.3}}
+    assert held_out_choice(tie, ["a", "b"]) == {"a": "0.5", "b": "0.5"}
 
 
 @needs_data

@@ -6,6 +6,8 @@ author t moved is then served at 1/T of t's own update; at scale 1 it is served 
 several authors moved (all with the same sign) at their sum. This script measures each author's answer probability
 under its own mask at several scales of the merge of all T authors, next to local FT and SIFT local from the run's
 score cache. It explains the merging study's figures; it is not how they are obtained (they keep the default).
+The last row serves each author at the scale that did best on the other half of the authors (two folds), so that
+no author's own score chooses the scale it is measured at.
 
     python -m benchmarks.tofu.serving_scale --profile cpu [--scales 0.125 0.5 1]
 
@@ -48,6 +50,22 @@ def answer_probability(model: Any, tokenizer: Any, author: Any) -> float:
     return metrics.probability(metrics.answer_losses(model, tokenizer, author.questions, author.answers))
 
 
+def held_out_choice(per_scale: dict[str, dict[str, float]], ids: list[str]) -> dict[str, str]:
+    """For each author, the scale chosen on the *other* half of the authors (two folds: first half, second half).
+
+    The chosen scale has the highest mean answer probability over the selecting half (the smaller scale on a tie),
+    so no author's own score enters the choice of the scale it is evaluated at.
+    """
+    half = len(ids) // 2
+    folds = [(ids[half:], ids[:half]), (ids[:half], ids[half:])]  # (selecting authors, evaluated authors)
+    ordered = sorted(per_scale, key=float)
+    chosen: dict[str, str] = {}
+    for selecting, evaluated in folds:
+        best = max(ordered, key=lambda s: (sum(per_scale[s][a] for a in selecting), -float(s)))
+        chosen.update(dict.fromkeys(evaluated, best))
+    return chosen
+
+
 def measure(profile_name: str, work_dir: Path, data_dir: Path, scales: list[float] | None) -> dict[str, Any]:
     """Each author's answer probability under its own mask, at each scale, from the run in `work_dir`."""
     profile = PROFILES[profile_name]
@@ -76,6 +94,14 @@ def measure(profile_name: str, work_dir: Path, data_dir: Path, scales: list[floa
         values = [v["answer_probability"] if isinstance(v, dict) else v for v in scores.values()]
         return sum(values) / len(values)
 
+    ids = [a.task_id for a in authors]
+    chosen = held_out_choice(per_scale, ids)
+    local = {t: cache["local FT"][t]["answer_probability"] for t in ids}
+    held_out = {
+        "chosen_scale": chosen,
+        "authors": {t: per_scale[chosen[t]][t] for t in ids},
+        "mean": sum(per_scale[chosen[t]][t] for t in ids) / len(ids),
+    }
     reference = {
         "local FT": mean(cache["local FT"]),
         "SIFT local": mean(cache["SIFT local"]),
@@ -89,6 +115,8 @@ def measure(profile_name: str, work_dir: Path, data_dir: Path, scales: list[floa
         "machine": machine(),
         "reference": reference,
         "scales": {s: {"mean": sum(v.values()) / len(v), "authors": v} for s, v in per_scale.items()},
+        "held_out": held_out,
+        "local_ft_authors": local,
         "seconds": time.perf_counter() - started,
     }
 
@@ -104,6 +132,12 @@ def table(result: dict[str, Any]) -> str:
     for scale, values in result["scales"].items():
         label = f"SIFT-Masks, T = {count}, scale {float(scale) * count:g}/{count}"
         lines.append(f"| {label} | {values['mean']:.3f} | {values['mean'] / local:.2f}x |")
+    held_out = result["held_out"]
+    scales = sorted({f"{float(s) * count:g}/{count}" for s in held_out["chosen_scale"].values()})
+    lines.append(
+        f"| SIFT-Masks, T = {count}, scale chosen on the other half of the authors ({', '.join(scales)}) | "
+        f"{held_out['mean']:.3f} | {held_out['mean'] / local:.2f}x |"
+    )
     return "\n".join(lines)
 
 

@@ -73,12 +73,12 @@ def probability(model, tokenizer, question: str, truth: str) -> float:
 @torch.no_grad()
 def answer(model, tokenizer, pairs: list[dict[str, str]]) -> tuple[float, float, str]:
     """P(true answer) of the first pair, its mean over all `pairs`, and the greedy answer to the first question."""
-    mean = sum(probability(model, tokenizer, r["question"], r["answer"]) for r in pairs) / len(pairs)
+    each = [probability(model, tokenizer, r["question"], r["answer"]) for r in pairs]
     question = pairs[0]["question"]
     prompt = tokenizer(f"Question: {question}\nAnswer:", return_tensors="pt", add_special_tokens=False)
     out = model.generate(**prompt, max_new_tokens=40, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     text = tokenizer.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-    return probability(model, tokenizer, question, pairs[0]["answer"]), mean, text
+    return each[0], sum(each) / len(each), text
 
 
 def show(label: str, result: tuple[float, float, str]) -> None:

@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 
 from hf_sift import MergedMaskedModel
 
-from . import metrics
 from .data import default_data_dir, load_authors
+from .experiment import Scorer
 from .models import base_folder, load_tokenizer
 from .profiles import PROFILES
 from .report import machine
@@ -45,11 +45,6 @@ def default_scales(count: int) -> list[float]:
     return scales + [1.0]
 
 
-def answer_probability(model: Any, tokenizer: Any, author: Any) -> float:
-    """TOFU's answer probability of `model` on the author's 20 pairs."""
-    return metrics.probability(metrics.answer_losses(model, tokenizer, author.questions, author.answers))
-
-
 def held_out_choice(per_scale: dict[str, dict[str, float]], ids: list[str]) -> dict[str, str]:
     """For each author, the scale chosen on the *other* half of the authors (two folds: first half, second half).
 
@@ -58,10 +53,9 @@ def held_out_choice(per_scale: dict[str, dict[str, float]], ids: list[str]) -> d
     """
     half = len(ids) // 2
     folds = [(ids[half:], ids[:half]), (ids[:half], ids[half:])]  # (selecting authors, evaluated authors)
-    ordered = sorted(per_scale, key=float)
     chosen: dict[str, str] = {}
     for selecting, evaluated in folds:
-        best = max(ordered, key=lambda s: (sum(per_scale[s][a] for a in selecting), -float(s)))
+        best = max(per_scale, key=lambda s: (sum(per_scale[s][a] for a in selecting), -float(s)))
         chosen.update(dict.fromkeys(evaluated, best))
     return chosen
 
@@ -75,7 +69,7 @@ def measure(profile_name: str, work_dir: Path, data_dir: Path, scales: list[floa
         raise FileNotFoundError(f"no finished SIFT phase in {work_dir}: run `python -m benchmarks.tofu` first")
     authors = load_authors(data_dir, list(profile.authors))
     base_dir = base_folder(profile.model, work_dir, authors)
-    tokenizer = load_tokenizer(base_dir)
+    scorer = Scorer(load_tokenizer(base_dir), authors, profile.max_new_tokens)
     cache = json.loads(cache_path.read_text())
     count = len(authors)
     scales = scales or default_scales(count)
@@ -86,27 +80,26 @@ def measure(profile_name: str, work_dir: Path, data_dir: Path, scales: list[floa
         scores = {}
         for author in authors:
             served.set_task(author.task_id)
-            scores[author.task_id] = answer_probability(served, tokenizer, author)
+            scores[author.task_id] = scorer(served, author.task_id, full=False)["answer_probability"]
         per_scale[repr(scale)] = scores
         del served
 
-    def mean(scores: dict[str, Any]) -> float:
-        values = [v["answer_probability"] if isinstance(v, dict) else v for v in scores.values()]
-        return sum(values) / len(values)
+    def mean(values: dict[str, float]) -> float:
+        return sum(values.values()) / len(values)
+
+    def probabilities(key: str) -> dict[str, float]:
+        return {t: s["answer_probability"] for t, s in cache[key].items()}
 
     ids = [a.task_id for a in authors]
     chosen = held_out_choice(per_scale, ids)
-    local = {t: cache["local FT"][t]["answer_probability"] for t in ids}
-    held_out = {
-        "chosen_scale": chosen,
-        "authors": {t: per_scale[chosen[t]][t] for t in ids},
-        "mean": sum(per_scale[chosen[t]][t] for t in ids) / len(ids),
-    }
+    local = probabilities("local FT")
+    served_held_out = {t: per_scale[chosen[t]][t] for t in ids}
+    held_out = {"chosen_scale": chosen, "authors": served_held_out, "mean": mean(served_held_out)}
     reference = {
-        "local FT": mean(cache["local FT"]),
-        "SIFT local": mean(cache["SIFT local"]),
-        f"SIFT-Masks (the study, scale 1/{count})": mean(cache[f"SIFT-Masks@{count}"]),
-        f"FT+Merge (T = {count})": mean(cache[f"FT+Merge@{count}"]) if f"FT+Merge@{count}" in cache else None,
+        "local FT": mean(local),
+        "SIFT local": mean(probabilities("SIFT local")),
+        f"SIFT-Masks (the study, scale 1/{count})": mean(probabilities(f"SIFT-Masks@{count}")),
+        f"FT+Merge (T = {count})": mean(probabilities(f"FT+Merge@{count}")) if f"FT+Merge@{count}" in cache else None,
     }
     return {
         "schema": "hf_sift tofu serving-scale diagnostic v1 (benchmarks/tofu/serving_scale.py)",
@@ -114,7 +107,7 @@ def measure(profile_name: str, work_dir: Path, data_dir: Path, scales: list[floa
         "merged_authors": count,
         "machine": machine(),
         "reference": reference,
-        "scales": {s: {"mean": sum(v.values()) / len(v), "authors": v} for s, v in per_scale.items()},
+        "scales": {s: {"mean": mean(v), "authors": v} for s, v in per_scale.items()},
         "held_out": held_out,
         "local_ft_authors": local,
         "seconds": time.perf_counter() - started,

@@ -150,6 +150,9 @@ def test_smoke_profile_end_to_end(tmp_path):
     assert scale_main(["--profile", "smoke", "--work-dir", str(tmp_path / "work"), "--results", str(scale_json)]) == 0
     scale = json.loads(scale_json.read_text())
     assert list(scale["scales"]) == ["0.5", "1.0"]
+    # Every entry of an author's mask is in its own mask and at most in the other one's: a share in [1/2, 1].
+    assert 0.5 <= scale["masks"]["share"] <= 1.0 and 0.0 < scale["masks"]["density"] < 1.0
+    assert set(scale["count_normalised"]["authors"]) == {"author-198", "author-199"}
     study = {t: a["answer_probability"] for t, a in records[("SIFT-Masks", 2)]["authors"].items()}
     assert scale["scales"]["0.5"]["authors"] == pytest.approx(study, rel=1e-5)
     assert scale["scales"]["1.0"]["authors"] != pytest.approx(study, rel=1e-3)
@@ -174,6 +177,49 @@ def test_the_served_scale_is_chosen_on_the_other_half_of_the_authors():
     # A tie goes to the smaller scale.
     tie = {"0.5": {"a": 0.3, "b": 0.3}, "1.0": {"a": 0.3, "b": 0.3}}
     assert held_out_choice(tie, ["a", "b"]) == {"a": "0.5", "b": "0.5"}
+
+
+@pytest.mark.filterwarnings("ignore:this delta records no base model:UserWarning")
+def test_the_count_normalised_diagnostic_divides_each_masked_entry_by_its_mask_count():
+    from conftest import perturbed
+
+    from benchmarks.tofu.serving_scale import count_normalised_weights, mask_counts, mask_statistics
+    from hf_sift import MergedDelta, TaskVector
+    from hf_sift.masks import unpack_bits
+
+    base = {
+        "a.weight": torch.randn(9, 7, generator=torch.Generator().manual_seed(0)),
+        "b.bias": torch.randn(11, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16),
+    }
+    vectors = {f"t{i}": TaskVector.from_state_dicts(base, perturbed(base, i, scale=0.5), 5) for i in range(3)}
+    delta = MergedDelta(base, sign_seed=5)
+    delta.add("t0", vectors["t0"])
+    # One task: every masked entry is in one mask, so the rule is the library's masked serving at scale 1.
+    alone = count_normalised_weights(delta, base, mask_counts(delta), "t0")
+    served = delta.materialize(base, task="t0", scale=1.0)
+    for name in base:
+        assert torch.equal(alone[name], served[name]), name
+    delta.add("t1", vectors["t1"])
+    delta.add("t2", vectors["t2"])
+    counts = mask_counts(delta)
+    masks = {t: {n: unpack_bits(delta.load_mask(t)[n], v.numel(), v.shape) for n, v in base.items()} for t in vectors}
+    for name in base:
+        assert torch.equal(counts[name], sum(masks[t][name].to(torch.int16) for t in vectors))
+    weights = count_normalised_weights(delta, base, counts, "t1")
+    at_one = delta.materialize(base, task="t1", scale=1.0)
+    at_mean = delta.materialize(base, task="t1", scale=1 / 3)
+    for name, value in base.items():
+        mask = masks["t1"][name]
+        assert torch.equal(weights[name][~mask], value[~mask])  # outside t1's mask: θ0, bit for bit
+        single, everyone = mask & (counts[name] == 1), mask & (counts[name] == 3)
+        assert single.any() and everyone.any()
+        assert torch.equal(weights[name][single], at_one[name][single])  # moved by t1 alone: its own update
+        torch.testing.assert_close(weights[name][everyone], at_mean[name][everyone])  # moved by all 3: their mean
+    statistics = mask_statistics(delta, counts)
+    total = sum(v.numel() for v in base.values())
+    held = sum(int(masks["t1"][n].sum()) for n in base)
+    covered = sum(int(counts[n][masks["t1"][n]].sum()) for n in base)
+    assert statistics["t1"] == {"density": held / total, "share": covered / (held * 3)}
 
 
 @needs_data

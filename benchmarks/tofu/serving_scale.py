@@ -6,8 +6,11 @@ author t moved is then served at 1/T of t's own update; at scale 1 it is served 
 several authors moved (all with the same sign) at their sum. This script measures each author's answer probability
 under its own mask at several scales of the merge of all T authors, next to local FT and SIFT local from the run's
 score cache. It explains the merging study's figures; it is not how they are obtained (they keep the default).
-The last row serves each author at the scale that did best on the other half of the authors (two folds), so that
-no author's own score chooses the scale it is measured at.
+The held-out row serves each author at the scale that did best on the other half of the authors (two folds), so
+that no author's own score chooses the scale it is measured at. Two more measurements explain the 1/T figure: how
+many authors' masks hold each entry of an author's mask (`mask_statistics`), and a serving rule with no scale to
+choose, each masked entry divided by the number of authors whose masks hold it (the mean of the authors that moved
+it, TIES' "disjoint mean"; `count_normalised_weights`). Neither is what hf_sift serves.
 
     python -m benchmarks.tofu.serving_scale --profile cpu [--scales 0.125 0.5 1]
 
@@ -22,13 +25,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
-from hf_sift import MergedMaskedModel
+from hf_sift import MergedDelta, MergedMaskedModel
+from hf_sift.masks import unpack_bits
 
 from .data import default_data_dir, load_authors
 from .experiment import Scorer
-from .models import base_folder, load_tokenizer
+from .models import base_folder, load_model, load_tokenizer
 from .profiles import PROFILES
 from .report import machine
 
@@ -60,6 +65,59 @@ def held_out_choice(per_scale: dict[str, dict[str, float]], ids: list[str]) -> d
     return chosen
 
 
+def mask_counts(delta: MergedDelta) -> dict[str, torch.Tensor]:
+    """For each tuned entry, how many merged tasks' masks hold it (int16; a sum of masks, like Q a sum of vectors)."""
+    counts = {name: torch.zeros(delta.shapes[name], dtype=torch.int16) for name in delta.names}
+    for task_id in delta.task_ids:
+        with delta.open_mask(task_id) as masks:
+            for name, count in counts.items():
+                count += unpack_bits(masks[name], count.numel(), count.shape)
+    return counts
+
+
+def mask_statistics(delta: MergedDelta, counts: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    """Per task: its mask's density, and the mean share of the T tasks whose masks hold each entry of its mask.
+
+    At the default scale 1/T, an entry of t's mask is served at (sum of the same-signed updates of the tasks that
+    moved it) / T: with updates of equal size that is `share` times t's own.
+    """
+    total = sum(count.numel() for count in counts.values())
+    statistics = {}
+    for task_id in delta.task_ids:
+        held = covered = 0
+        with delta.open_mask(task_id) as masks:
+            for name, count in counts.items():
+                mask = unpack_bits(masks[name], count.numel(), count.shape)
+                held += int(mask.sum())
+                covered += int(count[mask].sum(dtype=torch.int64))
+        statistics[task_id] = {
+            "density": held / total,
+            "share": covered / (held * delta.num_tasks) if held else 0.0,
+        }
+    return statistics
+
+
+def count_normalised_weights(
+    delta: MergedDelta, base: dict[str, torch.Tensor], counts: dict[str, torch.Tensor], task_id: str
+) -> dict[str, torch.Tensor]:
+    """Tuned weights of `task_id` with each masked entry at Q / (number of masks holding it): a diagnostic rule.
+
+    ``dtype(float64(θ0) + float64(Q) · 2**-S / count)`` where t's mask is 1 (and Q is not 0), θ0 bit for bit
+    elsewhere. With one
+    merged task this is the library's masked serving at scale 1, bit for bit (tested).
+    """
+    unit = 2.0 ** (-delta.scale_bits)
+    weights = {}
+    with delta.open_mask(task_id) as masks:
+        for name in delta.names:
+            theta0 = base[name]
+            mask = unpack_bits(masks[name], theta0.numel(), theta0.shape)
+            count = counts[name].clamp(min=1).to(torch.float64)
+            moved = (theta0.to(torch.float64) + delta.sum[name].to(torch.float64) * unit / count).to(theta0.dtype)
+            weights[name] = torch.where(mask & (delta.sum[name] != 0), moved, theta0)
+    return weights
+
+
 def measure(profile_name: str, work_dir: Path, data_dir: Path, scales: list[float] | None) -> dict[str, Any]:
     """Each author's answer probability under its own mask, at each scale, from the run in `work_dir`."""
     profile = PROFILES[profile_name]
@@ -84,6 +142,20 @@ def measure(profile_name: str, work_dir: Path, data_dir: Path, scales: list[floa
         per_scale[repr(scale)] = scores
         del served
 
+    delta = MergedDelta.from_pretrained(artifact)
+    counts = mask_counts(delta)
+    model = load_model(base_dir)
+    parameters = dict(model.named_parameters())
+    base = {name: parameters[name].detach().clone() for name in delta.names}
+    normalised = {}
+    with torch.no_grad():
+        for author in tqdm(authors, desc="count-normalised", unit="author"):
+            for name, weight in count_normalised_weights(delta, base, counts, author.task_id).items():
+                parameters[name].copy_(weight)
+            normalised[author.task_id] = scorer(model, author.task_id, full=False)["answer_probability"]
+    statistics = mask_statistics(delta, counts)
+    del model, base, counts
+
     def mean(values: dict[str, float]) -> float:
         return sum(values.values()) / len(values)
 
@@ -102,13 +174,19 @@ def measure(profile_name: str, work_dir: Path, data_dir: Path, scales: list[floa
         f"FT+Merge (T = {count})": mean(probabilities(f"FT+Merge@{count}")) if f"FT+Merge@{count}" in cache else None,
     }
     return {
-        "schema": "hf_sift tofu serving-scale diagnostic v1 (benchmarks/tofu/serving_scale.py)",
+        "schema": "hf_sift tofu serving-scale diagnostic v2 (benchmarks/tofu/serving_scale.py)",
         "profile": profile_name,
         "merged_authors": count,
         "machine": machine(),
         "reference": reference,
         "scales": {s: {"mean": mean(v), "authors": v} for s, v in per_scale.items()},
         "held_out": held_out,
+        "count_normalised": {"mean": mean(normalised), "authors": normalised},
+        "masks": {
+            "density": mean({t: v["density"] for t, v in statistics.items()}),
+            "share": mean({t: v["share"] for t, v in statistics.items()}),
+            "authors": statistics,
+        },
         "local_ft_authors": local,
         "seconds": time.perf_counter() - started,
     }
@@ -131,6 +209,15 @@ def table(result: dict[str, Any]) -> str:
         f"| SIFT-Masks, T = {count}, scale chosen on the other half of the authors ({', '.join(scales)}) | "
         f"{held_out['mean']:.3f} | {held_out['mean'] / local:.2f}x |"
     )
+    normalised = result["count_normalised"]["mean"]
+    lines.append(
+        f"| SIFT-Masks, T = {count}, each entry / its mask count | {normalised:.3f} | {normalised / local:.2f}x |"
+    )
+    masks = result["masks"]
+    lines.append(
+        f"\nmasks: mean density {masks['density']:.3f}; an entry of an author's mask is in {masks['share']:.3f} of "
+        f"the {count} masks on average"
+    )
     return "\n".join(lines)
 
 
@@ -146,8 +233,6 @@ def main(argv: list[str] | None = None) -> int:
         "--results", type=Path, default=None, help="default benchmarks/results/tofu-<p>-serving-scale.json"
     )
     args = parser.parse_args(argv)
-    import torch
-
     profile = PROFILES[args.profile]
     if profile.threads is not None:
         torch.set_num_threads(profile.threads)

@@ -88,6 +88,15 @@ def test_retraining_gives_the_same_digest_and_tasks_differ(tmp_path):
     assert first.base_digest == other.base_digest
 
 
+def test_without_a_task_id_the_data_is_identified_by_its_fingerprint(tmp_path):
+    """No recipe is recorded without a task id; the `datasets` fingerprint is then the only record of the data."""
+    data = task_dataset().select(range(8))
+    trainer = SIFTTrainer(model=tiny_model(), args=sift_args(tmp_path, max_steps=1), train_dataset=data)
+    trainer.train()
+    metadata = trainer.task_vector().metadata
+    assert metadata["data_fingerprint"] == data._fingerprint and "recipe" not in metadata
+
+
 def test_projection_runs_on_real_optimizer_steps_only_with_gradient_accumulation(tmp_path):
     calls = []
 

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from trainer_fixtures import free_port, set_distributed_env, sift_args, task_dataset, tiny_model
 from transformers import TrainerCallback
 
-from hf_sift import MergedDelta, TaskVectorStore
+from hf_sift import MergedDelta, TaskVectorStore, unlearn
 from hf_sift.digest import state_dict_digest
 from hf_sift.errors import BaseModelMismatchError, MixedRecipeError
 from hf_sift.trainer import SIFTTrainer, train_tasks
@@ -48,7 +48,9 @@ def test_each_task_matches_a_lone_run_and_the_model_is_reset(tmp_path):
         task_vector = alone.task_vector()
         record = loaded.record(task_id)
         assert record["digest"] == task_vector.digest
-        assert record["metadata"]["data_fingerprint"] == subset._fingerprint
+        # The data is identified by content (the recipe's rows digest), not by how the dataset was built.
+        assert "data_fingerprint" not in record["metadata"]
+        assert record["metadata"]["recipe"]["rows"] == {"count": len(subset), "digest": rows_digest(subset)}
         assert record["metadata"]["task_id"] == task_id and "train_loss" in record["metadata"]
         mask = loaded.load_mask(task_id)
         assert all(torch.equal(mask[n], task_vector.packed_masks[n]) for n in task_vector.q)
@@ -135,6 +137,29 @@ class Tokenizer:
 
     def save_pretrained(self, folder):
         (Path(folder) / "vocab.txt").write_text(self.vocabulary)
+
+
+def test_rows_grouped_by_task_keep_their_digest_when_other_tasks_rows_come_and_go(tmp_path):
+    """Data grouped by task, as data often is: the rows of the first task are a slice of the dataset's buffers.
+    Appending a new task's rows (to train it) or deleting an unlearned task's rows changes nothing recorded."""
+    data = task_dataset(num_tasks=3).sort("task").flatten_indices()
+    args = sift_args(tmp_path / "runs")
+    before_t2 = data.filter(lambda row: row["task"] != "t2")
+    train_tasks(tiny_model(), before_t2, "task", args, tmp_path / "grown")
+    grown = train_tasks(tiny_model(), data, "task", args, tmp_path / "grown")  # t2's rows appended: resumed
+    assert grown.task_ids == ["t0", "t1", "t2"]
+    train_tasks(tiny_model(), data, "task", args, tmp_path / "whole")
+    assert folder_bytes(tmp_path / "grown") == folder_bytes(tmp_path / "whole")
+    # Unlearn t1, delete its rows, then unlearn t0 by replaying it on what is left.
+    unlearn(tmp_path / "grown", ["t1"], model=tiny_model(), dataset=data)
+    without_t1 = data.filter(lambda row: row["task"] != "t1")
+    report = unlearn(tmp_path / "grown", ["t0"], model=tiny_model(), dataset=without_t1)
+    assert [t.source for t in report.tasks] == ["replay"]
+    train_tasks(tiny_model(), data, "task", args, tmp_path / "t2-only", tasks=["t2"])
+    assert (
+        MergedDelta.from_pretrained(tmp_path / "grown").digest
+        == MergedDelta.from_pretrained(tmp_path / "t2-only").digest
+    )
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ import torch
 from ..errors import ReplayPreconditionError
 
 
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 
 
 # Keys `from_pretrained` adds to a tokenizer's (or processor's) init kwargs from *how* it was loaded, which
@@ -190,10 +190,14 @@ def rows_digest(dataset: Any, *, version: int | None = None) -> str:
 
     Args:
         dataset (`datasets.Dataset`): The task's rows.
-        version (`int`, *optional*, defaults to `RECIPE_VERSION`): The recipe version to hash as. From version 2
-            only the rows count: column names, Arrow types and values, without the schema's metadata (where
-            `datasets` keeps its features and, after a `map`, a cache fingerprint that differs for equal rows
-            built another way). Version 1 hashes the schema with its metadata, as recipes of version 1 recorded it.
+        version (`int`, *optional*, defaults to `RECIPE_VERSION`): The recipe version to hash as. From version 3
+            the rows are copied into fresh Arrow buffers first (`take`), so the digest does not depend on where they
+            sit: the rows of the first task of a dataset are a slice whose buffers run on into the next tasks' rows,
+            and the Arrow stream of such a slice carries them, so adding or deleting another task's rows changed
+            it. From version 2 only the rows count: column names, Arrow types and values, without the schema's
+            metadata (where `datasets` keeps its features and, after a `map`, a cache fingerprint that differs for
+            equal rows built another way). Version 1 hashes the schema with its metadata, as recipes of version 1
+            recorded it.
     """
     import pyarrow as pa
 
@@ -202,6 +206,8 @@ def rows_digest(dataset: Any, *, version: int | None = None) -> str:
     if table is None:
         raise ReplayPreconditionError("the training data must be a `datasets.Dataset` to be recorded for replay")
     table = table.combine_chunks()
+    if version >= 3:
+        table = table.take(pa.array(range(table.num_rows), type=pa.int64()))
     if version >= 2:
         table = table.cast(pa.schema([f.remove_metadata() for f in table.schema]))
     sink = pa.BufferOutputStream()

@@ -148,17 +148,23 @@ class SIFTTrainer(Trainer):
         )
 
     def task_metadata(self) -> dict[str, Any]:
-        """The record kept with the task vector: task id, sign seed, steps, data fingerprint and the recipe."""
+        """The record kept with the task vector: task id, sign seed, steps, and the recipe (or the data fingerprint).
+
+        A task trained by `train_tasks` records its recipe, whose rows digest identifies the data by content. The
+        `datasets` fingerprint is recorded only without a recipe: it follows how the dataset was built (a `filter`
+        removing another task's rows changes it), so recording it would make equal trainings write different bytes.
+        """
         metadata: dict[str, Any] = {
             "task_id": self.args.task_id,
             "sign_seed": self.args.sign_seed,
             "global_step": self.state.global_step,
         }
-        fingerprint = getattr(self.train_dataset, "_fingerprint", None)
-        if fingerprint is not None:
-            metadata["data_fingerprint"] = fingerprint
         if self.args.task_id is not None and hasattr(self.train_dataset, "with_format"):  # a datasets.Dataset
             metadata["recipe"] = self.recipe().to_dict()
+        else:
+            fingerprint = getattr(self.train_dataset, "_fingerprint", None)
+            if fingerprint is not None:
+                metadata["data_fingerprint"] = fingerprint
         return metadata
 
     def task_vector(self, metadata: dict[str, Any] | None = None) -> TaskVector:

@@ -229,11 +229,15 @@ def test_a_profile_without_unlearning_and_with_fewer_baselines(tmp_path, monkeyp
     from benchmarks.tofu.profiles import PROFILES
 
     profile = dataclasses.replace(PROFILES["smoke"], name="subset", merges=("FT+Merge",), forget=0, central=False)
-    monkeypatch.setitem(cli.PROFILES, "subset", profile)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    args = ["--profile", "subset", "--work-dir", str(tmp_path / "w"), "--results", str(tmp_path / "r.json")]
     try:
-        args = ["--profile", "subset", "--work-dir", str(tmp_path / "w"), "--results", str(tmp_path / "r.json")]
+        # First one author, then the profile grown to two in the same work folder: the second run trains and
+        # scores the new author only, and resumes the artifact.
+        monkeypatch.setitem(cli.PROFILES, "subset", dataclasses.replace(profile, authors=profile.authors[:1]))
+        assert cli.main([*args, "--plot", str(tmp_path / "p.png")]) == 0
+        monkeypatch.setitem(cli.PROFILES, "subset", profile)
         code = cli.main([*args, "--plot", str(tmp_path / "p.png")])
     finally:
         torch.set_num_threads(threads)
@@ -243,4 +247,8 @@ def test_a_profile_without_unlearning_and_with_fewer_baselines(tmp_path, monkeyp
     assert methods == {"zero-shot", "local FT", "FT+Merge", "SIFT local", "SIFT+Merge", "SIFT-Masks"}
     assert payload["unlearning"] is None and payload["complete"] is True
     assert payload["profile"]["merges"] == ["FT+Merge"]
+    zero_shot = {r["T"]: r for r in payload["records"] if r["method"] == "zero-shot"}
+    assert set(zero_shot[2]["authors"]) == {"author-198", "author-199"}
     assert not (tmp_path / "p-unlearning.png").exists()
+    # With nothing to unlearn, no copy of the artifact is kept for an unlearning study.
+    assert sorted(p.name for p in (tmp_path / "w").glob("sift-merged*")) == ["sift-merged"]

@@ -110,8 +110,11 @@ def run_merging_study(
     names = tuned_names(model)
     theta0 = snapshot(model, names)
 
-    if cache.get("zero-shot") is None:
-        cache.put("zero-shot", {t: scorer(model, t) for t in tqdm(ids, desc="zero-shot", unit="author")})
+    zero_shot = cache.get("zero-shot") or {}
+    missing = [t for t in ids if t not in zero_shot]  # a profile grown by authors scores only the new ones
+    if missing:
+        zero_shot.update({t: scorer(model, t) for t in tqdm(missing, desc="zero-shot", unit="author")})
+        cache.put("zero-shot", zero_shot)
 
     # Local FT: each author's own unconstrained model, kept (tuned tensors only) for the merges.
     ft_dir = work_dir / "local-ft"
@@ -159,7 +162,7 @@ def run_merging_study(
         sift_costs.update(callback.training)
         cache.put("SIFT local", sift_local)
         cache.put("SIFT training", sift_costs)
-        if count == retain_count and not snapshot_dir.is_dir():
+        if profile.forget and count == retain_count and not snapshot_dir.is_dir():
             shutil.copytree(artifact, snapshot_dir)
         if scored:
             continue

@@ -50,8 +50,8 @@ def build_records(profile: Profile, ids: list[str], scores: dict[str, Any]) -> l
     for method in METHOD_ORDER:
         for count in counts:
             source = scores.get(method) if method in PER_AUTHOR_MODELS else scores.get(f"{method}@{count}")
-            if source is None:
-                continue
+            if source is None or any(t not in source for t in ids[:count]):
+                continue  # not scored yet (a partial report, or a profile grown by authors)
             record = aggregate(method, count, source, ids)
             if count != largest:  # ROUGE-L and truth ratio are measured at the largest T only
                 record["rouge_l_recall"] = record["truth_ratio"] = None

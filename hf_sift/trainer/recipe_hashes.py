@@ -210,10 +210,32 @@ def rows_digest(dataset: Any, *, version: int | None = None) -> str:
         table = table.take(pa.array(range(table.num_rows), type=pa.int64()))
     if version >= 2:
         table = table.cast(pa.schema([f.remove_metadata() for f in table.schema]))
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return "sha256:" + hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
+    digest = _HashingSink()
+    with pa.PythonFile(digest, mode="w") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)  # the stream goes into the hash as it is written, never held whole
+    return "sha256:" + digest.hexdigest()
+
+
+class _HashingSink:
+    """A write-only file object that feeds what is written to sha256 (for `pyarrow.PythonFile`)."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self.closed = False
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        self._hash.update(view)
+        return view.nbytes
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
 
 
 __all__ = [

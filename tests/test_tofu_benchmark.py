@@ -183,7 +183,12 @@ def test_the_served_scale_is_chosen_on_the_other_half_of_the_authors():
 def test_the_count_normalised_diagnostic_divides_each_masked_entry_by_its_mask_count():
     from conftest import perturbed
 
-    from benchmarks.tofu.serving_scale import count_normalised_weights, mask_counts, mask_statistics
+    from benchmarks.tofu.serving_scale import (
+        count_normalised_merge,
+        count_normalised_weights,
+        mask_counts,
+        mask_statistics,
+    )
     from hf_sift import MergedDelta, TaskVector
     from hf_sift.masks import unpack_bits
 
@@ -195,7 +200,7 @@ def test_the_count_normalised_diagnostic_divides_each_masked_entry_by_its_mask_c
     delta = MergedDelta(base, sign_seed=5)
     delta.add("t0", vectors["t0"])
     # One task: every masked entry is in one mask, so the rule is the library's masked serving at scale 1.
-    alone = count_normalised_weights(delta, base, mask_counts(delta), "t0")
+    alone = count_normalised_weights(delta, base, count_normalised_merge(delta, base, mask_counts(delta)), "t0")
     served = delta.materialize(base, task="t0", scale=1.0)
     for name in base:
         assert torch.equal(alone[name], served[name]), name
@@ -205,7 +210,7 @@ def test_the_count_normalised_diagnostic_divides_each_masked_entry_by_its_mask_c
     masks = {t: {n: unpack_bits(delta.load_mask(t)[n], v.numel(), v.shape) for n, v in base.items()} for t in vectors}
     for name in base:
         assert torch.equal(counts[name], sum(masks[t][name].to(torch.int16) for t in vectors))
-    weights = count_normalised_weights(delta, base, counts, "t1")
+    weights = count_normalised_weights(delta, base, count_normalised_merge(delta, base, counts), "t1")
     at_one = delta.materialize(base, task="t1", scale=1.0)
     at_mean = delta.materialize(base, task="t1", scale=1 / 3)
     for name, value in base.items():

@@ -10,7 +10,7 @@ The held-out row serves each author at the scale that did best on the other half
 that no author's own score chooses the scale it is measured at. Two more measurements explain the 1/T figure: how
 many authors' masks hold each entry of an author's mask (`mask_statistics`), and a serving rule with no scale to
 choose, each masked entry divided by the number of authors whose masks hold it (the mean of the authors that moved
-it, TIES' "disjoint mean"; `count_normalised_weights`). Neither is what hf_sift serves.
+it, TIES' "disjoint mean"; `count_normalised_merge`). Neither is what hf_sift serves.
 
     python -m benchmarks.tofu.serving_scale --profile cpu [--scales 0.125 0.5 1]
 
@@ -97,24 +97,34 @@ def mask_statistics(delta: MergedDelta, counts: dict[str, torch.Tensor]) -> dict
     return statistics
 
 
-def count_normalised_weights(
-    delta: MergedDelta, base: dict[str, torch.Tensor], counts: dict[str, torch.Tensor], task_id: str
+def count_normalised_merge(
+    delta: MergedDelta, base: dict[str, torch.Tensor], counts: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """Tuned weights of `task_id` with each masked entry at Q / (number of masks holding it): a diagnostic rule.
+    """Every tuned entry at Q / (number of masks holding it): a diagnostic rule, computed once for all tasks.
 
-    ``dtype(float64(θ0) + float64(Q) · 2**-S / count)`` where t's mask is 1 (and Q is not 0), θ0 bit for bit
-    elsewhere. With one
-    merged task this is the library's masked serving at scale 1, bit for bit (tested).
+    ``dtype(float64(θ0) + float64(Q) · 2**-S / count)`` where Q is not 0, θ0 bit for bit where it is.
     """
     unit = 2.0 ** (-delta.scale_bits)
+    merged = {}
+    for name in delta.names:
+        theta0, total = base[name], delta.sum[name]
+        count = counts[name].clamp(min=1).to(torch.float64)
+        moved = (theta0.to(torch.float64) + total.to(torch.float64) * unit / count).to(theta0.dtype)
+        merged[name] = torch.where(total != 0, moved, theta0)
+    return merged
+
+
+def count_normalised_weights(
+    delta: MergedDelta, base: dict[str, torch.Tensor], merged: dict[str, torch.Tensor], task_id: str
+) -> dict[str, torch.Tensor]:
+    """Tuned weights of `task_id` under the count-normalised rule: [`count_normalised_merge`] where t's mask is 1,
+    θ0 bit for bit elsewhere. With one merged task this is the library's masked serving at scale 1, bit for bit
+    (tested)."""
     weights = {}
     with delta.open_mask(task_id) as masks:
         for name in delta.names:
             theta0 = base[name]
-            mask = unpack_bits(masks[name], theta0.numel(), theta0.shape)
-            count = counts[name].clamp(min=1).to(torch.float64)
-            moved = (theta0.to(torch.float64) + delta.sum[name].to(torch.float64) * unit / count).to(theta0.dtype)
-            weights[name] = torch.where(mask & (delta.sum[name] != 0), moved, theta0)
+            weights[name] = torch.where(unpack_bits(masks[name], theta0.numel(), theta0.shape), merged[name], theta0)
     return weights
 
 
@@ -147,14 +157,15 @@ def measure(profile_name: str, work_dir: Path, data_dir: Path, scales: list[floa
     model = load_model(base_dir)
     parameters = dict(model.named_parameters())
     base = {name: parameters[name].detach().clone() for name in delta.names}
+    merged = count_normalised_merge(delta, base, counts)
     normalised = {}
     with torch.no_grad():
         for author in tqdm(authors, desc="count-normalised", unit="author"):
-            for name, weight in count_normalised_weights(delta, base, counts, author.task_id).items():
+            for name, weight in count_normalised_weights(delta, base, merged, author.task_id).items():
                 parameters[name].copy_(weight)
             normalised[author.task_id] = scorer(model, author.task_id, full=False)["answer_probability"]
     statistics = mask_statistics(delta, counts)
-    del model, base, counts
+    del model, base, counts, merged
 
     def mean(values: dict[str, float]) -> float:
         return sum(values.values()) / len(values)

@@ -52,8 +52,16 @@ def _fsync_dir(path: Path) -> None:
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
-    """Hard-link `src` to `dst` (same file system), copying when linking is not possible."""
+    """Hard-link `src` to `dst` (same file system), copying when linking is not possible.
+
+    A symbolic link (the Hugging Face cache's snapshot files are relative links into its blobs) is copied, through
+    the link: Linux's link(2) would link the symbolic link itself, which dangles once it sits in another folder, and
+    a hard link to the cache's blob would let a later in-place write to `dst` change the cache.
+    """
     dst.parent.mkdir(parents=True, exist_ok=True)
+    if os.path.islink(src):
+        shutil.copy2(src, dst)
+        return
     try:
         os.link(src, dst)
     except OSError:

@@ -38,7 +38,7 @@ def export_checkpoint(
                 apply_umask(path)
         for path in sorted(artifact_folder.iterdir()):
             if any(fnmatch.fnmatch(path.name, p) for p in TOKENIZER_PATTERNS) and not (stage / path.name).exists():
-                link_or_copy(path.resolve(), stage / path.name)
+                link_or_copy(path, stage / path.name)  # copied through a Hub cache link, never linked to its blob
         (stage / EXPORT_RECORD_NAME).write_text(json.dumps(dict(record), indent=2, sort_keys=True) + "\n")
         if folder.is_dir():  # keep the user's other files, not a previous checkpoint's weights
             for path in folder.rglob("*"):

@@ -363,3 +363,20 @@ def test_the_lock_without_fcntl_uses_msvcrt(tmp_path, monkeypatch):
     assert order == ["first", "second"] and not held
     assert calls.count(fake.LK_UNLCK) == 2 and calls.count(fake.LK_NBLCK) > 2  # the second waited
     assert (tmp_path / ".merged.lock").exists()  # left in place on Windows
+
+
+def test_a_user_file_that_is_a_relative_link_is_kept_as_a_copy_of_its_target(tmp_path):
+    """A save keeps the user's files; one that is a relative symbolic link (as in the Hugging Face cache) is copied
+    through the link, not hard-linked as a link that would dangle from the staging folder."""
+    folder = tmp_path / "snapshot"
+    merge(["a"]).save_pretrained(folder)
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / "tok").write_bytes(b'{"model_max_length": 8}')
+    (folder / "tokenizer_config.json").symlink_to(Path("..") / "blobs" / "tok")
+    delta = MergedDelta.from_pretrained(folder)
+    delta.add("b", task_vector("b"))
+    delta.save_pretrained(folder)
+    kept = folder / "tokenizer_config.json"
+    assert not kept.is_symlink() and kept.read_bytes() == b'{"model_max_length": 8}'
+    assert (tmp_path / "blobs" / "tok").stat().st_nlink == 1  # the blob is not linked into the artifact
+    assert MergedDelta.from_pretrained(folder).task_ids == ["a", "b"]

@@ -10,7 +10,7 @@ from huggingface_hub import CommitOperationAdd, HfApi, RepoFile, hf_hub_download
 from trainer_fixtures import sift_args, task_dataset, tiny_model
 from transformers import AutoTokenizer
 
-from hf_sift import unlearn
+from hf_sift import MergedMaskedModel, unlearn
 from hf_sift.cli import main
 from hf_sift.errors import ConcurrentUpdateError, HubTransferError, ReplayPreconditionError
 from hf_sift.hub import push_to_hub
@@ -308,3 +308,48 @@ def test_a_dropped_commit_changes_nothing_and_a_retry_succeeds(world, hub, tmp_p
     report = unlearn("me/u-drop", "t3", task_vector_store=root / "store", cache_dir=tmp_path / "cache")
     assert report.parent == pushed and report.squashed
     assert_equals_fresh_push("me/u-drop", "me/fresh-1245", ["t3"], tmp_path / "cache")
+
+
+def test_a_repo_keeps_its_own_tokenizer_and_the_base_tokenizer_is_read_through_the_cache(hub, tmp_path):
+    """Real bases ship a tokenizer, and the Hub cache holds it as relative links into its blobs: writing the plain
+    merge from that cache must not leave dangling links, and unlearning must not replace the repo's own tokenizer
+    with the base's (it changes the artifact's files only)."""
+    from cli_fixtures import tiny_tokenizer
+
+    api = HfApi()
+    base = tmp_path / "base"
+    tiny_model().save_pretrained(base)
+    tiny_tokenizer().save_pretrained(base)
+    api.create_repo("me/tok-base")
+    api.upload_folder(folder_path=base, repo_id="me/tok-base")
+    data = task_dataset(num_tasks=3, rows_per_task=4)
+    kwargs = {"task_column": "task", "args": sift_args(tmp_path / "runs", max_steps=1), "base_model": str(base)}
+    train_tasks(tiny_model(), data, output_dir=tmp_path / "three", task_vector_store=tmp_path / "store", **kwargs)
+    train_tasks(tiny_model(), data, output_dir=tmp_path / "fresh", tasks=["t0", "t2"], **kwargs)
+    assert (tmp_path / "three" / "tokenizer_config.json").is_file()  # linked from the base at the first save
+    push_to_hub(tmp_path / "three", "me/tok", base_model="me/tok-base")
+    push_to_hub(tmp_path / "fresh", "me/tok-fresh", base_model="me/tok-base")
+    # The publisher's own tokenizer config (another chat template), committed after the push.
+    own = b'{"chat_template": "{{ messages }}", "tokenizer_class": "PreTrainedTokenizerFast"}\n'
+    api.upload_file(path_or_fileobj=own, path_in_repo="tokenizer_config.json", repo_id="me/tok")
+
+    # A pull on the same machine puts the base's tokenizer into the cache's snapshot of the base, beside its weights.
+    pulled = MergedMaskedModel.from_pretrained("me/tok", task="t0", cache_dir=tmp_path / "cache")
+    assert list((tmp_path / "cache").glob("models--me--tok-base/snapshots/*/tokenizer_config.json"))
+    # Its export copies the tokenizer out of the cache: a hard link to the cache's blob would let an in-place edit of
+    # the exported file change the cache.
+    pulled.save_pretrained(tmp_path / "export")
+    exported = tmp_path / "export" / "tokenizer_config.json"
+    assert not exported.is_symlink() and exported.stat().st_nlink == 1
+    assert exported.read_bytes() == own
+
+    report = unlearn("me/tok", "t1", task_vector_store=tmp_path / "store", cache_dir=tmp_path / "cache")
+
+    assert [t.task_id for t in report.tasks] == ["t1"]
+    assert not [p for p in report.uploaded if p.startswith("tokenizer") or p == "special_tokens_map.json"]
+    got = repo_files("me/tok", tmp_path / "cache")
+    assert got["tokenizer_config.json"] == own
+    fresh = repo_files("me/tok-fresh", tmp_path / "cache")
+    for name in fresh:  # every other file is what a fresh push of the merge without t1 holds
+        if name not in ("README.md", "tokenizer_config.json"):
+            assert got[name] == fresh[name], name

@@ -180,6 +180,10 @@ def unlearn_repo(
                 (stage / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(path, stage / name)  # follows the cache's links; the cache is never written
         done = unlearn(stage, task_ids, **unlearn_kwargs)
+        for path in [p for p in stage.rglob("*") if p.is_file()]:
+            if not is_artifact_file(path.relative_to(stage).as_posix()):
+                # The save put the base's tokenizer beside P; the repo's own files (tokenizer, ...) stay as they are.
+                path.unlink()
         report = HubUnlearningReport(**{f.name: getattr(done, f.name) for f in fields(UnlearningReport)})
         report.artifact, report.repo_id = f"{repo_id}@{pinned}", repo_id
         report.revision, report.parent = branch, pinned

@@ -61,8 +61,10 @@ def test_answer_loss_covers_the_answer_tokens_only(tmp_path):
 
 
 @needs_data
-def test_smoke_profile_end_to_end(tmp_path):
+def test_smoke_profile_end_to_end(tmp_path, hub):
     from benchmarks.tofu.__main__ import main
+    from benchmarks.tofu.profiles import PROFILES
+    from benchmarks.tofu.publish import publish_study
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: one thread is faster than two contended ones
@@ -79,8 +81,26 @@ def test_smoke_profile_end_to_end(tmp_path):
                 str(tmp_path / "p.png"),
             ]
         )
+        # The publisher's story on the artifact the run left, through the session's local Hub: push, pull one author,
+        # unlearn author-199 on the Hub by replay (with the run's thread count), compare with a fresh push.
+        published = publish_study(PROFILES["smoke"], DATA, tmp_path / "work", tmp_path / "hf-cache", namespace="smoke")
     finally:
         torch.set_num_threads(threads)
+    assert published["forgotten"] == "author-199" and published["tasks"] == ["author-198", "author-199"]
+    assert published["checks"] == {
+        "files_of_a_fresh_push_plus_the_log": True,
+        "weights_and_masks_equal": True,
+        "card_equal_up_to_the_log": True,
+        "commits_after_squash": 1,
+        "remaining_author_served_as_the_fresh_merge": True,
+        "forgotten_author_refused": "UnknownTaskError",
+    }
+    phases = published["phases"]
+    assert phases["pull one author (from_pretrained)"]["equal_to_local"] is True
+    unlearned = phases["unlearn one author on the Hub (replay)"]
+    assert unlearned["replay_steps"] == 1 and unlearned["squashed"] is True
+    assert unlearned["deleted"] == ["masks/author-199.safetensors"]
+    assert not [p for p in unlearned["uploaded"] if p.startswith("tokenizer")]  # the repo's own files stay
     assert code == 0
     payload = json.loads((tmp_path / "r.json").read_text())
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -87,7 +87,7 @@ def publish_study(
     from .data import PadCollator, load_authors, training_dataset
     from .models import base_folder, load_model, load_tokenizer
     from .report import machine
-    from .training import sift_config
+    from .training import ScoreWhenTrained, sift_config  # a progress bar per training run (nothing is scored)
 
     artifact = work_dir / "sift-merged"
     if not (artifact / "sift_manifest.json").is_file():
@@ -139,7 +139,7 @@ def publish_study(
         with contextlib.redirect_stdout(io.StringIO()):  # the Trainer prints its end-of-training metrics
             train_tasks(
                 model, dataset, task_column="author", args=sift_config(profile, work_dir / "runs"), output_dir=fresh,
-                tasks=remaining, data_collator=collator, base_model=str(base_dir),
+                tasks=remaining, data_collator=collator, base_model=str(base_dir), callbacks=[ScoreWhenTrained()],
             )  # fmt: skip
         push_to_hub(fresh, fresh_repo, base_model=base_repo)
     with phase("unlearn one author on the Hub (replay)", task=forget) as record:
@@ -147,6 +147,7 @@ def publish_study(
             report = unlearn_repo(
                 repo, [forget], model=model, dataset=dataset, task_column="author",
                 args=sift_config(profile, work_dir / "runs"), data_collator=collator, cache_dir=str(cache_dir),
+                callbacks=[ScoreWhenTrained()],
             )  # fmt: skip
         record.update(
             replay_steps=report.replay_steps,

@@ -149,15 +149,8 @@ def publish_study(
                 args=sift_config(profile, work_dir / "runs"), data_collator=collator, cache_dir=str(cache_dir),
                 callbacks=[ScoreWhenTrained()],
             )  # fmt: skip
-        record.update(
-            replay_steps=report.replay_steps,
-            bytes_uploaded=report.bytes_uploaded,
-            uploaded=report.uploaded,
-            deleted=report.deleted,
-            parent=report.parent,
-            squashed=report.squashed,
-            refs_holding=report.refs_holding,
-        )
+        reported = ("replay_steps", "bytes_uploaded", "uploaded", "deleted", "parent", "squashed", "refs_holding")
+        record.update({name: getattr(report, name) for name in reported})
 
     published, reference = hub_tree(repo), hub_tree(fresh_repo)
     weights = {n for n in reference if n != "README.md"}

@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 
 from .arena import release_file_pages
 from .base_model import BASE_HUB_KWARGS
-from .errors import DeltaNotKeptError, UnsupportedHubPushError
+from .errors import DeltaNotKeptError, ParameterMismatchError, UnsupportedHubPushError
 from .masked_export import EXPORT_RECORD_NAME as EXPORT_RECORD_NAME
 from .masked_export import export_checkpoint
 from .merged_delta import MergedDelta
@@ -25,6 +25,7 @@ from .version import __version__
 
 
 _CURRENT = object()  # `save_pretrained(task=...)` default: the task being served
+PEFT_PREFIX = "base_model.model."  # how a PeftModel names the parameters it wraps (its adapter's among them)
 
 
 class MergedMaskedModel(torch.nn.Module):
@@ -136,6 +137,14 @@ class MergedMaskedModel(torch.nn.Module):
         scale = None if scale is None else check_scale(scale)
         # 1. Resolve the files: config, manifest and the task's mask; P or the sum, whichever serving reads.
         source = ServedArtifact.resolve(path_or_repo_id, task, revision, **hub_kwargs)
+        if any(name.startswith(PEFT_PREFIX) for name in source.names):
+            source.close()
+            raise ParameterMismatchError(
+                f"{path_or_repo_id} merges a peft adapter's parameters (e.g. {source.names[0]!r}), which "
+                "MergedMaskedModel does not serve: wrap the base model with the adapter config and seed of the training "
+                "(the adapter at θ0), then load `MergedDelta.from_pretrained(artifact).materialize(peft_model."
+                "state_dict(), task)` into it (docs/serving.md, 'A peft adapter')"
+            )
         stored_dtype = target_dtype is None or set(source.dtypes.values()) == {target_dtype}
         # P holds the weights of the recorded base at scale 1/T in its dtypes: any other request reads the sum.
         from_plain = source.has_plain_merge and stored_dtype and scale in (None, source.default_scale())

@@ -12,7 +12,7 @@ from transformers import LlamaForCausalLM
 
 from hf_sift import MergedDelta, TaskVector
 from hf_sift.artifact import CONFIG_NAME
-from hf_sift.errors import BaseModelMismatchError
+from hf_sift.errors import BaseModelMismatchError, ParameterMismatchError
 from hf_sift.verify import verify_artifact
 
 
@@ -109,3 +109,31 @@ def test_a_peft_base_at_another_theta0_is_refused(peft_artifact, tmp_path):
     with pytest.raises(BaseModelMismatchError, match="nothing was written"):
         delta.save_pretrained(artifact, base=model)
     assert tree_bytes(artifact) == before
+
+
+def test_serving_a_peft_artifact_is_refused_with_the_recipe_that_serves_it(peft_artifact):
+    """MergedMaskedModel serves transformers checkpoints; a peft adapter's task is served by the recipe its error
+    names: the PeftModel at θ0 loads `materialize(state_dict, task)`, which is `where(mask, P, θ0)` bit for bit."""
+    from hf_sift import MergedMaskedModel
+    from hf_sift.masks import unpack_bits
+
+    artifact, base_dir, model, _, theta0 = peft_artifact
+    with pytest.raises(ParameterMismatchError, match=r"merges a peft adapter's parameters .*\.materialize\("):
+        MergedMaskedModel.from_pretrained(artifact, task="t0", base_model=base_dir)
+    loaded = MergedDelta.from_pretrained(artifact)
+    at_theta0 = {k: v.clone() for k, v in model.state_dict().items()}  # state_dict() shares the parameters
+    before = model(IDS).logits
+    plain = loaded.materialize(at_theta0, None)
+    model.load_state_dict(loaded.materialize(at_theta0, "t0"))
+    packed = loaded.load_mask("t0")
+    served = model.state_dict()
+    for name in loaded.names:
+        mask = unpack_bits(packed[name], theta0[name].numel(), theta0[name].shape)
+        assert torch.equal(served[name], torch.where(mask, plain[name], theta0[name])), name
+        assert mask.any() and not torch.equal(served[name], theta0[name])
+    assert not torch.equal(model(IDS).logits, before)
+    other = dict(at_theta0)  # an adapter initialised otherwise is not the recorded θ0
+    name = loaded.names[0]
+    other[name] = other[name] + 1
+    with pytest.raises(BaseModelMismatchError):
+        loaded.materialize(other, "t0")

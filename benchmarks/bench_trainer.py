@@ -5,6 +5,9 @@
 2. `train_tasks` on TOFU authors (20 rows each): per task, everything outside the training steps (trainer set-up,
    data loader, task vector, merge, atomic save of the artifact, reset to θ0) as a fraction of the task's time.
 
+3. With ``--memory``: the peak resident memory of the plain `Trainer`, of `SIFTTrainer` and of `train_tasks` (one
+   task, its artifact saved) on the same steps, each in a fresh process of its own (`ru_maxrss` only grows).
+
 Run: ``PYTHONPATH=. python benchmarks/bench_trainer.py`` (defaults: batch 20 x 80 tokens, 20 steps per task).
 """
 
@@ -12,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -169,6 +174,35 @@ def measure_train_tasks(model, data, args_kwargs, output_dir: Path) -> dict:
     }
 
 
+MEMORY_RUNS = ("plain Trainer", "SIFTTrainer", "train_tasks")
+
+
+def memory_run(kind: str, model, data, args_kwargs: dict, output_dir: Path) -> dict:
+    """Train one task's steps the way `kind` does, in this (fresh) process; returns its peak RSS."""
+    task = data.select(range(20))
+    if kind == "plain Trainer":  # the same trainable parameters as SIFT's default selection
+        for name, param in model.named_parameters():
+            param.requires_grad_(not ("embed_tokens" in name or "lm_head" in name))
+        Trainer(model=model, args=TrainingArguments(**args_kwargs), train_dataset=task).train()
+    elif kind == "SIFTTrainer":
+        SIFTTrainer(model=model, args=SIFTConfig(**args_kwargs, task_id="author000"), train_dataset=task).train()
+    else:
+        train_tasks(model, task, "task", SIFTConfig(**args_kwargs), output_dir)
+    return {"run": kind, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def compare_memory(steps: int, batch: int, seq_len: int) -> list[dict]:
+    """Each of `MEMORY_RUNS` in a fresh process of this script; returns their peak RSS."""
+    results = []
+    for kind in MEMORY_RUNS:
+        command = [sys.executable, __file__, "--memory-run", kind, "--task-steps", str(steps)]
+        command += ["--batch-size", str(batch), "--seq-len", str(seq_len)]
+        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        results.append(json.loads(out.strip().splitlines()[-1]))
+        print(f"  {kind:13s}: peak RSS {results[-1]['peak_rss_mib']:.0f} MiB", flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=20)
@@ -179,9 +213,23 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=2)
     parser.add_argument("--skip-compare", action="store_true")
     parser.add_argument("--skip-tasks", action="store_true")
+    parser.add_argument(
+        "--memory", action="store_true", help="only the peak memory of each way to train (--task-steps steps)"
+    )
+    parser.add_argument("--memory-run", choices=MEMORY_RUNS, help=argparse.SUPPRESS)  # one run, in a child process
     opts = parser.parse_args()
+    if opts.memory:
+        print(f"peak RSS, {opts.task_steps} steps of one task, each in a fresh process:", flush=True)
+        compare_memory(opts.task_steps, opts.batch_size, opts.seq_len)
+        return
     path, tokenizer = smollm2_for_benchmark()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if opts.memory_run:
+        data = tofu_dataset(tokenizer, 1, opts.seq_len)
+        with tempfile.TemporaryDirectory() as tmp:
+            args = common_args(tmp, opts.task_steps, opts.batch_size)
+            print(json.dumps(memory_run(opts.memory_run, model, data, args, Path(tmp) / "merged")))
+        return
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     data = tofu_dataset(tokenizer, opts.tasks, opts.seq_len)
     print(

@@ -19,6 +19,7 @@ import importlib
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -103,6 +104,9 @@ def error_line(error: BaseException, debug: bool = False) -> str:
     return f"hf-sift: error: {message}"
 
 
+CPU_PIN_MEMORY_WARNING = r"'pin_memory' argument is set as true but no accelerator is found"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `hf-sift` with `argv` (default: `sys.argv[1:]`) and return its exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -115,7 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "func", None) is None:
             parser.print_help()
             return EXIT_BAD_INPUT
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            # torch says this on every CPU run of a Trainer (pinning is moot there); it is noise in a command's output
+            warnings.filterwarnings("ignore", message=CPU_PIN_MEMORY_WARNING, category=UserWarning)
+            return int(args.func(args) or 0)
     except SystemExit as exit_:  # --help, --version
         return exit_.code if isinstance(exit_.code, int) else (EXIT_OK if exit_.code is None else EXIT_BAD_INPUT)
     except (Exception, KeyboardInterrupt) as error:

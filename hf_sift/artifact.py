@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from .artifact_config import CONFIG_NAME, MANIFEST_NAME, ArtifactConfig, validate_record
 from .artifact_config import FORMAT_VERSION as FORMAT_VERSION
 from .artifact_state import ArtifactState
-from .atomic import apply_umask, link_or_copy, staged_folder
+from .atomic import apply_umask, keep_file, link_or_copy, staged_folder
 from .digest import file_digest
 from .errors import CorruptArtifactError, PathNotFoundError
 from .masks import packed_size
@@ -301,7 +301,7 @@ def write_artifact(
             for path in folder.rglob("*"):
                 relative = path.relative_to(folder).as_posix()
                 if path.is_file() and not is_artifact_file(relative):
-                    link_or_copy(path, stage / relative)
+                    keep_file(path, stage / relative)
         for task_id in sorted(masks):
             target = stage / mask_filename(task_id)
             source = masks[task_id]

@@ -51,6 +51,16 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def keep_file(src: Path, dst: Path) -> None:
+    """Carry a user's file of a folder being rewritten into its staging folder (a sibling): a symbolic link stays
+    the same link (it resolves alike from the sibling), any other file is [`link_or_copy`]'d."""
+    if os.path.islink(src):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.readlink(src), dst)
+        return
+    link_or_copy(src, dst)
+
+
 def link_or_copy(src: Path, dst: Path) -> None:
     """Hard-link `src` to `dst` (same file system), copying when linking is not possible.
 

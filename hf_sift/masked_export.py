@@ -10,7 +10,7 @@ from typing import Any
 
 from transformers import PreTrainedModel
 
-from .atomic import apply_umask, link_or_copy, staged_folder
+from .atomic import apply_umask, keep_file, link_or_copy, staged_folder
 from .hub.download import TOKENIZER_PATTERNS
 
 
@@ -45,4 +45,4 @@ def export_checkpoint(
                 relative = path.relative_to(folder)
                 keep = not any(fnmatch.fnmatch(relative.as_posix(), p) for p in CHECKPOINT_PATTERNS)
                 if path.is_file() and keep and not (stage / relative).exists():
-                    link_or_copy(path, stage / relative)
+                    keep_file(path, stage / relative)

@@ -365,9 +365,9 @@ def test_the_lock_without_fcntl_uses_msvcrt(tmp_path, monkeypatch):
     assert (tmp_path / ".merged.lock").exists()  # left in place on Windows
 
 
-def test_a_user_file_that_is_a_relative_link_is_kept_as_a_copy_of_its_target(tmp_path):
-    """A save keeps the user's files; one that is a relative symbolic link (as in the Hugging Face cache) is copied
-    through the link, not hard-linked as a link that would dangle from the staging folder."""
+def test_a_user_file_that_is_a_relative_link_stays_that_link(tmp_path):
+    """A save keeps the user's files as they are: a relative symbolic link stays the same link, resolving to the same
+    file (the staging folder is a sibling of the artifact's)."""
     folder = tmp_path / "snapshot"
     merge(["a"]).save_pretrained(folder)
     (tmp_path / "blobs").mkdir()
@@ -377,6 +377,6 @@ def test_a_user_file_that_is_a_relative_link_is_kept_as_a_copy_of_its_target(tmp
     delta.add("b", task_vector("b"))
     delta.save_pretrained(folder)
     kept = folder / "tokenizer_config.json"
-    assert not kept.is_symlink() and kept.read_bytes() == b'{"model_max_length": 8}'
-    assert (tmp_path / "blobs" / "tok").stat().st_nlink == 1  # the blob is not linked into the artifact
+    assert kept.is_symlink() and os.readlink(kept) == str(Path("..") / "blobs" / "tok")
+    assert kept.read_bytes() == b'{"model_max_length": 8}'
     assert MergedDelta.from_pretrained(folder).task_ids == ["a", "b"]

@@ -299,3 +299,19 @@ def test_model_card_lists_tasks_datasets_and_the_unlearning_log():
     assert build_model_card("me/big", "org/base", None, records) == build_model_card(
         "me/big", "org/base", None, records
     )
+
+
+def test_a_delta_loaded_from_the_hub_saves_to_a_folder_of_its_own(world, hub, tmp_path):
+    """Its masks are files of the Hugging Face cache, relative links into the cache's blobs: the save copies them
+    through the links (a link would dangle in the new folder, and a hard link to a blob would share it)."""
+    artifact = build(world, "to-save", TASKS[:3])
+    push_to_hub(artifact, "me/to-save", base_model="me/tiny-base")
+    loaded = MergedDelta.from_pretrained("me/to-save", cache_dir=tmp_path / "cache")
+    loaded.save_pretrained(tmp_path / "mine")
+    masks = sorted((tmp_path / "mine" / "masks").iterdir())
+    assert [m.name for m in masks] == ["t1.safetensors", "t2.safetensors", "t3.safetensors"]
+    for mask in masks:
+        assert not mask.is_symlink() and mask.stat().st_nlink == 1
+        assert mask.read_bytes() == (artifact / "masks" / mask.name).read_bytes()
+    again = MergedDelta.from_pretrained(tmp_path / "mine")
+    assert again.task_ids == loaded.task_ids and again.digest == loaded.digest

@@ -129,7 +129,8 @@ class RemoteCodeError(SiftError, ValueError):
 
 
 class UnsupportedHubPushError(SiftError, ValueError):
-    """`push_to_hub` of a served model would publish a plain checkpoint without the SIFT artifact's files."""
+    """`push_to_hub` of a served model would publish a plain checkpoint without the SIFT artifact's files; or the
+    artifact merges a peft adapter, which is not published yet."""
 
 
 class DeltaNotKeptError(SiftError, RuntimeError):

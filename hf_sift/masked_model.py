@@ -16,6 +16,7 @@ from .errors import DeltaNotKeptError, ParameterMismatchError, UnsupportedHubPus
 from .masked_export import EXPORT_RECORD_NAME as EXPORT_RECORD_NAME
 from .masked_export import export_checkpoint
 from .merged_delta import MergedDelta
+from .peft_plain_merge import merges_an_adapter
 from .served_artifact import ServedArtifact
 from .served_base import load_served_base
 from .served_weights import check_scale, plain_weights, serve
@@ -25,7 +26,6 @@ from .version import __version__
 
 
 _CURRENT = object()  # `save_pretrained(task=...)` default: the task being served
-PEFT_PREFIX = "base_model.model."  # how a PeftModel names the parameters it wraps (its adapter's among them)
 
 
 class MergedMaskedModel(torch.nn.Module):
@@ -137,7 +137,7 @@ class MergedMaskedModel(torch.nn.Module):
         scale = None if scale is None else check_scale(scale)
         # 1. Resolve the files: config, manifest and the task's mask; P or the sum, whichever serving reads.
         source = ServedArtifact.resolve(path_or_repo_id, task, revision, **hub_kwargs)
-        if any(name.startswith(PEFT_PREFIX) for name in source.names):
+        if merges_an_adapter(source.names):
             source.close()
             raise ParameterMismatchError(
                 f"{path_or_repo_id} merges a peft adapter's parameters (e.g. {source.names[0]!r}), which "

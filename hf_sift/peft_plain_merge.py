@@ -38,6 +38,14 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"
 PEFT_PLAIN_FILES = (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME)
 
 
+PEFT_PREFIX = "base_model.model."  # how a PeftModel names the parameters it wraps (its adapter's among them)
+
+
+def merges_an_adapter(names: Iterable[str]) -> bool:
+    """Whether tuned parameter `names` are a `PeftModel`'s (an artifact trained with `peft_config`)."""
+    return any(name.startswith(PEFT_PREFIX) for name in names)
+
+
 def is_peft_model(model: Any) -> bool:
     """Whether `model` is a peft `PeftModel` (has adapter configs and a base model)."""
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")

@@ -137,3 +137,16 @@ def test_serving_a_peft_artifact_is_refused_with_the_recipe_that_serves_it(peft_
     other[name] = other[name] + 1
     with pytest.raises(BaseModelMismatchError):
         loaded.materialize(other, "t0")
+
+
+def test_pushing_a_peft_artifact_is_refused_before_anything_is_uploaded(peft_artifact, hub):
+    from huggingface_hub import HfApi
+
+    from hf_sift.errors import UnsupportedHubPushError
+    from hf_sift.hub import push_to_hub
+
+    artifact = peft_artifact[0]
+    with pytest.raises(UnsupportedHubPushError, match="merges a peft adapter's parameters .* nothing was pushed"):
+        push_to_hub(artifact, "me/peft-push", base_model="me/any-base")
+    assert hub.requests == []  # not even a look-up
+    assert not HfApi().repo_exists("me/peft-push")

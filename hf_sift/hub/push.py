@@ -25,8 +25,10 @@ from ..errors import (
     HubTransferError,
     MissingBaseModelError,
     PathNotFoundError,
+    UnsupportedHubPushError,
 )
 from ..folder_lock import folder_lock
+from ..peft_plain_merge import merges_an_adapter
 from ..plain_merge import RECORDED_BASE, plain_merge_writer
 from ..shard_size import DEFAULT_MAX_SHARD_SIZE
 from ..unlearning_log import LOG_NAME
@@ -126,6 +128,11 @@ def push_to_hub(
     api = HfApi(token=token)
     with folder_lock(folder.resolve()):  # no local save swaps the folder while its files are read or uploaded
         delta = MergedDelta.from_pretrained(folder, verify=True)
+        if merges_an_adapter(delta.names):
+            raise UnsupportedHubPushError(
+                f"{folder} merges a peft adapter's parameters (e.g. {delta.names[0]!r}): pushing such an artifact is "
+                "not supported yet (the Hub base cannot be checked against the adapter's θ0); nothing was pushed"
+            )
         for task_id in delta.task_ids:
             path = folder / mask_filename(task_id)
             if file_digest(str(path)) != delta.record(task_id)["mask_digest"]:

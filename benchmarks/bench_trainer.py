@@ -107,6 +107,12 @@ class ProjectionTimer(TrainerCallback):
         constraint.project_ = timed
 
 
+def freeze_as_sift(model) -> None:
+    """Train the parameters SIFT trains (its default selection freezes the embeddings and the tied head)."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(not ("embed_tokens" in name or "lm_head" in name))
+
+
 def compare_steps(model, base_state, data, args_kwargs, rounds: int) -> tuple[list[float], list[float], list[float]]:
     plain_times, sift_times, projection_times = [], [], []
     task = data.select(range(20))
@@ -127,9 +133,7 @@ def compare_steps(model, base_state, data, args_kwargs, rounds: int) -> tuple[li
                 projection_times += projections.times[1:]
                 sift_names = set(trainer.tuned_parameter_names)
             else:
-                # same trainable parameters as SIFT (the default selection freezes embeddings and the tied head)
-                for name, param in model.named_parameters():
-                    param.requires_grad_(not ("embed_tokens" in name or "lm_head" in name))
+                freeze_as_sift(model)
                 trainer = Trainer(
                     model=model, args=TrainingArguments(**args_kwargs), train_dataset=task, callbacks=[timer]
                 )
@@ -180,9 +184,8 @@ MEMORY_RUNS = ("plain Trainer", "SIFTTrainer", "train_tasks")
 def memory_run(kind: str, model, data, args_kwargs: dict, output_dir: Path) -> dict:
     """Train one task's steps the way `kind` does, in this (fresh) process; returns its peak RSS."""
     task = data.select(range(20))
-    if kind == "plain Trainer":  # the same trainable parameters as SIFT's default selection
-        for name, param in model.named_parameters():
-            param.requires_grad_(not ("embed_tokens" in name or "lm_head" in name))
+    if kind == "plain Trainer":
+        freeze_as_sift(model)
         Trainer(model=model, args=TrainingArguments(**args_kwargs), train_dataset=task).train()
     elif kind == "SIFTTrainer":
         SIFTTrainer(model=model, args=SIFTConfig(**args_kwargs, task_id="author000"), train_dataset=task).train()

@@ -137,20 +137,19 @@ class MergedMaskedModel(torch.nn.Module):
         scale = None if scale is None else check_scale(scale)
         # 1. Resolve the files: config, manifest and the task's mask; P or the sum, whichever serving reads.
         source = ServedArtifact.resolve(path_or_repo_id, task, revision, **hub_kwargs)
-        if merges_an_adapter(source.names):
-            source.close()
-            raise ParameterMismatchError(
-                f"{path_or_repo_id} merges a peft adapter's parameters (e.g. {source.names[0]!r}), which "
-                "MergedMaskedModel does not serve: wrap the base model with the adapter config and seed of the training "
-                "(the adapter at θ0), then load `MergedDelta.from_pretrained(artifact).materialize(peft_model."
-                "state_dict(), task)` into it (docs/serving.md, 'A peft adapter')"
-            )
         stored_dtype = target_dtype is None or set(source.dtypes.values()) == {target_dtype}
         # P holds the weights of the recorded base at scale 1/T in its dtypes: any other request reads the sum.
         from_plain = source.has_plain_merge and stored_dtype and scale in (None, source.default_scale())
         from_plain = from_plain and not allow_base_mismatch
         scale = source.default_scale() if scale is None else scale
         try:
+            if merges_an_adapter(source.names):
+                raise ParameterMismatchError(
+                    f"{path_or_repo_id} merges a peft adapter's parameters (e.g. {source.names[0]!r}), which "
+                    "MergedMaskedModel does not serve: wrap the base model with the adapter config and seed of the "
+                    "training (the adapter at θ0), then load `MergedDelta.from_pretrained(artifact).materialize("
+                    "peft_model.state_dict(), task)` into it (docs/serving.md, 'A peft adapter')"
+                )
             return cls._serve(source, task, scale, from_plain, target_dtype, device_map, base_model, keep_delta,
                               allow_base_mismatch, verify, model_class, model_kwargs, hub_kwargs)  # fmt: skip
         except BaseException:

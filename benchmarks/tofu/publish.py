@@ -153,10 +153,9 @@ def publish_study(
         record.update({name: getattr(report, name) for name in reported})
 
     published, reference = hub_tree(repo), hub_tree(fresh_repo)
-    weights = {n for n in reference if n != "README.md"}
     checks = {
         "files_of_a_fresh_push_plus_the_log": sorted(published) == sorted([*reference, LOG_NAME]),
-        "weights_and_masks_equal": all(published.get(n) == reference[n] for n in weights),
+        "weights_and_masks_equal": all(published.get(n) == oid for n, oid in reference.items() if n != "README.md"),
         "card_equal_up_to_the_log": card_head(repo, "main", cache_dir) == card_head(fresh_repo, "main", cache_dir),
         "commits_after_squash": len(api.list_repo_commits(repo)),
     }

@@ -23,6 +23,7 @@ from ..compatibility import Compatibility, check_compatible
 from ..digest import state_dict_digest
 from ..errors import InvalidArgumentError, MixedRecipeError, ParameterMismatchError
 from ..merged_delta import MergedDelta
+from ..peft_plain_merge import is_peft_model
 from ..task_id import validate_task_id
 from ..task_vector import TaskVector
 from .recipe import Recipe, rows_digest
@@ -62,10 +63,6 @@ def _partial_dir(output_dir: Path, layout: ProcessLayout) -> Path:
     return output_dir.parent / f".{output_dir.name}.rank{layout.rank}-of-{layout.world_size}"
 
 
-def _is_peft_model(model: torch.nn.Module) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
-
-
 def _load_or(directory: Path, fresh: MergedDelta) -> MergedDelta:
     if not (directory / CONFIG_NAME).is_file():
         return fresh
@@ -89,7 +86,7 @@ def prepare_base(
     """
     # θ0 of the whole model (embeddings and LM head too, which shape training), recorded so that serving and a
     # replay can check the base; an already wrapped PEFT model has no plain base state dict to record.
-    base_model_digest = None if _is_peft_model(model) else state_dict_digest(model.state_dict())
+    base_model_digest = None if is_peft_model(model) else state_dict_digest(model.state_dict())
     if peft_config is not None:
         from peft import get_peft_model
 
@@ -317,7 +314,7 @@ def train_tasks(
 
     # A rank's partial artifact holds its sum only (the plain merge P is written once, into the final artifact);
     # an adapter's θ0 is in no file, so the wrapped model (back at θ0 after each task) is the base P is written from.
-    save_kwargs = {"base": None} if layout.is_distributed else {"base": model} if _is_peft_model(model) else {}
+    save_kwargs = {"base": None} if layout.is_distributed else {"base": model} if is_peft_model(model) else {}
     todo = [t for t in mine if t not in delta]
     bar = tqdm(todo, desc="tasks", unit="task", disable=args.disable_tqdm or not todo, position=0)
     for task_id in bar:

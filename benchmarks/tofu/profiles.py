@@ -110,11 +110,11 @@ PROFILES: dict[str, Profile] = {
         ),
     ),
     "cpu": _CPU,
-    # The cpu profile at the paper's step count, on fewer authors and without what it does not need.
+    # The cpu profile at the paper's step count, without what it does not need.
     "cpu-steps": replace(
         _CPU,
         name="cpu-steps",
-        authors=_CPU.authors[:4],
+        authors=_CPU.authors,
         steps=20,
         central=False,
         forget=0,
@@ -124,7 +124,7 @@ PROFILES: dict[str, Profile] = {
         notes=(
             "the cpu profile's question at the paper's 20 steps per author: does SIFT-Masks approach local FT with "
             "the paper's step count?",
-            "SmolLM2-135M-Instruct instead of GPT2-XL; 4 authors (T up to 4) instead of 200",
+            "SmolLM2-135M-Instruct instead of GPT2-XL; 8 authors (T up to 8) instead of 200",
             "20 steps per author, batch 20, lr 1e-4 (the paper's recipe)",
             "only FT+Merge among the merged baselines; no Central FT and no unlearning study (the cpu profile has them)",
             _SMALL_TABLE,
